@@ -1,0 +1,181 @@
+"""Reading checkpoint folders (Hugging Face or Meta) as a ModelConfig and a stream of tensors.
+
+Tensors are yielded one at a time, under HF's parameter names and in HF's half-split RoPE
+order, straight from memory-mapped files: a checkpoint is never held twice in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .config import ModelConfig
+from .errors import XllamaError
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    format: str  # "hf" | "meta"
+    config: ModelConfig
+    weight_files: list[Path]
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        for p in (self.path / "tokenizer.model", self.path.parent / "tokenizer.model"):
+            if p.is_file():
+                return p
+        return None
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, tensor) pairs in the checkpoint's own K/V layout and dtype."""
+        return _hf_tensors(self) if self.format == "hf" else _meta_tensors(self)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise XllamaError(f"model folder {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise XllamaError(f"{str(path)!r} is not a folder; pass the folder that holds config.json or params.json")
+    if (path / "config.json").is_file():
+        return _open_hf(path)
+    if (path / "params.json").is_file():
+        return _open_meta(path)
+    raise XllamaError(f"{str(path)!r} holds no checkpoint: neither config.json (Hugging Face) nor params.json (Meta)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise XllamaError(f"cannot read {path}: {e}") from None
+
+
+# ---- Hugging Face ----
+def _open_hf(path: Path) -> Checkpoint:
+    cfg = ModelConfig.from_hf(_read_json(path / "config.json"))
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.is_file():
+            shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+            files = [path / s for s in shards]
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise XllamaError(f"{index} names shards that are missing: {', '.join(missing)}")
+            return Checkpoint(path, "hf", cfg, files)
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise XllamaError(f"{path} has config.json but no weights (model.safetensors or pytorch_model.bin)")
+    return Checkpoint(path, "hf", cfg, files)
+
+
+def _hf_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    for f in ckpt.weight_files:
+        if f.suffix == ".safetensors":
+            yield from _safetensors_file(f)
+        else:
+            for name, t in _torch_load(f).items():
+                yield name, t
+
+
+def _safetensors_file(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for name in sf.keys():
+                yield name, sf.get_tensor(name)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise XllamaError(f"{f} is corrupt or truncated ({str(e).splitlines()[0]}); download it again") from None
+
+
+def _torch_load(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        # mmap: the file's pages are read on demand, not copied; weights_only: no pickled code runs
+        return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file
+        raise XllamaError(f"cannot read {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+# ---- Meta (consolidated.NN.pth) ----
+_META_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_META_LAYER = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+# model-parallel split dimension of each Meta tensor kind (None: replicated)
+_META_SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,
+               "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+
+def _meta_name(name: str) -> str | None:
+    if name in _META_NAMES:
+        return _META_NAMES[name]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if m and m.group(2) in _META_LAYER:
+        return f"model.layers.{m.group(1)}.{_META_LAYER[m.group(2)]}"
+    return None  # rope.freqs and the like: derived, not loaded
+
+
+def _split_dim(name: str) -> int | None:
+    kind = name.split(".")[-2]
+    return _META_SPLIT.get(kind)
+
+
+def _open_meta(path: Path) -> Checkpoint:
+    params = _read_json(path / "params.json")
+    files = sorted(path.glob("consolidated.*.pth"))
+    if not files:
+        raise XllamaError(f"{path} has params.json but no consolidated.NN.pth weights")
+    first = _torch_load(files[0])
+    try:
+        vocab = first["tok_embeddings.weight"].shape[0]
+        hidden = first["layers.0.feed_forward.w1.weight"].shape[0] * len(files)
+    except KeyError as e:
+        raise XllamaError(f"{files[0]} lacks {e.args[0]!r}: not a Meta Llama checkpoint") from None
+    cfg = ModelConfig.from_meta(params, vocab_size=vocab, hidden_dim=hidden)
+    if "output.weight" not in first:
+        cfg.tie_embeddings = True
+    return Checkpoint(path, "meta", cfg, files)
+
+
+def _meta_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    cfg = ckpt.config
+    shards = [_torch_load(f) for f in ckpt.weight_files]  # memory-mapped: nothing read yet
+    for name in shards[0]:
+        hf_name = _meta_name(name)
+        if hf_name is None:
+            continue
+        dim = _split_dim(name)
+        if len(shards) == 1 or dim is None:
+            t = shards[0][name]
+        else:
+            t = torch.cat([s[name] for s in shards], dim=dim)
+        if name.endswith("attention.wq.weight"):
+            t = _unpermute(t, cfg.n_heads, cfg.head_dim)
+        elif name.endswith("attention.wk.weight"):
+            t = _unpermute(t, cfg.n_kv_heads, cfg.head_dim)
+        yield hf_name, t
+
+
+def _unpermute(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Meta's interleaved-pair RoPE rows -> HF's half-split rows, per head."""
+    dim = w.shape[1]
+    return w.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(n_heads * head_dim, dim)

@@ -1,0 +1,125 @@
+"""Generation: prefill the prompts in one forward pass, then decode one token per step."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .errors import XllamaError
+from .model import Transformer
+from .sampling import Sampling, make_generator, sample
+from .tokenizer import Tokenizer
+
+OnToken = Callable[[int, int], None]  # (row, token id)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_tokens: int = 0  # tokens made by decode steps (all rows), the prefill's first excluded
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"prompt tokens {self.prompt_tokens} | new tokens {self.new_tokens} | "
+                f"prefill {self.prefill_s * 1e3:.1f} ms | decode {self.decode_tok_s:.1f} tok/s")
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # the new tokens of each prompt (EOS excluded)
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def context_length(model: Transformer) -> int:
+    """How many positions the model may use: its trained length, stretched by linear/dynamic RoPE."""
+    cfg = model.config
+    if cfg.rope_type in ("linear", "dynamic"):
+        return int(cfg.max_seq_len * float(cfg.rope_scaling["factor"]))
+    return cfg.max_seq_len
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
+                    sampling: Sampling = Sampling(), eos_ids: list[int] | None = None,
+                    on_token: OnToken | None = None) -> Generation:
+    """Generate for a batch of token-id prompts of any lengths (left-padded together)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise XllamaError("every prompt needs at least one token")
+    device = model.lm_head.weight.device
+    ctx = context_length(model)
+    longest = max(len(p) for p in prompts)
+    if longest > ctx:
+        raise XllamaError(f"the prompt has {longest} tokens but the model's context is {ctx}; "
+                          "shorten it or extend the context with --rope linear|dynamic --rope-factor F")
+    max_new_tokens = max(0, min(max_new_tokens, ctx - longest))
+    B = len(prompts)
+    pad_counts = [longest - len(p) for p in prompts]
+    tokens = torch.tensor([[0] * n + p for n, p in zip(pad_counts, prompts)], device=device)
+    pad = torch.tensor(pad_counts, device=device) if any(pad_counts) else None
+    eos = torch.tensor(eos_ids or [], device=device)
+    gen = make_generator(sampling, device)
+    stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
+    out: list[list[int]] = [[] for _ in range(B)]
+    if max_new_tokens == 0:
+        return Generation(out, stats)
+
+    model.setup_cache(B, longest + max_new_tokens)
+    try:
+        t0 = time.perf_counter()
+        logits = model(tokens, start=0, pad=pad, last_only=True)
+        nxt = sample(logits[:, -1], sampling, gen)
+        _sync(device)
+        stats.prefill_s = time.perf_counter() - t0
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        t1 = time.perf_counter()
+        for step in range(max_new_tokens):
+            done |= torch.isin(nxt, eos)
+            ids = nxt.tolist()  # also the point where the device is waited for
+            for row, (tok, finished) in enumerate(zip(ids, done.tolist())):
+                if not finished and len(out[row]) == step:
+                    out[row].append(tok)
+                    if on_token is not None:
+                        on_token(row, tok)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            logits = model(nxt[:, None], start=longest + step, pad=pad)
+            nxt = sample(logits[:, -1], sampling, gen)
+            stats.decode_tokens += B
+        _sync(device)
+        stats.decode_s = time.perf_counter() - t1
+    finally:
+        model.clear_cache()
+    stats.new_tokens = sum(len(o) for o in out)
+    return Generation(out, stats)
+
+
+def generate(model: Transformer, tokenizer: Tokenizer, prompts: str | list[str], *,
+             max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None) -> list[str]:
+    """Generate continuations for text prompts; returns the new text of each (prompt excluded)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    ids = [tokenizer.encode(p) for p in prompts]
+    result = generate_tokens(model, ids, max_new_tokens, Sampling(temperature, top_k, top_p, seed),
+                             eos_ids=tokenizer.eos_ids)
+    return [continuation_text(tokenizer, t) for t in result.tokens]
+
+
+def continuation_text(tokenizer: Tokenizer, tokens: list[int]) -> str:
+    """Text of tokens that follow a prompt, its leading space kept."""
+    stream = tokenizer.stream()
+    return "".join(stream.push(t) for t in tokens) + stream.flush()

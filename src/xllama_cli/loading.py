@@ -1,0 +1,90 @@
+"""load_model: a checkpoint folder -> a Transformer on the chosen device, dtype, K/V layout and RoPE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, open_checkpoint
+from .config import ModelConfig
+from .errors import XllamaError
+from .layout import is_kv_param, regroup_kv, target_kv_heads
+from .model import Transformer
+from .rope import with_rope
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise XllamaError(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
+        return torch.device(device)
+    if device == "cpu":
+        return torch.device("cpu")
+    raise XllamaError(f"unknown --device {device!r}; choose auto, cpu or cuda")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise XllamaError(f"unknown --dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def target_config(ckpt: Checkpoint, attn: str | None = None, groups: int | None = None,
+                  rope: str | None = None, rope_factor: float | None = None) -> ModelConfig:
+    """The checkpoint's config with --attn/--groups and --rope/--rope-factor applied."""
+    cfg = ckpt.config
+    n_kv = target_kv_heads(cfg.n_heads, cfg.n_kv_heads, attn, groups)
+    return with_rope(cfg.replace(n_kv_heads=n_kv), rope, rope_factor)
+
+
+def load_model(path: str | Path, *, attn: str | None = None, groups: int | None = None,
+               rope: str | None = None, rope_factor: float | None = None,
+               device: str = "auto", dtype: str = "auto", method: str = "mean") -> Transformer:
+    """Load a checkpoint folder (HF or Meta) as a Transformer; `model(tokens)` gives logits."""
+    ckpt = open_checkpoint(path)
+    cfg = target_config(ckpt, attn, groups, rope, rope_factor)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+    state: dict[str, torch.Tensor] = {}
+    src_kv = ckpt.config.n_kv_heads
+    for name, t in ckpt.tensors():
+        if name not in expected:
+            if name == "lm_head.weight" and cfg.tie_embeddings:
+                continue  # some tied checkpoints store the head anyway
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            raise XllamaError(f"{ckpt.path}: unexpected tensor {name!r} for a Llama model")
+        if is_kv_param(name):
+            _check_shape(ckpt, name, t.shape[0], src_kv * cfg.head_dim)
+            t = regroup_kv(t, src_kv, cfg.n_kv_heads, method, dtype=dt)
+        if tuple(t.shape) != tuple(expected[name]):
+            raise XllamaError(f"{ckpt.path}: {name} has shape {tuple(t.shape)} but the config "
+                              f"implies {tuple(expected[name])}; config and weights do not match")
+        state[name] = t.to(device=dev, dtype=dt)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise XllamaError(f"{ckpt.path}: weights lack {len(missing)} tensors, e.g. {missing[0]!r}")
+    # strict unless tied: a tied head is no entry of its own in `state`
+    model.load_state_dict(state, assign=True, strict=not cfg.tie_embeddings)
+    model.tie_weights()
+    model.init_rope(dev)
+    model.checkpoint = ckpt
+    return model.eval().requires_grad_(False)
+
+
+def _check_shape(ckpt: Checkpoint, name: str, rows: int, want: int) -> None:
+    if rows != want:
+        raise XllamaError(f"{ckpt.path}: {name} has {rows} rows but the config implies {want}; "
+                          "config and weights do not match")

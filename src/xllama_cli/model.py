@@ -1,0 +1,133 @@
+"""The Llama transformer: embeddings, blocks, norm, head. Parameter names are Hugging Face's."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in float32 whatever the weights' dtype, as the reference does
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Everything but the head; named `model` inside Transformer, as in HF checkpoints."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.rotary = RotaryEmbedding(cfg)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def init_rope(self, device: torch.device | str) -> None:
+        """(Re)compute the RoPE frequencies on `device`, e.g. after building on the meta device."""
+        self.model.rotary = RotaryEmbedding(self.config).to(device)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # ---- KV cache ----
+    def setup_cache(self, batch: int, max_len: int) -> None:
+        """Allocate a fresh static cache for `batch` sequences of up to `max_len` tokens."""
+        cfg, p = self.config, self.lm_head.weight
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, p.dtype, p.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+
+    @property
+    def cache_len(self) -> int:
+        cache = self.model.layers[0].self_attn.kv_cache
+        return 0 if cache is None else cache.max_len
+
+    def forward(self, tokens: torch.Tensor, start: int | None = None,
+                pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab] (float32).
+
+        start: cache slot of tokens[:, 0] (None: no cache, positions from 0).
+        pad: [B] count of left-padding slots per row; those slots are never attended to and
+        each row's positions count from its first real token.
+        last_only: compute logits for the last position only (generation needs no more).
+        """
+        B, T = tokens.shape
+        s0 = start or 0
+        slots = torch.arange(s0, s0 + T, device=tokens.device)
+        positions = slots.expand(B, T) if pad is None else (slots[None] - pad[:, None]).clamp(min=0)
+        cos, sin = self.model.rotary(positions)
+        mask = self._mask(slots, pad, start)
+        x = self.model.embed_tokens(tokens)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, start)
+        x = self.model.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x).float()
+
+    @staticmethod
+    def _mask(slots: torch.Tensor, pad: torch.Tensor | None, start: int | None) -> torch.Tensor | None:
+        """Bool [B|1, 1, T, S] or None where SDPA's own causal rule (or no rule) is exact."""
+        T = slots.shape[0]
+        if pad is None and (not start or T == 1):
+            return None
+        keys = torch.arange(int(slots[-1]) + 1, device=slots.device)
+        mask = keys[None, :] <= slots[:, None]  # causal, [T, S]
+        if pad is not None:
+            mask = mask[None] & (keys[None, None, :] >= pad[:, None, None])
+            # a padding slot attends to itself alone, so it never meets an all-masked row (NaN)
+            mask = mask | (keys[None, None, :] == slots[None, :, None])
+            return mask[:, None]
+        return mask[None, None]

@@ -1,0 +1,128 @@
+"""Rotary position embeddings: one registry of frequency rules, one way to apply them.
+
+Each rule turns (config, seq_len) into inverse frequencies; the formulas follow the published
+definitions (and transformers' implementations, which the tests compare against).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import XllamaError
+
+InvFreqFn = Callable[[ModelConfig, int], torch.Tensor]
+
+
+def _base_inv_freq(base: float | torch.Tensor, dim: int) -> torch.Tensor:
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+    return 1.0 / (base ** exponents)
+
+
+def rotary(cfg: ModelConfig, seq_len: int) -> torch.Tensor:
+    return _base_inv_freq(cfg.rope_theta, cfg.head_dim)
+
+
+def linear(cfg: ModelConfig, seq_len: int) -> torch.Tensor:
+    """Position interpolation: positions divided by `factor`."""
+    return rotary(cfg, seq_len) / float(cfg.rope_scaling["factor"])
+
+
+def dynamic(cfg: ModelConfig, seq_len: int) -> torch.Tensor:
+    """NTK-aware scaling: past the trained length the base grows with the sequence."""
+    max_pos = cfg.max_seq_len
+    if seq_len <= max_pos:
+        return rotary(cfg, seq_len)
+    factor = float(cfg.rope_scaling["factor"])
+    d = cfg.head_dim
+    # float32 tensor arithmetic, as transformers does it, so the frequencies agree to the last bit
+    n = torch.tensor(seq_len, dtype=torch.int64)
+    base = cfg.rope_theta * ((factor * n / max_pos) - (factor - 1)) ** (d / (d - 2))
+    return _base_inv_freq(base, d)
+
+
+def llama3(cfg: ModelConfig, seq_len: int) -> torch.Tensor:
+    """Llama 3.1: low frequencies divided by `factor`, high ones kept, a smooth band between."""
+    s = cfg.rope_scaling
+    inv_freq = rotary(cfg, seq_len)
+    factor = float(s["factor"])
+    low, high = float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
+    old_len = float(s.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+ROPE_REGISTRY: dict[str, InvFreqFn] = {
+    "rotary": rotary,
+    "linear": linear,
+    "dynamic": dynamic,
+    "llama3": llama3,
+}
+SCALED = {"linear", "dynamic", "llama3"}
+
+
+def with_rope(cfg: ModelConfig, name: str | None, factor: float | None) -> ModelConfig:
+    """Override the checkpoint's RoPE choice (`--rope NAME --rope-factor F`)."""
+    if name is None:
+        if factor is not None:
+            if cfg.rope_scaling is None:
+                raise XllamaError("--rope-factor needs --rope linear|dynamic|llama3 (the checkpoint uses plain rotary)")
+            return cfg.replace(rope_scaling={**cfg.rope_scaling, "factor": factor})
+        return cfg
+    if name not in ROPE_REGISTRY:
+        raise XllamaError(f"unknown --rope {name!r}; choose one of: {', '.join(ROPE_REGISTRY)}")
+    if name == "rotary":
+        return cfg.replace(rope_scaling=None)
+    old = cfg.rope_scaling or {}
+    if factor is None:
+        factor = old.get("factor") if old.get("rope_type") == name else None
+    if factor is None:
+        raise XllamaError(f"--rope {name} needs --rope-factor F (e.g. 2.0)")
+    if factor <= 0:
+        raise XllamaError(f"--rope-factor must be positive, got {factor}")
+    scaling = {"rope_type": name, "factor": float(factor)}
+    if name == "llama3":
+        scaling.update(low_freq_factor=1.0, high_freq_factor=4.0,
+                       original_max_position_embeddings=cfg.max_seq_len)
+    return cfg.replace(rope_scaling=scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds the inverse frequencies and turns positions [B, T] into cos, sin [B, T, head_dim]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.rule = ROPE_REGISTRY[cfg.rope_type]
+        self.register_buffer("inv_freq", self.rule(cfg, 0), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        if self.cfg.rope_type == "dynamic":
+            # the base depends on each sequence's length so far (its largest position + 1)
+            lengths = (positions.max(dim=1).values + 1).tolist()
+            if max(lengths) > self.cfg.max_seq_len:
+                inv_freq = torch.stack([self.rule(self.cfg, n) for n in lengths]).to(inv_freq.device)
+        inv_freq = inv_freq.expand(positions.shape[0], -1) if inv_freq.dim() == 1 else inv_freq
+        freqs = positions.to(torch.float32)[:, :, None] * inv_freq[:, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, D] in HF's half-split order; cos, sin: [B, T, D]."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
