@@ -1,0 +1,58 @@
+"""Shared test helpers: fixture paths and tiny random checkpoints built with transformers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+STORY = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
+         "One day, she saw a big, red ball. She wanted to play with it, but it was too high.")
+
+
+def fixture(name: str) -> Path:
+    """A path under ../shared/fixtures, or skip the test when the folder is absent (a user's clone)."""
+    path = FIXTURES / name
+    if not path.exists():
+        pytest.skip(f"fixture {path} not present (tests read ../shared/fixtures)")
+    return path
+
+
+def tiny_hf_config(**overrides):
+    from transformers import LlamaConfig
+
+    base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                num_key_value_heads=8, vocab_size=128, max_position_embeddings=64,
+                rms_norm_eps=1e-5, tie_word_embeddings=False)
+    base.update(overrides)
+    return LlamaConfig(**base)
+
+
+def make_hf_checkpoint(path: Path, seed: int = 0, tokenizer: bool = False, **overrides):
+    """Save a random LlamaForCausalLM (float32) as an HF folder; returns the transformers model."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_hf_config(**overrides)).float().eval()
+    with torch.no_grad():  # HF's init gives near-zero logits; widen so greedy choices are clear-cut
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    model.save_pretrained(path)
+    if tokenizer:
+        shutil.copy(fixture("llama2c/tok512.model"), path / "tokenizer.model")
+    return model
+
+
+@pytest.fixture
+def story_hf() -> Path:
+    return fixture("stories260K-hf")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
