@@ -7,6 +7,7 @@ order, straight from memory-mapped files: a checkpoint is never held twice in me
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,9 @@ def _torch_load(f: Path) -> dict[str, torch.Tensor]:
     try:
         # mmap: the file's pages are read on demand, not copied; weights_only: no pickled code runs
         return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:
+        raise XllamaError(f"refusing {f}: it holds pickled objects other than tensors, which are never "
+                          "loaded (weights_only=True); convert it to safetensors from a trusted copy") from None
     except Exception as e:  # torch raises many types for a bad file
         raise XllamaError(f"cannot read {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 

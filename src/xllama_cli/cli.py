@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -16,12 +15,12 @@ from .errors import XllamaError
 class _Group(TyperGroup):
     """Turns an XllamaError anywhere below into one `error:` line and exit code 2."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except XllamaError as e:
             report.error(str(e))
-            raise click.exceptions.Exit(2) from None
+            raise typer.Exit(2) from None
 
 
 app = typer.Typer(
