@@ -105,6 +105,83 @@ def generate(
         report.info(result.stats.summary())
 
 
+ContextOpt = typer.Option(None, "--context", help="Tokens per window, BOS included. Default: the model's context.")
+StrideOpt = typer.Option(None, "--stride", help="Text tokens a window moves on by; every token is scored once, with at least context-1-stride tokens before it after the first window. Default: context // 2.")
+
+
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="Source checkpoint folder (HF or Meta, sharded or not)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Destination folder for the HF checkpoint; must not exist (or --force)."),
+    attn: Optional[str] = AttnOpt,
+    groups: Optional[int] = GroupsOpt,
+    method: str = typer.Option("mean", "--method", help="How a group of K/V heads becomes one: mean (the GQA paper), first (its first head) or random (new weights at the source's scale)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for --method random (recorded in xllama_convert.json)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Store weights as float32, bfloat16 or float16. Default: the source's dtype (pooling is done in float32 either way)."),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB, 2GiB."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists (only once the new folder is complete)."),
+    eval_text: Optional[Path] = typer.Option(None, "--eval", help="Also print the perplexity of source and result on this text file."),
+    context: Optional[int] = ContextOpt,
+    stride: Optional[int] = StrideOpt,
+    device: str = DeviceOpt,
+) -> None:
+    """Write a checkpoint as an HF folder: MHA -> GQA/MQA (mean-pooled K/V heads), Meta -> HF, re-sharding, --dtype."""
+    from .convert import convert_checkpoint
+
+    if out is None:
+        raise XllamaError("no --out given; pass the destination folder with --out PATH")
+    result = convert_checkpoint(src, out, attn=attn, groups=groups, method=method, seed=seed, dtype=dtype,
+                                shard_size=shard_size, force=force)
+    how = f"{result.method}-pooled" if result.method else "kept" if result.kv_heads_after == result.kv_heads_before else "repeated"
+    report.info(f"wrote {result.out}: {len(result.shards)} shard(s), KV heads {result.kv_heads_before} -> "
+                f"{result.kv_heads_after} ({how})")
+    if eval_text is not None:
+        from .loading import load_model
+        from .tokenizer import load_tokenizer
+        from .evaluate import evaluate_text
+
+        tokenizer = load_tokenizer(src)
+        rows = []
+        for label, path in (("source", src), ("result", result.out)):
+            m = load_model(path, device=device)
+            rows.append((label, str(path), m.config.n_kv_heads,
+                         evaluate_text(m, tokenizer, eval_text, context, stride, label=f"perplexity of {label}")))
+            del m
+        report.perplexity_table(rows)
+
+
+@app.command("eval")
+def eval_(
+    model: Optional[str] = ModelOpt,
+    text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text file to score."),
+    context: Optional[int] = ContextOpt,
+    stride: Optional[int] = StrideOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
+    attn: Optional[str] = AttnOpt,
+    groups: Optional[int] = GroupsOpt,
+    rope: Optional[str] = RopeOpt,
+    rope_factor: Optional[float] = RopeFactorOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Perplexity of a model on a text file (sliding windows that each start with BOS; every token scored once)."""
+    from .evaluate import evaluate_text, read_text
+    from .loading import load_model
+    from .tokenizer import load_tokenizer
+
+    if text is None:
+        raise XllamaError("no --text given; pass the text file to score with --text FILE")
+    read_text(text)  # a bad file fails before the model loads
+    path = _model_path(model)
+    tokenizer = load_tokenizer(path)
+    m = load_model(path, attn=attn, groups=groups, rope=rope, rope_factor=rope_factor, device=device, dtype=dtype)
+    result = evaluate_text(m, tokenizer, text, context, stride)
+    if as_json:
+        report.write_json({"model": path, "text": str(text), "kv_heads": m.config.n_kv_heads, **result.as_dict()})
+    else:
+        report.perplexity_summary(result)
+
+
 def main() -> None:
     app()
 

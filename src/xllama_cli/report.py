@@ -25,3 +25,58 @@ def write(text: str) -> None:
     """Streamed model output on stdout, as it is produced."""
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+class progress:
+    """A rich progress bar on stderr: `with progress(total, "label") as advance: advance(n)`.
+
+    Drawn only on a terminal (logs and pipes stay clean), and not at all when `enabled` is False.
+    """
+
+    def __init__(self, total: float, description: str, *, unit: str = "", enabled: bool = True) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        columns = [TextColumn("{task.description}"), BarColumn(),
+                   MofNCompleteColumn() if unit != "bytes" else TextColumn("{task.percentage:>3.0f}%"),
+                   TextColumn(unit if unit != "bytes" else ""), TimeElapsedColumn(), TimeRemainingColumn()]
+        self._bar = Progress(*columns, console=err, disable=not (enabled and err.is_terminal))
+        self._task = self._bar.add_task(description, total=total)
+
+    def __enter__(self):
+        self._bar.start()
+        return self.advance
+
+    def advance(self, n: float = 1) -> None:
+        self._bar.advance(self._task, n)
+
+    def __exit__(self, *exc) -> None:
+        self._bar.stop()
+
+
+def write_json(obj) -> None:
+    import json
+
+    write(json.dumps(obj) + "\n")
+
+
+def perplexity_summary(r) -> None:
+    """An `evaluate.PerplexityResult` as a few aligned lines on stdout."""
+    write(f"perplexity     {r.perplexity:.4f}\n"
+          f"tokens scored  {r.tokens_scored}\n"
+          f"tokens/s       {r.tokens_per_s:.1f}\n"
+          f"windows        {r.windows} (context {r.context}, stride {r.stride})\n")
+
+
+def perplexity_table(rows) -> None:
+    """(label, path, KV heads, PerplexityResult) rows side by side, with the change against the first."""
+    from rich.table import Table
+
+    table = Table(title="perplexity", title_justify="left")
+    for col in ("", "model", "KV heads", "perplexity", "change", "tokens scored", "tokens/s"):
+        table.add_column(col, justify="right" if col not in ("", "model") else "left")
+    base = rows[0][3].perplexity
+    for label, path, kv, r in rows:
+        change = f"{(r.perplexity / base - 1) * 100:+.2f}%"
+        table.add_row(label, path, str(kv), f"{r.perplexity:.4f}", change, str(r.tokens_scored), f"{r.tokens_per_s:.1f}")
+    out.print(table)
