@@ -117,6 +117,9 @@ def atomic_dir(dst: str | Path, force: bool = False) -> Iterator[Path]:
     try:
         with _sigterm_raises():
             yield tmp
+            if (dst.exists() or dst.is_symlink()) and not force:
+                raise XllamaError(f"{dst} appeared while this run was writing; nothing was replaced "
+                                  "(pass --force to replace it)")
             if dst.exists() or dst.is_symlink():
                 old = dst.parent / f".{dst.name}.old-{os.getpid()}-{secrets.token_hex(3)}"
                 os.replace(dst, old)  # the old folder goes only once the new one is complete
