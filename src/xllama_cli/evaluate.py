@@ -81,8 +81,8 @@ def perplexity(model: Transformer, tokens: list[int], bos_id: int, context: int 
         raise XllamaError("the text has no tokens to score")
     if bos_id is None or bos_id < 0:
         raise XllamaError("the tokenizer has no BOS token, which every window starts with")
-    context = context or context_length(model)
-    stride = stride or context // 2
+    context = context_length(model) if context is None else context
+    stride = context // 2 if stride is None else stride
     device = model.lm_head.weight.device
     text = torch.tensor(tokens, dtype=torch.long, device=device)
     bos = torch.tensor([bos_id], dtype=torch.long, device=device)
