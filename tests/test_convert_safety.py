@@ -191,3 +191,9 @@ def test_killed_conversion_leaves_no_destination_and_a_rerun_cleans_up_after_it(
             p.kill()
             p.wait(timeout=60)
     assert sorted(leftovers(tmp_path)) == sorted(["out", alive_tmp.name])
+
+
+def test_eval_text_that_cannot_be_read_fails_before_converting(tmp_path, story):
+    fails([story, "--groups", "2", "--out", str(tmp_path / "out"), "--eval", str(tmp_path / "nope.txt")],
+          "does not exist")
+    assert leftovers(tmp_path) == []

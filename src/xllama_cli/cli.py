@@ -120,31 +120,35 @@ def convert(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Store weights as float32, bfloat16 or float16. Default: the source's dtype (pooling is done in float32 either way)."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB, 2GiB."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists (only once the new folder is complete)."),
-    eval_text: Optional[Path] = typer.Option(None, "--eval", help="Also print the perplexity of source and result on this text file."),
-    context: Optional[int] = ContextOpt,
-    stride: Optional[int] = StrideOpt,
-    device: str = DeviceOpt,
+    eval_text: Optional[Path] = typer.Option(None, "--eval", help="Also print the perplexity of source and result on this text file (as `xllama eval` computes it)."),
+    context: Optional[int] = typer.Option(None, "--context", help="With --eval: tokens per window, BOS included. Default: the model's context."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="With --eval: text tokens a window moves on by. Default: context // 2."),
+    device: str = typer.Option("auto", "--device", help="With --eval: auto (CUDA when present), cpu or cuda[:N]."),
 ) -> None:
     """Write a checkpoint as an HF folder: MHA -> GQA/MQA (mean-pooled K/V heads), Meta -> HF, re-sharding, --dtype."""
     from .convert import convert_checkpoint
 
     if out is None:
         raise XllamaError("no --out given; pass the destination folder with --out PATH")
+    if eval_text is not None:
+        from .evaluate import read_text
+
+        read_text(eval_text)  # a bad text file fails before the conversion, not after it
     result = convert_checkpoint(src, out, attn=attn, groups=groups, method=method, seed=seed, dtype=dtype,
                                 shard_size=shard_size, force=force)
     how = f"{result.method}-pooled" if result.method else "kept" if result.kv_heads_after == result.kv_heads_before else "repeated"
     report.info(f"wrote {result.out}: {len(result.shards)} shard(s), KV heads {result.kv_heads_before} -> "
                 f"{result.kv_heads_after} ({how})")
     if eval_text is not None:
+        from .evaluate import evaluate_text
         from .loading import load_model
         from .tokenizer import load_tokenizer
-        from .evaluate import evaluate_text
 
         tokenizer = load_tokenizer(src)
         rows = []
         for label, path in (("source", src), ("result", result.out)):
             m = load_model(path, device=device)
-            rows.append((label, str(path), m.config.n_kv_heads,
+            rows.append((label, Path(path).name, m.config.n_kv_heads,
                          evaluate_text(m, tokenizer, eval_text, context, stride, label=f"perplexity of {label}")))
             del m
         report.perplexity_table(rows)

@@ -69,14 +69,15 @@ def perplexity_summary(r) -> None:
 
 
 def perplexity_table(rows) -> None:
-    """(label, path, KV heads, PerplexityResult) rows side by side, with the change against the first."""
+    """(label, model name, KV heads, PerplexityResult) rows side by side, with the change against the first."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="perplexity", title_justify="left")
-    for col in ("", "model", "KV heads", "perplexity", "change", "tokens scored", "tokens/s"):
-        table.add_column(col, justify="right" if col not in ("", "model") else "left")
+    table = Table(box=box.SIMPLE_HEAD)
+    for col in ("", "model", "KV heads", "perplexity", "change", "tokens", "tok/s"):
+        table.add_column(col, justify="left" if col in ("", "model") else "right", no_wrap=True)
     base = rows[0][3].perplexity
-    for label, path, kv, r in rows:
+    for label, name, kv, r in rows:
         change = f"{(r.perplexity / base - 1) * 100:+.2f}%"
-        table.add_row(label, path, str(kv), f"{r.perplexity:.4f}", change, str(r.tokens_scored), f"{r.tokens_per_s:.1f}")
+        table.add_row(label, name, str(kv), f"{r.perplexity:.4f}", change, str(r.tokens_scored), f"{r.tokens_per_s:.0f}")
     out.print(table)
