@@ -50,7 +50,9 @@ class progress:
     def advance(self, n: float = 1) -> None:
         self._bar.advance(self._task, n)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:  # done: a total estimated from file sizes shows 100% too
+            self._bar.update(self._task, completed=self._bar.tasks[0].total)
         self._bar.stop()
 
 
