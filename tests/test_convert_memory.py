@@ -25,20 +25,23 @@ LAYERS, DIM, HIDDEN, VOCAB = 8, 512, 1024, 512
 # Runs in a fresh process: warm up (imports, allocator) on a one-layer copy, note the resident
 # memory, convert the big checkpoint, report the peak resident memory above that baseline.
 # Resident memory counts the pages of memory-mapped source files that were read, as it should.
+# The peak is the process's VmHWM (reset at the baseline), not getrusage's ru_maxrss: Linux carries ru_maxrss over
+# exec from the forking parent, so it would report pytest's own size.
 PROBE = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     from xllama_cli.convert import convert_checkpoint
 
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
     shard_size, small, big, out = sys.argv[1:5]
     convert_checkpoint(small, out + "-warmup", groups=1, shard_size="8MB", progress=False)
-    base = rss()
+    base = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS, so the import and warm-up peaks are not counted
     convert_checkpoint(big, out, groups=1, shard_size=shard_size, progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(json.dumps({"base": base, "peak": peak}))
+    print(json.dumps({"base": base, "peak": status("VmHWM")}))
 """)
 
 
@@ -79,7 +82,7 @@ def peak_above_baseline(shard_size: str, small: Path, big: Path, out: Path) -> i
     return m["peak"] - m["base"]
 
 
-@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from Linux's /proc")
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux's /proc")
 def test_convert_peak_memory_is_about_one_source_and_one_output_shard(tmp_path):
     shards = write_checkpoint(tmp_path / "big", LAYERS)
     write_checkpoint(tmp_path / "small", 1)
