@@ -113,7 +113,7 @@ def show_presets() -> None:
                   "KV layout; bench builds one MHA base (MHA base params) and regroups its K/V for each G")
     for col in ("preset", "like", "layers", "dim", "heads", "KV heads", "FFN", "vocab", "params", "bf16", "fp32",
                 "MHA base"):
-        table.add_column(col, justify="left" if col in ("preset", "like") else "right")
+        table.add_column(col, justify="left" if col in ("preset", "like") else "right", no_wrap=col == "preset")
     for name, (desc, cfg) in PRESETS.items():
         n = param_count(cfg)
         n_mha = param_count(cfg.replace(n_kv_heads=cfg.n_heads))
