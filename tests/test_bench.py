@@ -25,10 +25,15 @@ FAST = ["--input-len", "8", "--output-len", "4", "--batch", "2", "--repeats", "2
 
 
 @pytest.fixture(autouse=True)
-def small_probe(monkeypatch):
-    """A 16 MiB bandwidth probe keeps each run quick; its size does not change what is tested."""
+def quick(monkeypatch):
+    """A 16 MiB bandwidth probe and one thread keep each run quick on a shared CPU (tiny matrices gain
+    nothing from a second thread, and lose much to its waits when the cores are busy)."""
     monkeypatch.setattr(bench, "bandwidth_probe_bytes", lambda device: 16 << 20)
     monkeypatch.setattr(report.out, "width", 200)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

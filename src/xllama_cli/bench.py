@@ -515,6 +515,9 @@ def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype) -> BenchR
         changes["max_seq_len"] = max(cfg.max_seq_len, o.input_len + o.output_len)
         cfg = cfg.replace(**changes)
     groups = parse_groups(o.groups, cfg.n_heads, cfg.n_kv_heads)
+    if o.input_len + o.output_len > context_length(cfg):
+        raise XllamaError(f"--input-len {o.input_len} + --output-len {o.output_len} exceeds the model's "
+                          f"context of {context_length(cfg)} tokens")
     params = param_count(cfg)
     result = BenchResult(source=source, config=cfg, params=params, device=device, dtype=dtype, groups=groups,
                          input_len=o.input_len, output_len=o.output_len, batch=o.batch, repeats=o.repeats,
@@ -548,9 +551,6 @@ def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype) -> BenchR
             _mark(result.rows, "out of memory", note)
             result.notes.append(note)
             return result
-        if o.input_len + o.output_len > context_length(base):
-            raise XllamaError(f"--input-len {o.input_len} + --output-len {o.output_len} exceeds the model's "
-                              f"context of {context_length(base)} tokens")
         _time_groups(base, result)
     except KeyboardInterrupt:
         result.interrupted = True
