@@ -308,18 +308,33 @@ def test_a_base_model_too_large_for_memory_is_reported_not_built(tiny, tmp_path,
 def test_ctrl_c_stops_cleanly_and_keeps_what_was_measured(tiny, tmp_path, monkeypatch):
     real, calls = bench.generate_tokens, []
 
-    def interrupt_in_second_layout(model, *args, **kwargs):
+    def interrupt_in_first_timed_round(model, *args, **kwargs):
         calls.append(model.config.n_kv_heads)
-        if model.config.n_kv_heads == 2 and calls.count(2) == 2:  # G=2: after its warm-up
+        if model.config.n_kv_heads == 2 and calls.count(2) == 2:  # G=2, after the warm-up round
             raise KeyboardInterrupt
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(bench, "generate_tokens", interrupt_in_second_layout)
+    monkeypatch.setattr(bench, "generate_tokens", interrupt_in_first_timed_round)
     out = tmp_path / "out.json"
     result = run("--config", tiny, "--groups", "1,2,8", *FAST, "--out", out)
     assert result.exit_code == 130, result.output
+    assert calls == [1, 2, 8, 1, 2]  # rounds: every group count warms up, then one timed run each
     assert "1 (MQA)" in result.output and "not run" in result.output
     data = json.loads(out.read_text())
     assert data["interrupted"] is True
     assert [r["status"] for r in data["rows"]] == ["ok", "not run", "not run"]
-    assert data["rows"][0]["runs"] == 2 and 8 not in calls
+    assert data["rows"][0]["runs"] == 1 and "interrupted after 1 of 2 runs" in data["rows"][0]["note"]
+
+
+def test_group_counts_are_interleaved_in_rounds(tiny, tmp_path, monkeypatch):
+    """Drift in the machine's load then falls on every group count alike."""
+    real, calls = bench.generate_tokens, []
+
+    def record(model, *args, **kwargs):
+        calls.append(model.config.n_kv_heads)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "generate_tokens", record)
+    data = bench_json(tmp_path, "--config", tiny, "--groups", "1,8", *FAST)
+    assert calls == [1, 8, 1, 8, 1, 8]
+    assert len(data["memory_bandwidth"]["probes_gbs"]) == 3  # before the runs, after each timed round

@@ -174,12 +174,17 @@ class BenchResult:
     batch: int
     repeats: int
     seed: int
-    bandwidth_gbs: float = 0.0
     bandwidth_bytes: int = 0
+    bandwidth_runs: list[float] = field(default_factory=list)  # GB/s: before the runs, then after each round
     machine: dict[str, Any] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     interrupted: bool = False
+
+    @property
+    def bandwidth_gbs(self) -> float:
+        """The memory bandwidth decode is compared with: the median of the copy probes."""
+        return statistics.median(self.bandwidth_runs) if self.bandwidth_runs else 0.0
 
     @property
     def decode_steps(self) -> int:
@@ -239,8 +244,11 @@ class BenchResult:
             "settings": {"groups": self.groups, "input_len": self.input_len, "output_len": self.output_len,
                          "batch": self.batch, "repeats": self.repeats, "warmup_runs": WARMUP_RUNS,
                          "seed": self.seed, "decode_steps": self.decode_steps, "regroup_method": "mean"},
-            "memory_bandwidth": {"gbs": self.bandwidth_gbs, "copy_bytes": self.bandwidth_bytes,
-                                 "method": "median of torch copies of one tensor; read + write bytes / time"},
+            "memory_bandwidth": {"gbs": self.bandwidth_gbs, "probes_gbs": self.bandwidth_runs,
+                                 "copy_bytes": self.bandwidth_bytes,
+                                 "method": "a torch copy of one tensor, read + write bytes / time; median of "
+                                           "10 copies per probe; one probe before the runs and one after each "
+                                           "timed round; gbs is the median of the probes"},
             "interrupted": self.interrupted,
             "notes": self.notes,
             "rows": [self.figures(r) for r in self.rows],
@@ -532,8 +540,10 @@ def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype) -> BenchR
                 f"{WARMUP_RUNS} warm-up | groups {', '.join(map(str, groups))}")
     try:
         nbytes = bandwidth_probe_bytes(device)
-        result.bandwidth_gbs, result.bandwidth_bytes = measure_bandwidth(device, nbytes), nbytes
-        report.info(f"memory bandwidth (copy of {_bytes(nbytes)}): {result.bandwidth_gbs:.1f} GB/s")
+        result.bandwidth_bytes = nbytes
+        result.bandwidth_runs.append(measure_bandwidth(device, nbytes))
+        report.info(f"memory bandwidth (copy of {_bytes(nbytes)}): {result.bandwidth_gbs:.1f} GB/s "
+                    "(measured again after each round)")
         need = params * elsize
         free = available_bytes(device)
         if need > free:
@@ -559,56 +569,74 @@ def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype) -> BenchR
 
 
 def _time_groups(base: Transformer, result: BenchResult) -> None:
-    """The main loop: for each group count, regroup, warm up once, time `repeats` runs."""
+    """The main loop, in rounds: a warm-up round, then `repeats` timed rounds, each running every
+    group count once (regrouped from the base each time). Interleaving the group counts spreads
+    any drift in the machine's load (other jobs, clocks, heat) over all of them alike, instead of
+    charging it to whichever group count happened to run while the machine was busy."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     gen = torch.Generator().manual_seed(result.seed)
     prompts = torch.randint(0, result.config.vocab_size, (result.batch, result.input_len), generator=gen).tolist()
     device, elsize = result.device, base.lm_head.weight.element_size()
     runs_per_row = WARMUP_RUNS + result.repeats
+    done = {row.groups: 0 for row in result.rows}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
                TimeElapsedColumn())
     with Progress(*columns, console=report.err, transient=False) as progress:
         task = progress.add_task("bench", total=len(result.rows) * runs_per_row)
-        for row in result.rows:
-            progress.update(task, description=f"G={row.groups:<3}")
-            need = run_need_bytes(result.config, row.groups, base.config.n_kv_heads, result.input_len,
-                                  result.output_len, result.batch, elsize, device)
-            free = available_bytes(device)
-            if need > free:
-                row.status, row.note = "skipped", f"needs ~{_bytes(need)} more, {_bytes(free)} free"
-                progress.advance(task, runs_per_row)
-                continue
-            model = None
-            try:
-                done = 0
-                model = regrouped(base, row.groups)
-                for i in range(runs_per_row):
-                    progress.update(task, description=f"G={row.groups:<3} {'warm-up' if i < WARMUP_RUNS else f'run {i - WARMUP_RUNS + 1}/{result.repeats}'}")
-                    stats = _one_run(model, prompts, result.output_len)
-                    if i >= WARMUP_RUNS:
-                        row.prefill_s.append(stats.prefill_s)
-                        row.decode_s.append(stats.decode_s)
-                    progress.advance(task)
-                    done += 1
-                row.status = "ok"
-            except KeyboardInterrupt:
-                if row.measured:
+        try:
+            for i in range(runs_per_row):
+                label = "warm-up" if i < WARMUP_RUNS else f"run {i - WARMUP_RUNS + 1}/{result.repeats}"
+                for row in result.rows:
+                    if row.status in ("skipped", "out of memory"):
+                        continue
+                    progress.update(task, description=f"{label} G={row.groups:<3}")
+                    if i == 0 and not _fits(base, result, row, elsize):
+                        progress.advance(task, runs_per_row)
+                        continue
+                    _run_row(base, result, row, prompts, timed=i >= WARMUP_RUNS)
+                    done[row.groups] += 1
+                    progress.advance(task, 1 if row.status != "out of memory" else runs_per_row - done[row.groups] + 1)
+                if i >= WARMUP_RUNS:  # the bandwidth too, once a round, so it sees the same drift
+                    result.bandwidth_runs.append(measure_bandwidth(device, result.bandwidth_bytes))
+        finally:
+            for row in result.rows:
+                if row.status == "not run" and row.measured:
                     row.status = "ok"
-                    row.note = f"interrupted after {len(row.prefill_s)} of {result.repeats} runs"
-                raise
-            except Exception as e:  # noqa: BLE001 - only allocation failures are turned into a row
-                if not is_out_of_memory(e):
-                    raise
-                row.prefill_s.clear()
-                row.decode_s.clear()
-                row.status, row.note = "out of memory", str(e).splitlines()[0][:200]
-                progress.advance(task, runs_per_row - done)
-            finally:
-                del model
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                    if len(row.prefill_s) < result.repeats:
+                        row.note = f"interrupted after {len(row.prefill_s)} of {result.repeats} runs"
+
+
+def _fits(base: Transformer, result: BenchResult, row: Row, elsize: int) -> bool:
+    """False (and the row marked skipped) when the group count clearly will not fit in memory."""
+    need = run_need_bytes(result.config, row.groups, base.config.n_kv_heads, result.input_len,
+                          result.output_len, result.batch, elsize, result.device)
+    free = available_bytes(result.device)
+    if need > free:
+        row.status, row.note = "skipped", f"needs ~{_bytes(need)} more, {_bytes(free)} free"
+    return need <= free
+
+
+def _run_row(base: Transformer, result: BenchResult, row: Row, prompts: list[list[int]], timed: bool) -> None:
+    """One run of one group count; an allocation failure marks the row `out of memory`."""
+    model = None
+    try:
+        model = regrouped(base, row.groups)
+        stats = _one_run(model, prompts, result.output_len)
+        if timed:
+            row.prefill_s.append(stats.prefill_s)
+            row.decode_s.append(stats.decode_s)
+    except Exception as e:  # noqa: BLE001 - only allocation failures are turned into a row
+        if not is_out_of_memory(e):
+            raise
+        row.prefill_s.clear()
+        row.decode_s.clear()
+        row.status, row.note = "out of memory", str(e).splitlines()[0][:200]
+    finally:
+        del model
+        gc.collect()
+        if result.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _one_run(model: Transformer, prompts: list[list[int]], output_len: int) -> GenerationStats:
@@ -633,8 +661,8 @@ def show(result: BenchResult) -> None:
     table = Table(title=f"xllama bench: {result.source}, {_count(result.params)} params, {result.device} {dt}, "
                         f"batch {result.batch}, input {result.input_len}, output {result.output_len}, "
                         f"median of {result.repeats}",
-                  caption=f"memory bandwidth (tensor copy, {_bytes(result.bandwidth_bytes)}): "
-                          f"{result.bandwidth_gbs:.1f} GB/s. ±: half the range of the time per sample over the runs, "
+                  caption=f"memory bandwidth (tensor copy, {_bytes(result.bandwidth_bytes)}, median of "
+                          f"{len(result.bandwidth_runs)} probes): {result.bandwidth_gbs:.1f} GB/s. ±: half the range of the time per sample over the runs, "
                           "as a share of the median. GB/s: (weights + KV cache) a decode step reads / its time")
     cols = ("KV heads", "KV cache/sample", "prefill s", "decode ms/tok", "s/sample", "±", "decode tok/s",
             "vs MHA", "GB/s", "of bw")
