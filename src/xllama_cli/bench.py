@@ -548,7 +548,7 @@ def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype) -> BenchR
         free = available_bytes(device)
         if need > free:
             note = f"the base model needs {_bytes(need)} but {_bytes(free)} is free on {device}"
-            _mark(result.rows, "skipped", note)
+            _mark(result.rows, "skipped", "the base model does not fit")
             result.notes.append(note)
             return result
         try:
@@ -558,13 +558,13 @@ def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype) -> BenchR
             if not is_out_of_memory(e):
                 raise
             note = f"out of memory while building the base model ({_bytes(need)})"
-            _mark(result.rows, "out of memory", note)
+            _mark(result.rows, "out of memory", "building the base model")
             result.notes.append(note)
             return result
         _time_groups(base, result)
     except KeyboardInterrupt:
         result.interrupted = True
-        result.notes.append("interrupted (Ctrl-C): rows not reached were not run")
+        result.notes.append("interrupted (Ctrl-C): the figures are from the runs completed before it")
     return result
 
 
