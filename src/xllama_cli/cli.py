@@ -193,6 +193,39 @@ def eval_(
         report.perplexity_summary(result)
 
 
+@app.command()
+def bench(
+    model: Optional[str] = ModelOpt,
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="An architecture with random weights (no download): small, tinyllama-1.1b, llama2-7b, llama2-13b, llama2-70b, llama3-8b. See --list-presets."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A JSON architecture with random weights: a Hugging Face config.json, or ModelConfig fields (over --preset's when both are given)."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Override the number of layers of --preset/--config (quick runs)."),
+    list_presets: bool = typer.Option(False, "--list-presets", help="Show the presets with their parameter counts and sizes, and exit."),
+    groups: Optional[str] = typer.Option(None, "--groups", "-g", help="Comma-separated KV group counts, e.g. 1,2,4,8. Default: every power of two from 1 that divides n_heads, plus n_heads (MHA)."),
+    input_len: int = typer.Option(512, "--input-len", help="Prompt tokens per sequence (prefilled in one pass)."),
+    output_len: int = typer.Option(128, "--output-len", help="New tokens per sequence (the first from the prefill, the rest one decode step each)."),
+    batch: int = typer.Option(8, "--batch", "-b", help="Sequences generated together."),
+    repeats: int = typer.Option(3, "--repeats", "-r", help="Timed runs per group count, after one warm-up run; medians are reported."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights and prompt token ids."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write every figure, the machine and the settings to FILE.json or FILE.csv."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw time per sample against groups to FILE.png or FILE.svg (needs: pip install 'xllama-cli[plot]')."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite --out/--plot files that exist."),
+) -> None:
+    """Time prefill and decode against the number of KV groups (the GQA paper's figure 6)."""
+    from . import bench as benchmark
+
+    if list_presets:
+        benchmark.show_presets()
+        return
+    result = benchmark.run_command(benchmark.BenchOptions(
+        model=model, preset=preset, config=config, layers=layers, groups=groups, input_len=input_len,
+        output_len=output_len, batch=batch, repeats=repeats, device=device, dtype=dtype, seed=seed,
+        out=out, plot=plot, force=force))
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
 def main() -> None:
     app()
 

@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from .config import ModelConfig
 from .errors import XllamaError
 from .model import Transformer
 from .sampling import Sampling, make_generator, sample
@@ -39,9 +40,9 @@ class Generation:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
-def context_length(model: Transformer) -> int:
+def context_length(model: Transformer | ModelConfig) -> int:
     """How many positions the model may use: its trained length, stretched by linear/dynamic RoPE."""
-    cfg = model.config
+    cfg = model if isinstance(model, ModelConfig) else model.config
     if cfg.rope_type in ("linear", "dynamic"):
         return int(cfg.max_seq_len * float(cfg.rope_scaling["factor"]))
     return cfg.max_seq_len

@@ -1,0 +1,756 @@
+"""xllama bench: time per sample against the number of KV groups (the GQA paper's figure 6).
+
+A base model (a checkpoint, or a preset architecture with random weights) is put into each
+requested K/V layout with the shared `layout.regroup_kv`, then timed through the same path
+`generate` uses (`generation.generate_tokens`: one prefill pass, then decode with the KV cache).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gc
+import io
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import __version__, report
+from .config import ModelConfig
+from .errors import XllamaError
+from .generation import GenerationStats, context_length, generate_tokens
+from .layout import is_kv_param, regroup_kv, target_kv_heads
+from .loading import load_model, resolve_device, resolve_dtype
+from .model import Transformer
+from .sampling import Sampling
+
+# ---- presets: architectures only; the weights are random ----
+PRESETS: dict[str, tuple[str, ModelConfig]] = {
+    "small": ("laptop CPU size", ModelConfig(
+        dim=1024, n_layers=12, n_heads=16, n_kv_heads=16, vocab_size=32000, hidden_dim=2560,
+        max_seq_len=2048)),
+    "tinyllama-1.1b": ("TinyLlama 1.1B", ModelConfig(
+        dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, hidden_dim=5632,
+        max_seq_len=2048)),
+    "llama2-7b": ("Llama 2 7B", ModelConfig(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, hidden_dim=11008,
+        max_seq_len=4096)),
+    "llama2-13b": ("Llama 2 13B", ModelConfig(
+        dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, vocab_size=32000, hidden_dim=13824,
+        max_seq_len=4096)),
+    "llama2-70b": ("Llama 2 70B", ModelConfig(
+        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, hidden_dim=28672,
+        max_seq_len=4096)),
+    "llama3-8b": ("Llama 3 8B", ModelConfig(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
+        max_seq_len=8192, rope_theta=500000.0, bos_id=128000, eos_id=[128001])),
+}
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+POSITIVE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim")
+OUT_SUFFIXES = (".json", ".csv")
+PLOT_SUFFIXES = (".png", ".svg")
+WARMUP_RUNS = 1
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Exact parameter count of the architecture (built on the meta device, so no memory)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def preset_config(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise XllamaError(f"unknown --preset {name!r}; choose one of: {', '.join(PRESETS)} (see --list-presets)")
+    return PRESETS[name][1].replace()
+
+
+def config_from_file(path: Path, base: ModelConfig | None = None) -> ModelConfig:
+    """An HF-style config.json, or a JSON object of ModelConfig fields (over `base` when given)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise XllamaError(f"cannot read --config {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise XllamaError(f"--config {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise XllamaError(f"--config {path} must hold a JSON object")
+    if "hidden_size" in data or "num_attention_heads" in data:  # Hugging Face config.json
+        if base is not None:
+            raise XllamaError(f"--config {path} is a full Hugging Face config.json; drop --preset")
+        return ModelConfig.from_hf(data)
+    unknown = sorted(set(data) - CONFIG_FIELDS)
+    if unknown:
+        raise XllamaError(f"--config {path}: unknown field {unknown[0]!r}; use Hugging Face config.json "
+                          f"keys or these: {', '.join(sorted(CONFIG_FIELDS))}")
+    for name in POSITIVE_FIELDS:
+        value = data.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise XllamaError(f"--config {path}: {name} must be a positive integer, got {value!r}")
+    if base is None:
+        data.setdefault("head_dim", 0)
+        return ModelConfig(**data)
+    if "n_heads" in data or "dim" in data:
+        data.setdefault("head_dim", 0)  # recomputed from the new dim / n_heads
+    if "n_heads" in data and "n_kv_heads" not in data:
+        data["n_kv_heads"] = data["n_heads"]
+    return ModelConfig(**{**dataclasses.asdict(base), **data})
+
+
+def show_presets() -> None:
+    """The --list-presets table: architectures, parameter counts and sizes."""
+    from rich.table import Table
+
+    table = Table(title="xllama bench presets", caption="random weights; params and sizes in the architecture's own "
+                  "KV layout; bench builds one MHA base (MHA base params) and regroups its K/V for each G")
+    for col in ("preset", "like", "layers", "dim", "heads", "KV heads", "FFN", "vocab", "params", "bf16", "fp32",
+                "MHA base"):
+        table.add_column(col, justify="left" if col in ("preset", "like") else "right", no_wrap=col == "preset")
+    for name, (desc, cfg) in PRESETS.items():
+        n = param_count(cfg)
+        n_mha = param_count(cfg.replace(n_kv_heads=cfg.n_heads))
+        table.add_row(name, desc, str(cfg.n_layers), str(cfg.dim), str(cfg.n_heads), str(cfg.n_kv_heads),
+                      str(cfg.hidden_dim), str(cfg.vocab_size), _count(n), _bytes(2 * n), _bytes(4 * n),
+                      _count(n_mha))
+    report.out.print(table)
+
+
+# ---- settings and results ----
+@dataclass
+class BenchOptions:
+    """What the `bench` command was asked for (CLI flags)."""
+    model: str | None = None
+    preset: str | None = None
+    config: Path | None = None
+    layers: int | None = None
+    groups: str | None = None
+    input_len: int = 512
+    output_len: int = 128
+    batch: int = 8
+    repeats: int = 3
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    out: Path | None = None
+    plot: Path | None = None
+    force: bool = False
+
+
+@dataclass
+class Row:
+    """One group count: static sizes, then the per-run times (seconds) once measured."""
+    groups: int
+    kv_cache_bytes_per_sample: int
+    weight_bytes_per_step: int  # weights a decode step reads (the embedding table: only B rows)
+    kv_read_bytes_per_step: int  # KV cache a decode step reads, averaged over the decode steps
+    status: str = "not run"  # ok | out of memory | skipped | not run
+    note: str = ""
+    prefill_s: list[float] = field(default_factory=list)
+    decode_s: list[float] = field(default_factory=list)
+
+    @property
+    def measured(self) -> bool:
+        return bool(self.prefill_s)
+
+
+@dataclass
+class BenchResult:
+    source: str
+    config: ModelConfig  # the base's architecture
+    params: int
+    device: torch.device
+    dtype: torch.dtype
+    groups: list[int]
+    input_len: int
+    output_len: int
+    batch: int
+    repeats: int
+    seed: int
+    bandwidth_bytes: int = 0
+    bandwidth_runs: list[float] = field(default_factory=list)  # GB/s: before the runs, then after each round
+    machine: dict[str, Any] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def bandwidth_gbs(self) -> float:
+        """The memory bandwidth decode is compared with: the median of the copy probes."""
+        return statistics.median(self.bandwidth_runs) if self.bandwidth_runs else 0.0
+
+    @property
+    def decode_steps(self) -> int:
+        """Decode forward passes per run: the first new token comes from the prefill."""
+        return self.output_len - 1
+
+    def mha_row(self) -> Row | None:
+        return next((r for r in self.rows if r.groups == self.config.n_heads and r.measured), None)
+
+    def figures(self, row: Row) -> dict[str, Any]:
+        """Every figure of one row (times in seconds, sizes in bytes); None where not measured."""
+        out: dict[str, Any] = {
+            "groups": row.groups, "kv_heads": row.groups,
+            "attention": "MQA" if row.groups == 1 else "MHA" if row.groups == self.config.n_heads else "GQA",
+            "status": row.status, "note": row.note,
+            "kv_cache_bytes_per_sample": row.kv_cache_bytes_per_sample,
+            "weight_bytes_per_step": row.weight_bytes_per_step,
+            "kv_read_bytes_per_step": row.kv_read_bytes_per_step,
+            "decode_bytes_per_step": row.weight_bytes_per_step + row.kv_read_bytes_per_step,
+            "runs": len(row.prefill_s), "prefill_s_runs": row.prefill_s, "decode_s_runs": row.decode_s,
+        }
+        keys = ("prefill_s", "decode_s", "decode_s_per_token", "time_per_sample_s", "time_per_sample_min_s",
+                "time_per_sample_max_s", "spread_pct", "tokens_per_s", "decode_tokens_per_s",
+                "speedup_vs_mha", "decode_gbs", "bandwidth_fraction")
+        out.update(dict.fromkeys(keys))
+        if not row.measured:
+            return out
+        B, steps = self.batch, self.decode_steps
+        totals = [p + d for p, d in zip(row.prefill_s, row.decode_s)]
+        total, decode = statistics.median(totals), statistics.median(row.decode_s)
+        per_token = decode / steps
+        out.update(
+            prefill_s=statistics.median(row.prefill_s), decode_s=decode, decode_s_per_token=per_token,
+            time_per_sample_s=total / B, time_per_sample_min_s=min(totals) / B,
+            time_per_sample_max_s=max(totals) / B, spread_pct=100 * (max(totals) - min(totals)) / total,
+            tokens_per_s=B * self.output_len / total, decode_tokens_per_s=B * steps / decode,
+            decode_gbs=out["decode_bytes_per_step"] / per_token / 1e9,
+        )
+        if self.bandwidth_gbs > 0:
+            out["bandwidth_fraction"] = out["decode_gbs"] / self.bandwidth_gbs
+        mha = self.mha_row()
+        if mha is not None:
+            mha_total = statistics.median([p + d for p, d in zip(mha.prefill_s, mha.decode_s)])
+            out["speedup_vs_mha"] = mha_total / total
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "xllama_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": {"source": self.source, "params": self.params, "n_heads": self.config.n_heads,
+                      "base_kv_heads": self.config.n_kv_heads, "config": dataclasses.asdict(self.config)},
+            "machine": self.machine,
+            "torch": torch.__version__,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "settings": {"groups": self.groups, "input_len": self.input_len, "output_len": self.output_len,
+                         "batch": self.batch, "repeats": self.repeats, "warmup_runs": WARMUP_RUNS,
+                         "seed": self.seed, "decode_steps": self.decode_steps, "regroup_method": "mean"},
+            "memory_bandwidth": {"gbs": self.bandwidth_gbs, "probes_gbs": self.bandwidth_runs,
+                                 "copy_bytes": self.bandwidth_bytes,
+                                 "method": "a torch copy of one tensor, read + write bytes / time; median of "
+                                           "10 copies per probe; one probe before the runs and one after each "
+                                           "timed round; gbs is the median of the probes"},
+            "interrupted": self.interrupted,
+            "notes": self.notes,
+            "rows": [self.figures(r) for r in self.rows],
+        }
+
+
+# ---- the machine ----
+def available_bytes(device: torch.device) -> int:
+    """Memory that new tensors on `device` can still take."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 1 << 62  # unknown: let the allocator decide
+    try:  # a container's own limit, where there is one
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(), "machine": platform.machine(), "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "memory_bytes": _total_memory(), "python": platform.python_version(), "torch": torch.__version__,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _total_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_bandwidth(device: torch.device, nbytes: int, copies: int = 10) -> float:
+    """Memory bandwidth in GB/s: a large tensor copy, counting the bytes read and written."""
+    n = max(1, nbytes // 4)
+    src = torch.ones(n, dtype=torch.float32, device=device)  # written once, so its pages exist
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up (and first touch of dst)
+    times = []
+    for _ in range(copies):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n * 4 / statistics.median(times) / 1e9
+
+
+def bandwidth_probe_bytes(device: torch.device) -> int:
+    """Far larger than any cache (GPU L2 is tens of MB), and at most a quarter of free memory."""
+    want = (1 << 30) if device.type == "cuda" else (256 << 20)
+    return max(16 << 20, min(want, available_bytes(device) // 4))
+
+
+# ---- models ----
+def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Transformer:
+    """A Transformer with random weights, made directly on `device` (no float32 CPU copy first)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    state = {}
+    for name, p in model.named_parameters():  # a tied head is the embedding's own parameter
+        t = torch.empty(p.shape, dtype=dtype, device=device)
+        if name.endswith("norm.weight"):
+            t.fill_(1.0)
+        elif name.endswith(".bias"):
+            t.zero_()
+        else:
+            # uniform is cheaper than normal on CPU; 1/sqrt(fan_in) keeps activations near unit scale
+            bound = 1.0 if "embed_tokens" in name else p.shape[-1] ** -0.5
+            t.uniform_(-bound, bound, generator=gen)
+        state[name] = t
+    model.load_state_dict(state, assign=True, strict=not cfg.tie_embeddings)
+    model.tie_weights()
+    model.init_rope(device)
+    return model.eval().requires_grad_(False)
+
+
+def regrouped(base: Transformer, groups: int, method: str = "mean") -> Transformer:
+    """`base` with `groups` KV heads: k/v weights through layout.regroup_kv, every other tensor shared."""
+    cfg = base.config
+    if groups == cfg.n_kv_heads:
+        return base
+    new_cfg = cfg.replace(n_kv_heads=groups)
+    with torch.device("meta"):
+        model = Transformer(new_cfg)
+    state = {name: regroup_kv(t, cfg.n_kv_heads, groups, method) if is_kv_param(name) else t
+             for name, t in base.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    model.tie_weights()
+    model.init_rope(base.lm_head.weight.device)
+    return model.eval().requires_grad_(False)
+
+
+def weight_bytes_per_step(cfg: ModelConfig, groups: int, batch: int, elsize: int) -> int:
+    """Bytes of weights one decode step reads: every parameter once, but only B rows of an untied embedding."""
+    n = param_count(cfg.replace(n_kv_heads=groups))
+    if not cfg.tie_embeddings:
+        n -= (cfg.vocab_size - batch) * cfg.dim
+    return n * elsize
+
+
+def kv_cache_bytes_per_sample(cfg: ModelConfig, groups: int, tokens: int, elsize: int) -> int:
+    """The static cache one sequence of `tokens` slots takes: K and V, every layer."""
+    return 2 * cfg.n_layers * groups * cfg.head_dim * tokens * elsize
+
+
+def kv_read_bytes_per_step(cfg: ModelConfig, groups: int, input_len: int, output_len: int,
+                           batch: int, elsize: int) -> int:
+    """K/V bytes a decode step attends over, averaged over the run's decode steps.
+
+    Step s (0-based) feeds the token at slot input_len + s and attends to input_len + s + 1 slots.
+    """
+    steps = output_len - 1
+    mean_len = input_len + (steps + 1) / 2
+    return round(batch * kv_cache_bytes_per_sample(cfg, groups, 1, elsize) * mean_len)
+
+
+def run_need_bytes(cfg: ModelConfig, groups: int, base_kv: int, input_len: int, output_len: int,
+                   batch: int, elsize: int, device: torch.device) -> int:
+    """A rough upper estimate of the memory one group count needs beyond the base model."""
+    kv_weights = 0 if groups == base_kv else 2 * cfg.n_layers * groups * cfg.head_dim * (cfg.dim + 1) * elsize
+    cache = batch * kv_cache_bytes_per_sample(cfg, groups, input_len + output_len, elsize)
+    T = input_len
+    acts = batch * T * (6 * cfg.dim + 3 * cfg.hidden_dim + 2 * cfg.n_heads * cfg.head_dim) * elsize
+    # CPU attention may hold the [B, H, T, T] scores; CUDA kernels (flash / memory-efficient) do not
+    scores = batch * cfg.n_heads * T * T * 4 if device.type != "cuda" else 0
+    logits = 2 * batch * cfg.vocab_size * 4
+    return kv_weights + cache + acts + scores + logits
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                            or "not enough memory" in text)
+
+
+def default_groups(n_heads: int) -> list[int]:
+    """Every power of two from 1 that divides n_heads, plus n_heads itself (MHA)."""
+    out, g = [], 1
+    while g <= n_heads:
+        if n_heads % g == 0:
+            out.append(g)
+        g *= 2
+    return sorted(set(out) | {n_heads})
+
+
+def parse_groups(text: str | None, n_heads: int, base_kv: int) -> list[int]:
+    """--groups "1,2,4" -> sorted group counts, each checked by the shared layout rule."""
+    if text is None:
+        wanted = default_groups(n_heads)
+    else:
+        try:
+            wanted = [int(s) for s in text.replace(" ", "").split(",") if s]
+        except ValueError:
+            raise XllamaError(f"--groups expects comma-separated integers such as 1,2,4,8; got {text!r}") from None
+        if not wanted:
+            raise XllamaError("--groups is empty; give group counts such as 1,2,4,8")
+    for g in wanted:
+        target_kv_heads(n_heads, base_kv, "GQA", g)  # raises with the valid counts
+    return sorted(set(wanted))
+
+
+# ---- running ----
+def check_options(o: BenchOptions) -> None:
+    """Everything that can be checked before any model is built."""
+    sources = [s for s in ("--model" if o.model else None, "--preset" if o.preset else None) if s]
+    if len(sources) > 1:
+        raise XllamaError("give either --model or --preset, not both")
+    if not o.model and not o.preset and o.config is None:
+        raise XllamaError("nothing to measure: pass --model PATH, --preset NAME (see --list-presets) "
+                          "or --config FILE.json")
+    if o.model and (o.config is not None or o.layers is not None):
+        raise XllamaError("--config and --layers describe a random-weight model; they do not apply to --model")
+    if o.layers is not None and o.layers <= 0:
+        raise XllamaError(f"--layers must be at least 1, got {o.layers}")
+    for flag, value, least in (("--input-len", o.input_len, 1), ("--output-len", o.output_len, 2),
+                               ("--batch", o.batch, 1), ("--repeats", o.repeats, 1)):
+        if value < least:
+            why = " (one prefill token and at least one decode step)" if flag == "--output-len" else ""
+            raise XllamaError(f"{flag} must be at least {least}{why}, got {value}")
+    for flag, path, suffixes in (("--out", o.out, OUT_SUFFIXES), ("--plot", o.plot, PLOT_SUFFIXES)):
+        if path is None:
+            continue
+        if path.suffix.lower() not in suffixes:
+            raise XllamaError(f"{flag} {path}: unknown file type; use {' or '.join(suffixes)}")
+        if path.exists() and not o.force:
+            raise XllamaError(f"{flag} {path} already exists; pass --force to overwrite it")
+        if not path.parent.is_dir():
+            raise XllamaError(f"{flag} {path}: folder {path.parent} does not exist")
+    if o.plot is not None:
+        from .plotting import require_matplotlib
+        require_matplotlib()
+
+
+def run_command(o: BenchOptions) -> BenchResult:
+    """`xllama bench`: check, build, measure (with a progress bar), print, write --out/--plot."""
+    check_options(o)
+    device = resolve_device(o.device)
+    dtype = resolve_dtype(o.dtype, device)
+    result = measure(o, device, dtype)
+    show(result)
+    if o.out is not None:
+        write_results(result, o.out)
+        report.info(f"wrote {o.out}")
+    if o.plot is not None:
+        from .plotting import plot_groups
+        if any(r.measured for r in result.rows):
+            plot_groups(result, o.plot)
+            report.info(f"wrote {o.plot}")
+        else:
+            report.info(f"no plot written to {o.plot}: nothing was measured")
+    return result
+
+
+def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype) -> BenchResult:
+    elsize = torch.empty((), dtype=dtype).element_size()
+    if o.model:
+        from .checkpoint import open_checkpoint
+        cfg, source = open_checkpoint(o.model).config, o.model
+    else:
+        cfg = preset_config(o.preset) if o.preset else None
+        if o.config is not None:
+            cfg = config_from_file(o.config, cfg)
+        source = f"preset {o.preset}" if o.preset else f"config {o.config}"
+        if o.config is not None and o.preset:
+            source += f" + {o.config}"
+        changes: dict[str, Any] = {"n_kv_heads": cfg.n_heads}  # random weights: one MHA base, regrouped
+        if o.layers is not None:
+            changes["n_layers"] = o.layers
+            source += f" (layers {o.layers})"
+        # random weights have no trained length: let the context cover the requested tokens
+        changes["max_seq_len"] = max(cfg.max_seq_len, o.input_len + o.output_len)
+        cfg = cfg.replace(**changes)
+    groups = parse_groups(o.groups, cfg.n_heads, cfg.n_kv_heads)
+    if o.input_len + o.output_len > context_length(cfg):
+        raise XllamaError(f"--input-len {o.input_len} + --output-len {o.output_len} exceeds the model's "
+                          f"context of {context_length(cfg)} tokens")
+    params = param_count(cfg)
+    result = BenchResult(source=source, config=cfg, params=params, device=device, dtype=dtype, groups=groups,
+                         input_len=o.input_len, output_len=o.output_len, batch=o.batch, repeats=o.repeats,
+                         seed=o.seed, machine=machine_info(device))
+    for g in groups:
+        result.rows.append(Row(
+            groups=g, kv_cache_bytes_per_sample=kv_cache_bytes_per_sample(cfg, g, o.input_len + o.output_len, elsize),
+            weight_bytes_per_step=weight_bytes_per_step(cfg, g, o.batch, elsize),
+            kv_read_bytes_per_step=kv_read_bytes_per_step(cfg, g, o.input_len, o.output_len, o.batch, elsize)))
+    report.info(f"bench: {source} | {_count(params)} params | {device} {str(dtype).removeprefix('torch.')} | "
+                f"batch {o.batch}, input {o.input_len}, output {o.output_len}, {o.repeats} repeats + "
+                f"{WARMUP_RUNS} warm-up | groups {', '.join(map(str, groups))}")
+    try:
+        nbytes = bandwidth_probe_bytes(device)
+        result.bandwidth_bytes = nbytes
+        result.bandwidth_runs.append(measure_bandwidth(device, nbytes))
+        report.info(f"memory bandwidth (copy of {_bytes(nbytes)}): {result.bandwidth_gbs:.1f} GB/s "
+                    "(measured again after each round)")
+        need = params * elsize
+        free = available_bytes(device)
+        if need > free:
+            note = f"the base model needs {_bytes(need)} but {_bytes(free)} is free on {device}"
+            _mark(result.rows, "skipped", "the base model does not fit")
+            result.notes.append(note)
+            return result
+        try:
+            base = (load_model(o.model, device=str(device), dtype=str(dtype).removeprefix("torch."))
+                    if o.model else random_model(cfg, device, dtype, o.seed))
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            note = f"out of memory while building the base model ({_bytes(need)})"
+            _mark(result.rows, "out of memory", "building the base model")
+            result.notes.append(note)
+            return result
+        _time_groups(base, result)
+    except KeyboardInterrupt:
+        result.interrupted = True
+        result.notes.append("interrupted (Ctrl-C): the figures are from the runs completed before it")
+    return result
+
+
+def _time_groups(base: Transformer, result: BenchResult) -> None:
+    """The main loop, in rounds: a warm-up round, then `repeats` timed rounds, each running every
+    group count once (regrouped from the base each time). Interleaving the group counts spreads
+    any drift in the machine's load (other jobs, clocks, heat) over all of them alike, instead of
+    charging it to whichever group count happened to run while the machine was busy."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    gen = torch.Generator().manual_seed(result.seed)
+    prompts = torch.randint(0, result.config.vocab_size, (result.batch, result.input_len), generator=gen).tolist()
+    device, elsize = result.device, base.lm_head.weight.element_size()
+    runs_per_row = WARMUP_RUNS + result.repeats
+    done = {row.groups: 0 for row in result.rows}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=report.err, transient=False) as progress:
+        task = progress.add_task("bench", total=len(result.rows) * runs_per_row)
+        try:
+            for i in range(runs_per_row):
+                label = "warm-up" if i < WARMUP_RUNS else f"run {i - WARMUP_RUNS + 1}/{result.repeats}"
+                for row in result.rows:
+                    if row.status in ("skipped", "out of memory"):
+                        continue
+                    progress.update(task, description=f"{label} G={row.groups:<3}")
+                    if i == 0 and not _fits(base, result, row, elsize):
+                        progress.advance(task, runs_per_row)
+                        continue
+                    _run_row(base, result, row, prompts, timed=i >= WARMUP_RUNS)
+                    done[row.groups] += 1
+                    progress.advance(task, 1 if row.status != "out of memory" else runs_per_row - done[row.groups] + 1)
+                if i >= WARMUP_RUNS:  # the bandwidth too, once a round, so it sees the same drift
+                    result.bandwidth_runs.append(measure_bandwidth(device, result.bandwidth_bytes))
+        finally:
+            for row in result.rows:
+                if row.status == "not run" and row.measured:
+                    row.status = "ok"
+                    if len(row.prefill_s) < result.repeats:
+                        row.note = f"interrupted after {len(row.prefill_s)} of {result.repeats} runs"
+
+
+def _fits(base: Transformer, result: BenchResult, row: Row, elsize: int) -> bool:
+    """False (and the row marked skipped) when the group count clearly will not fit in memory."""
+    need = run_need_bytes(result.config, row.groups, base.config.n_kv_heads, result.input_len,
+                          result.output_len, result.batch, elsize, result.device)
+    free = available_bytes(result.device)
+    if need > free:
+        row.status, row.note = "skipped", f"needs ~{_bytes(need)} more, {_bytes(free)} free"
+    return need <= free
+
+
+def _run_row(base: Transformer, result: BenchResult, row: Row, prompts: list[list[int]], timed: bool) -> None:
+    """One run of one group count; an allocation failure marks the row `out of memory`."""
+    model = None
+    try:
+        model = regrouped(base, row.groups)
+        stats = _one_run(model, prompts, result.output_len)
+        if timed:
+            row.prefill_s.append(stats.prefill_s)
+            row.decode_s.append(stats.decode_s)
+    except Exception as e:  # noqa: BLE001 - only allocation failures are turned into a row
+        if not is_out_of_memory(e):
+            raise
+        row.prefill_s.clear()
+        row.decode_s.clear()
+        row.status, row.note = "out of memory", str(e).splitlines()[0][:200]
+    finally:
+        del model
+        gc.collect()
+        if result.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _one_run(model: Transformer, prompts: list[list[int]], output_len: int) -> GenerationStats:
+    """One generate_tokens call: greedy, and no EOS, so every sequence makes all output_len tokens."""
+    result = generate_tokens(model, prompts, output_len, Sampling(temperature=0.0), eos_ids=[])
+    if result.stats.new_tokens != len(prompts) * output_len:
+        raise RuntimeError(f"bench: expected {len(prompts) * output_len} new tokens, got {result.stats.new_tokens}")
+    return result.stats
+
+
+def _mark(rows: list[Row], status: str, note: str) -> None:
+    for r in rows:
+        r.status, r.note = status, note
+
+
+# ---- output ----
+def show(result: BenchResult) -> None:
+    """The rich table (stdout) and a terminal bar chart of time per sample."""
+    from rich.table import Table
+
+    dt = str(result.dtype).removeprefix("torch.")
+    table = Table(title=f"xllama bench: {result.source}, {_count(result.params)} params, {result.device} {dt}, "
+                        f"batch {result.batch}, input {result.input_len}, output {result.output_len}, "
+                        f"median of {result.repeats}",
+                  caption=f"memory bandwidth (tensor copy, {_bytes(result.bandwidth_bytes)}, median of "
+                          f"{len(result.bandwidth_runs)} probes): {result.bandwidth_gbs:.1f} GB/s. ±: half the range of the time per sample over the runs, "
+                          "as a share of the median. GB/s: (weights + KV cache) a decode step reads / its time")
+    cols = ("KV heads", "KV cache/sample", "prefill s", "decode ms/tok", "s/sample", "±", "decode tok/s",
+            "vs MHA", "GB/s", "of bw")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for row in result.rows:
+        f = result.figures(row)
+        label = f"{row.groups} ({f['attention']})" if f["attention"] != "GQA" else str(row.groups)
+        head = [label, _bytes(row.kv_cache_bytes_per_sample)]
+        if not row.measured:
+            table.add_row(*head, f"[yellow]{row.status}[/]" + (f": {row.note}" if row.note else ""),
+                          *[""] * (len(cols) - 3))
+            continue
+        table.add_row(*head, f"{f['prefill_s']:.3g}", f"{f['decode_s_per_token'] * 1e3:.3g}",
+                      f"{f['time_per_sample_s']:.3g}", f"{f['spread_pct'] / 2:.1f}%",
+                      f"{f['decode_tokens_per_s']:.1f}",
+                      "—" if f["speedup_vs_mha"] is None else f"{f['speedup_vs_mha']:.2f}x",
+                      f"{f['decode_gbs']:.1f}",
+                      "—" if f["bandwidth_fraction"] is None else f"{100 * f['bandwidth_fraction']:.0f}%")
+    report.out.print(table)
+    for row in result.rows:
+        if row.note and row.measured:
+            report.info(f"G={row.groups}: {row.note}")
+    for note in result.notes:
+        report.info(note)
+    _bars(result)
+
+
+def _bars(result: BenchResult, width: int = 48) -> None:
+    """Time per sample as horizontal bars: prefill then decode, as the plot stacks them."""
+    measured = [(r, result.figures(r)) for r in result.rows if r.measured]
+    if not measured:
+        return
+    top = max(f["time_per_sample_s"] for _, f in measured)
+    lines = ["time per sample ([cyan]█[/] prefill, [magenta]█[/] decode):"]
+    for row, f in measured:
+        pre = f["prefill_s"] / result.batch
+        dec = f["decode_s"] / result.batch
+        n_pre = round(width * pre / top)
+        n_dec = max(0, round(width * (pre + dec) / top) - n_pre)
+        lines.append(f"  G={row.groups:<4}[cyan]{'█' * n_pre}[/][magenta]{'█' * n_dec}[/]"
+                     f"{' ' * (width - n_pre - n_dec)} {f['time_per_sample_s']:.3f} s")
+    report.out.print("\n".join(lines))
+
+
+def write_results(result: BenchResult, path: Path) -> None:
+    """--out: JSON (everything, nested) or CSV (one line per group count, settings repeated)."""
+    data = result.to_dict()
+    if path.suffix.lower() == ".json":
+        text = json.dumps(data, indent=2) + "\n"
+    else:
+        context = {"source": result.source, "params": result.params, "device": data["device"],
+                   "dtype": data["dtype"], "torch": data["torch"], "cpu": result.machine.get("cpu"),
+                   "gpu": result.machine.get("gpu"), "torch_threads": result.machine.get("torch_threads"),
+                   **{k: v for k, v in data["settings"].items() if k != "groups"},
+                   "bandwidth_gbs": result.bandwidth_gbs, "interrupted": result.interrupted}
+        buf = io.StringIO()
+        rows = [{**r, **context} for r in data["rows"]]
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["groups"], lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in r.items()})
+        text = buf.getvalue()
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write through a temporary file in the destination folder, then rename: never a half-written file."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise XllamaError(f"cannot write {path}: {e.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
