@@ -25,3 +25,12 @@ def write(text: str) -> None:
     """Streamed model output on stdout, as it is produced."""
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def transfer_progress():
+    """Byte progress bars on stderr, one task per file (downloads)."""
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=err)
