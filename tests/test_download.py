@@ -108,7 +108,7 @@ def test_download_fetches_only_needed_files_and_generate_runs_from_the_cache_off
     # the hub goes away: the repo id still resolves, from the cache, to the same model
     hub.stop()
     args = ["generate", "-n", "8", "--temperature", "0", "--quiet", "Once upon a time"]
-    by_id = xllama(env, *args, "--model", "owner/tiny")
+    by_id = xllama(dict(env, HF_HUB_OFFLINE="1"), *args, "--model", "owner/tiny")
     src = tmp_path / "copy"
     src.mkdir()
     for name in NEEDED:
@@ -159,6 +159,26 @@ def test_include_and_exclude_change_the_files_fetched(hub, tmp_path):
     assert r.returncode == 0, r.stderr
     assert _files_under(_snapshot(tmp_path)) == sorted(
         set(NEEDED) - {"tokenizer_config.json"} | {"original/consolidated.00.pth", "original/params.json"})
+
+
+def test_a_tag_or_commit_download_resolves_by_repo_id_too(hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from xllama_cli.download import resolve_model
+
+    repo = hub.repos["owner/tiny"]
+    repo.refs["v1.0"] = repo.commit
+    env = _env(tmp_path, hub.url)
+    assert xllama(env, "download", "owner/tiny", "--revision", "v1.0").returncode == 0
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
+    assert resolve_model("owner/tiny") == _snapshot(tmp_path)
+    (tmp_path / "hf" / "hub" / "models--owner--tiny" / "refs" / "v1.0").unlink()  # as after a download by commit
+    assert resolve_model("owner/tiny") == _snapshot(tmp_path)
+
+
+def test_hf_hub_offline_refuses_to_download(tmp_path):
+    r = xllama(_env(tmp_path, "http://127.0.0.1:9", HF_HUB_OFFLINE="1"), "download", "owner/tiny")
+    _assert_one_line_error(r, "HF_HUB_OFFLINE is set")
 
 
 # ---- resuming ----

@@ -59,18 +59,22 @@ def resolve_model(model: str | Path) -> Path:
 
 
 def cached_snapshot(repo_id: str) -> Path | None:
-    """The snapshot folder of repo_id in the HF cache (its main revision first, else the newest ref)."""
+    """The snapshot folder of repo_id in the HF cache: its default branch first, else the newest other
+    revision downloaded (a branch or tag by its ref, a commit by its snapshot)."""
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.file_download import repo_folder_name
 
-    refs_dir = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs"
-    refs = [None]  # None: the default branch
-    if refs_dir.is_dir():
-        others = [p for p in refs_dir.rglob("*") if p.is_file() and p.name != "main"]
-        refs += [str(p.relative_to(refs_dir)) for p in sorted(others, key=lambda p: p.stat().st_mtime, reverse=True)]
-    for ref in refs:
+    storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    newest_first = lambda paths: sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)  # noqa: E731
+    revisions: list[str | None] = [None]  # None: the default branch
+    if (storage / "refs").is_dir():
+        refs = [p for p in (storage / "refs").rglob("*") if p.is_file()]
+        revisions += [str(p.relative_to(storage / "refs")) for p in newest_first(refs)]
+    if (storage / "snapshots").is_dir():
+        revisions += [p.name for p in newest_first((storage / "snapshots").iterdir())]
+    for revision in revisions:
         for name in ("config.json", "params.json"):
-            found = try_to_load_from_cache(repo_id, name, revision=ref)
+            found = try_to_load_from_cache(repo_id, name, revision=revision)
             if isinstance(found, str):
                 return Path(found).parent
     return None
