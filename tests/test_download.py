@@ -153,6 +153,18 @@ def test_a_foreign_file_in_the_out_folder_is_kept_without_force(hub, tmp_path):
     assert (out / "tokenizer.model").read_bytes() != b"my own file"
 
 
+def test_a_new_revision_replaces_what_an_earlier_download_put_in_the_out_folder(hub, tmp_path):
+    env = _env(tmp_path, hub.url)
+    out = tmp_path / "tiny"
+    assert xllama(env, "download", "owner/tiny", "--out", str(out)).returncode == 0
+    repo = hub.repos["owner/tiny"]
+    repo.files["tokenizer_config.json"] = b'{"add_bos_token": false}\n'
+    repo.commit = repo.refs["main"] = "f" * 40
+    r = xllama(env, "download", "owner/tiny", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (out / "tokenizer_config.json").read_bytes() == b'{"add_bos_token": false}\n'
+
+
 def test_include_and_exclude_change_the_files_fetched(hub, tmp_path):
     r = xllama(_env(tmp_path, hub.url), "download", "owner/tiny", "--include", "original/", "--exclude",
                "tokenizer_config.json")

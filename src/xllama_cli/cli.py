@@ -113,7 +113,7 @@ def download(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Put the files in this folder (then run with --model DIR). Default: the Hugging Face cache (HF_HOME / HF_HUB_CACHE), where --model REPO_ID finds them."),
     include: list[str] = typer.Option([], "--include", help="Also fetch repo files matching this pattern (repeatable; 'original/' means that folder, '*' everything)."),
     exclude: list[str] = typer.Option([], "--exclude", help="Do not fetch files matching this pattern (repeatable; applies after --include)."),
-    force: bool = typer.Option(False, "--force", help="With --out: replace files there that are not this revision's."),
+    force: bool = typer.Option(False, "--force", help="With --out: replace files there that no download put there (files from an earlier download are replaced anyway)."),
 ) -> None:
     """Download a Llama checkpoint from the Hugging Face Hub; prints the local folder on stdout.
 

@@ -312,7 +312,7 @@ class _FolderTarget:
             _hash_file(p, digest)
             if digest.hexdigest() == f.expected_digest():
                 return True
-        if self.force:
+        if self.force or meta is not None:  # a file an earlier download put there (another revision): replace it
             return False
         raise XllamaError(f"{p} exists and is not {f.name} of {self.repo_id} at this revision; "
                           f"pass --force to replace it")
