@@ -270,7 +270,7 @@ def test_a_gated_repo_with_a_token_without_access_gives_403(hub_with, tmp_path):
     hub = hub_with("gated", token="hf_good")
     line = _assert_one_line_error(xllama(_env(tmp_path, hub.url), "download", "owner/tiny", "--token", "hf_bad"),
                                   "(403)", "licence")
-    assert "does not give access" in line and "hf_bad" not in line
+    assert "the token in use was not accepted" in line and "hf_bad" not in line
 
 
 def test_a_gated_repo_downloads_with_a_good_token_from_hf_token_never_sent_to_the_cdn(hub_with, tmp_path):

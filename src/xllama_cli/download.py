@@ -176,10 +176,10 @@ def hub_errors(repo_id: str, revision: str, token_in_use: bool) -> Iterator[None
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         if isinstance(e, GatedRepoError) or status in (401, 403):
-            how = ("the token in use (--token, HF_TOKEN or `hf auth login`) does not give access" if token_in_use
-                   else "no token was sent: pass --token, set HF_TOKEN or run `hf auth login`")
-            raise XllamaError(f"access to {repo_id} was refused ({status}): the repo is gated or private (or does "
-                              f"not exist); accept its licence at {endpoint}/{repo_id} while logged in, and {how}") from None
+            how = "the token in use was not accepted for it" if token_in_use else "no token was sent"
+            raise XllamaError(f"access to {repo_id} was refused ({status}): it is gated or private (or does not "
+                              f"exist); accept its licence at {endpoint}/{repo_id}, then pass a token that has access "
+                              f"(--token, HF_TOKEN or `hf auth login`); {how}") from None
         if status == 404 or isinstance(e, RepositoryNotFoundError):
             raise XllamaError(f"{repo_id} was not found on the Hugging Face Hub ({endpoint}); check the repo id "
                               f"(owner/name)") from None
