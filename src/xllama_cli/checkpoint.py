@@ -39,7 +39,10 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    path = Path(path).expanduser()
+    """A checkpoint folder, or a Hugging Face repo id already downloaded to the local cache."""
+    from .download import resolve_model
+
+    path = resolve_model(path)
     if not path.exists():
         raise XllamaError(f"model folder {str(path)!r} does not exist")
     if not path.is_dir():

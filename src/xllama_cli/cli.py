@@ -39,7 +39,7 @@ def _root() -> None:
 
 
 # ---- options shared by the commands that load a model ----
-ModelOpt = typer.Option(None, "--model", "-m", help="Checkpoint folder: Hugging Face (config.json + safetensors/.bin) or Meta (params.json + consolidated.NN.pth). Default: the built-in demo model.")
+ModelOpt = typer.Option(None, "--model", "-m", help="Checkpoint folder: Hugging Face (config.json + safetensors/.bin) or Meta (params.json + consolidated.NN.pth); or a Hugging Face repo id (owner/name) fetched with `xllama download`, found in the local cache without the network. Default: the built-in demo model.")
 AttnOpt = typer.Option(None, "--attn", help="K/V layout: MHA (one KV head per query head), GQA (--groups KV heads), MQA (one KV head). Default: the checkpoint's own. Fewer heads are mean-pooled per group; more are repeated.")
 GroupsOpt = typer.Option(None, "--groups", "-g", help="Number of KV heads (groups) for --attn GQA; must divide the query heads. Default 8 (or n_heads if smaller).")
 RopeOpt = typer.Option(None, "--rope", help="Rotary embedding: rotary (plain), linear (positions / factor), dynamic (NTK-aware past the trained length), llama3. Default: the checkpoint's rope_scaling.")
@@ -224,6 +224,29 @@ def bench(
         out=out, plot=plot, force=force))
     if result.interrupted:
         raise typer.Exit(130)
+
+@app.command()
+def download(
+    repo_id: str = typer.Argument(..., help="Hugging Face repo id (owner/name), e.g. meta-llama/Llama-2-7b-hf."),
+    revision: str = typer.Option("main", "--revision", "-r", help="Branch, tag or commit to fetch."),
+    token: Optional[str] = typer.Option(None, "--token", help="Hugging Face access token; default: HF_TOKEN, else the login saved by `hf auth login`. Gated models (meta-llama/...) need one, and their licence accepted on the model's page."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Put the files in this folder (then run with --model DIR). Default: the Hugging Face cache (HF_HOME / HF_HUB_CACHE), where --model REPO_ID finds them."),
+    include: list[str] = typer.Option([], "--include", help="Also fetch repo files matching this pattern (repeatable; 'original/' means that folder, '*' everything)."),
+    exclude: list[str] = typer.Option([], "--exclude", help="Do not fetch files matching this pattern (repeatable; applies after --include)."),
+    force: bool = typer.Option(False, "--force", help="With --out: replace files there that no download put there (files from an earlier download are replaced anyway)."),
+) -> None:
+    """Download a Llama checkpoint from the Hugging Face Hub; prints the local folder on stdout.
+
+    Route 1, the Hugging Face Hub (this command): fetches only what xllama needs (config.json, generation_config.json, the safetensors weights and their index, pytorch_model*.bin only when the repo has no safetensors, and the tokenizer files), with a progress bar per file. Run it again after an interruption and it resumes where it stopped. Every file is checked against the hub's size and sha256 (git blob id for small files). Then `xllama generate --model REPO_ID` finds it in the cache, offline.
+
+    Route 2, Meta's e-mailed signed URL (consolidated.NN.pth + params.json): use scripts/download.sh --url "$SIGNED_URL" --models 7B,7B-chat --dir ./llama-2, then xllama generate --model ./llama-2/llama-2-7b.
+    """
+    from .download import download as download_repo
+
+    folder = download_repo(repo_id, revision=revision, token=token, out=out, include=include, exclude=exclude,
+                           force=force)
+    report.info(f"run it with: xllama generate --model {folder if out is not None else repo_id} \"PROMPT\"")
+    report.write(f"{folder}\n")
 
 
 def main() -> None:

@@ -83,3 +83,11 @@ def perplexity_table(rows) -> None:
         change = f"{(r.perplexity / base - 1) * 100:+.2f}%"
         table.add_row(label, name, str(kv), f"{r.perplexity:.4f}", change, str(r.tokens_scored), f"{r.tokens_per_s:.0f}")
     out.print(table)
+
+def transfer_progress():
+    """Byte progress bars on stderr, one task per file (downloads)."""
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=err)
