@@ -401,3 +401,12 @@ def test_ctrl_c_at_the_prompt_drops_the_line_and_ctrl_d_leaves(story_models, mon
     assert [m["role"] for m in session.turns] == ["user", "assistant"]
     out = capsys.readouterr()
     assert session.turns[-1]["content"].strip() in out.out and "/reset" in out.err
+
+
+def test_the_chat_format_needs_no_torch():
+    code = ("import sys, xllama_cli as x; from xllama_cli.tokenizer import Tokenizer; "
+            f"t = Tokenizer({str(fixture('tokenizers/llama2-tokenizer.model'))!r}); "
+            "print(x.format_llama2_chat([{'role': 'user', 'content': 'hi'}], t), 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert r.stdout.strip() == "[1, 518, 25580, 29962, 7251, 518, 29914, 25580, 29962] False", r.stderr

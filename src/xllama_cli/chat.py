@@ -7,15 +7,14 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from .errors import XllamaError
-from .generation import _sync, context_length, continuation_text, decode
-from .model import Transformer
-from .sampling import Sampling, make_generator, sample
-from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # torch loads with the session, so the formats stay usable without it
+    from .model import Transformer
+    from .sampling import Sampling
+    from .tokenizer import Tokenizer
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -157,8 +156,12 @@ class ChatSession:
     holds (its own message, and the few tokens that close the previous answer)."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, template: str = "llama2",
-                 system: str | None = None, sampling: Sampling = Sampling(), max_new_tokens: int = 512,
+                 system: str | None = None, sampling: Sampling | None = None, max_new_tokens: int = 512,
                  context: int | None = None, notify: Callable[[str], None] | None = None) -> None:
+        from .generation import context_length
+        from .sampling import Sampling, make_generator
+
+        sampling = sampling or Sampling()  # greedy
         if template not in TEMPLATES:
             raise XllamaError(f"unknown --template {template!r}; choose one of: {', '.join(TEMPLATES)}")
         limit = context_length(model)
@@ -218,6 +221,11 @@ class ChatSession:
     def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
         """Answer a user message: the answer streams through `on_text` and is returned. An exception
         while answering (Ctrl-C) keeps what was said so far in the dialog and the session usable."""
+        import torch
+
+        from .generation import _sync, continuation_text, decode
+        from .sampling import sample
+
         if not text.strip():
             raise XllamaError("the message is empty")
         user = {"role": "user", "content": text}
