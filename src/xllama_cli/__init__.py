@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["load_model", "load_tokenizer", "generate", "ModelConfig", "Transformer", "XllamaError"]
+__all__ = ["load_model", "load_tokenizer", "generate", "ModelConfig", "Transformer", "XllamaError",
+           "format_llama2_chat", "ChatSession"]
 
 
 def __getattr__(name: str):
@@ -25,4 +26,10 @@ def __getattr__(name: str):
     if name == "XllamaError":
         from .errors import XllamaError
         return XllamaError
+    if name == "format_llama2_chat":
+        from .chat import format_llama2_chat
+        return format_llama2_chat
+    if name == "ChatSession":
+        from .chat import ChatSession
+        return ChatSession
     raise AttributeError(f"module 'xllama_cli' has no attribute {name!r}")

@@ -47,6 +47,11 @@ RopeFactorOpt = typer.Option(None, "--rope-factor", help="Scaling factor for --r
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda[:N].")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.")
 
+TemperatureOpt = typer.Option(0.8, "--temperature", "-t", help="Sampling temperature; 0 means greedy (always the most likely token).")
+TopKOpt = typer.Option(None, "--top-k", help="Sample only among the k most likely tokens.")
+TopPOpt = typer.Option(0.95, "--top-p", help="Sample only among the most likely tokens whose probabilities add up to p (nucleus); 1 disables.")
+SeedOpt = typer.Option(None, "--seed", help="Random seed: the same seed gives the same text.")
+
 
 DEMO_MODEL = Path(__file__).parent / "demo"
 
@@ -67,10 +72,10 @@ def generate(
     model: Optional[str] = ModelOpt,
     batch_file: Optional[Path] = typer.Option(None, "--batch-file", help="A text file of prompts, one a line, added to the batch."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Most new tokens per prompt (generation also stops at EOS and at the context's end)."),
-    temperature: float = typer.Option(0.8, "--temperature", "-t", help="Sampling temperature; 0 means greedy (always the most likely token)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample only among the k most likely tokens."),
-    top_p: Optional[float] = typer.Option(0.95, "--top-p", help="Sample only among the most likely tokens whose probabilities add up to p (nucleus); 1 disables."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: the same seed gives the same text."),
+    temperature: float = TemperatureOpt,
+    top_k: Optional[int] = TopKOpt,
+    top_p: Optional[float] = TopPOpt,
+    seed: Optional[int] = SeedOpt,
     attn: Optional[str] = AttnOpt,
     groups: Optional[int] = GroupsOpt,
     rope: Optional[str] = RopeOpt,
@@ -247,6 +252,46 @@ def download(
                            force=force)
     report.info(f"run it with: xllama generate --model {folder if out is not None else repo_id} \"PROMPT\"")
     report.write(f"{folder}\n")
+
+
+@app.command()
+def chat(
+    model: Optional[str] = ModelOpt,
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt (Llama 2 folds it into the first user message)."),
+    template: Optional[str] = typer.Option(None, "--template", help="llama2 (Meta's [INST] chat format) or plain (the turns joined as text, for base models). Default: llama2 when tokenizer_config.json has an [INST] chat template or the model's folder or repo name contains 'chat', else plain."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", help="Most new tokens per answer (an answer also stops at EOS and at the context's end)."),
+    context: Optional[int] = typer.Option(None, "--context", help="Most tokens the conversation may hold (default: the model's context); past it the oldest exchanges are dropped."),
+    temperature: float = TemperatureOpt,
+    top_k: Optional[int] = TopKOpt,
+    top_p: Optional[float] = TopPOpt,
+    seed: Optional[int] = SeedOpt,
+    attn: Optional[str] = AttnOpt,
+    groups: Optional[int] = GroupsOpt,
+    rope: Optional[str] = RopeOpt,
+    rope_factor: Optional[float] = RopeFactorOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Chat with a model in the terminal; without a terminal, each stdin line is one message and the answers go to stdout."""
+    import sys
+
+    from .chat import TEMPLATES, ChatSession, choose_template
+    from .loading import load_model
+    from .repl import run
+    from .sampling import Sampling
+    from .tokenizer import load_tokenizer
+
+    path = _model_path(model)
+    if template is None:
+        template, why = choose_template(path)
+        report.info(f"template: {template} ({why}; --template overrides)")
+    elif template not in TEMPLATES:
+        raise XllamaError(f"unknown --template {template!r}; choose one of: {', '.join(TEMPLATES)}")
+    tokenizer = load_tokenizer(path)
+    m = load_model(path, attn=attn, groups=groups, rope=rope, rope_factor=rope_factor, device=device, dtype=dtype)
+    session = ChatSession(m, tokenizer, template, system, Sampling(temperature, top_k, top_p, seed),
+                          max_new_tokens, context, notify=report.info)
+    run(session, sys.stdin)
 
 
 def main() -> None:

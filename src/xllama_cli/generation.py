@@ -71,12 +71,10 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
     pad_counts = [longest - len(p) for p in prompts]
     tokens = torch.tensor([[0] * n + p for n, p in zip(pad_counts, prompts)], device=device)
     pad = torch.tensor(pad_counts, device=device) if any(pad_counts) else None
-    eos = torch.tensor(eos_ids or [], device=device)
     gen = make_generator(sampling, device)
     stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
-    out: list[list[int]] = [[] for _ in range(B)]
     if max_new_tokens == 0:
-        return Generation(out, stats)
+        return Generation([[] for _ in range(B)], stats)
 
     model.setup_cache(B, longest + max_new_tokens)
     try:
@@ -85,27 +83,43 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
         nxt = sample(logits[:, -1], sampling, gen)
         _sync(device)
         stats.prefill_s = time.perf_counter() - t0
-        done = torch.zeros(B, dtype=torch.bool, device=device)
         t1 = time.perf_counter()
-        for step in range(max_new_tokens):
-            done |= torch.isin(nxt, eos)
-            ids = nxt.tolist()  # also the point where the device is waited for
-            for row, (tok, finished) in enumerate(zip(ids, done.tolist())):
-                if not finished and len(out[row]) == step:
-                    out[row].append(tok)
-                    if on_token is not None:
-                        on_token(row, tok)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            logits = model(nxt[:, None], start=longest + step, pad=pad)
-            nxt = sample(logits[:, -1], sampling, gen)
-            stats.decode_tokens += B
+        out, fed = decode(model, nxt, longest, max_new_tokens, sampling, gen, eos_ids, on_token, pad)
+        stats.decode_tokens = fed * B
         _sync(device)
         stats.decode_s = time.perf_counter() - t1
     finally:
         model.clear_cache()
     stats.new_tokens = sum(len(o) for o in out)
     return Generation(out, stats)
+
+
+@torch.inference_mode()
+def decode(model: Transformer, first: torch.Tensor, start: int, max_new_tokens: int,
+           sampling: Sampling, generator: torch.Generator | None, eos_ids: list[int] | None,
+           on_token: OnToken | None = None, pad: torch.Tensor | None = None) -> tuple[list[list[int]], int]:
+    """The decode loop over a filled cache: `first` [B] was sampled from the logits of slot start-1;
+    each chosen token is fed back into slot start, start+1, ... until every row has made EOS or
+    max_new_tokens tokens. Returns each row's new tokens (EOS excluded) and how many slots it filled."""
+    B = first.shape[0]
+    eos = torch.tensor(eos_ids or [], device=first.device)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=first.device)
+    nxt, fed = first, 0
+    for step in range(max_new_tokens):
+        done |= torch.isin(nxt, eos)
+        ids = nxt.tolist()  # also the point where the device is waited for
+        for row, (tok, finished) in enumerate(zip(ids, done.tolist())):
+            if not finished and len(out[row]) == step:
+                out[row].append(tok)
+                if on_token is not None:
+                    on_token(row, tok)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        logits = model(nxt[:, None], start=start + step, pad=pad)
+        fed += 1
+        nxt = sample(logits[:, -1], sampling, generator)
+    return out, fed
 
 
 def generate(model: Transformer, tokenizer: Tokenizer, prompts: str | list[str], *,

@@ -12,7 +12,7 @@ out = Console(highlight=False)
 
 def info(message: str) -> None:
     """A status line on stderr (dim), dropped by nothing: use for what the user should see."""
-    err.print(message, style="dim", markup=False)
+    err.print(message, style="dim", markup=False, soft_wrap=True)  # one line, whatever the width
 
 
 def error(message: str) -> None:

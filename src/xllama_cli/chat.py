@@ -1,0 +1,284 @@
+"""Chat: Llama 2's chat format (token for token as Meta's reference encodes it), a plain template for
+base models, the template a checkpoint asks for, and a session that keeps the KV cache between turns."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from .errors import XllamaError
+
+if TYPE_CHECKING:  # torch loads with the session, so the formats stay usable without it
+    from .model import Transformer
+    from .sampling import Sampling
+    from .tokenizer import Tokenizer
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+
+# Meta's llama/generation.py (Llama 2)
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
+
+
+def _split_dialog(dialog: list[Message]) -> tuple[str | None, list[Message]]:
+    """(system prompt or None, the user/assistant turns), checking roles as Meta's reference does."""
+    if not dialog:
+        raise XllamaError("the dialog is empty; it needs at least one user message")
+    for m in dialog:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(m.get("content"), str):
+            raise XllamaError(f"bad message {m!r}: each needs a role (system, user, assistant) and a str content")
+    system = dialog[0]["content"] if dialog[0]["role"] == "system" else None
+    turns = dialog[1:] if system is not None else list(dialog)
+    ok = (turns and all(m["role"] == "user" for m in turns[::2])
+          and all(m["role"] == "assistant" for m in turns[1::2]) and turns[-1]["role"] == "user")
+    if not ok:
+        raise XllamaError("the dialog must be an optional system message, then user and assistant "
+                          "messages in turn, ending with a user message")
+    return system, turns
+
+
+def format_llama2_chat(dialog: list[Message], tokenizer: Tokenizer) -> list[int]:
+    """Token ids of a dialog in Llama 2's chat format, as Meta's reference `chat_completion` makes them:
+    every past exchange is BOS [INST] {user} [/INST] {answer} EOS, the system prompt is folded into
+    the first user message, and the last user message ends after [/INST].
+
+    System and user messages holding the special tags are refused (Meta's reference refuses them
+    in any message; answers are the model's own words here, so they are not checked).
+    """
+    system, turns = _split_dialog(dialog)
+    checked = ([("system", system)] if system is not None else []) + \
+              [(m["role"], m["content"]) for m in turns if m["role"] == "user"]
+    for role, content in checked:
+        found = [tag for tag in SPECIAL_TAGS if tag in content]
+        if found:
+            raise XllamaError(f"the {role} message contains {found[0]}, which Llama 2's chat format reserves; "
+                              f"remove the tags {', '.join(SPECIAL_TAGS)} from it")
+    if system is not None:
+        turns = [{"role": "user", "content": B_SYS + system + E_SYS + turns[0]["content"]}] + turns[1:]
+    ids: list[int] = []
+    for prompt, answer in zip(turns[::2], turns[1::2]):
+        ids += tokenizer.encode(f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} ",
+                                bos=True, eos=True)
+    ids += tokenizer.encode(f"{B_INST} {turns[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
+    return ids
+
+
+def format_plain(dialog: list[Message], tokenizer: Tokenizer) -> list[int]:
+    """Token ids of a dialog for a base model: one text with no tags, BOS first. The system prompt
+    and a blank line, then each user message followed by its answer (a continuation of the user's
+    text, kept as it is), one exchange a line; the last user message ends the text."""
+    system, turns = _split_dialog(dialog)
+    text = f"{system.strip()}\n\n" if system and system.strip() else ""
+    for prompt, answer in zip(turns[::2], turns[1::2]):
+        text += prompt["content"].strip() + answer["content"].rstrip() + "\n"
+    text += turns[-1]["content"].strip()
+    return tokenizer.encode(text, bos=True)
+
+
+TEMPLATES: dict[str, Callable[[list[Message], Tokenizer], list[int]]] = {
+    "llama2": format_llama2_chat,
+    "plain": format_plain,
+}
+
+
+def _has_inst_template(folder: Path) -> str | None:
+    """The file whose chat template uses [INST], if any."""
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            template = json.loads(config.read_text()).get("chat_template")
+        except (OSError, ValueError, AttributeError):
+            template = None
+        if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+            template = " ".join(str(t.get("template", "")) for t in template if isinstance(t, dict))
+        if isinstance(template, str) and B_INST in template:
+            return config.name
+    jinja = folder / "chat_template.jinja"  # where newer transformers versions save it
+    try:
+        if jinja.is_file() and B_INST in jinja.read_text():
+            return jinja.name
+    except OSError:
+        pass
+    return None
+
+
+def choose_template(path: str | Path) -> tuple[str, str]:
+    """The template a checkpoint folder asks for, and why: llama2 when its tokenizer config has an
+    [INST] chat template or its folder or repo name contains 'chat', else plain."""
+    folder = Path(path).expanduser().resolve()
+    source = _has_inst_template(folder)
+    if source:
+        return "llama2", f"{source} has an [INST] chat template"
+    # the folder's own name, and the repo name in a Hugging Face cache path (models--org--name/snapshots/<hash>)
+    names = [folder.name] + [p.name for p in folder.parents if p.name.startswith("models--")]
+    for name in names:
+        if "chat" in name.lower():
+            return "llama2", f"the name {name!r} contains 'chat'"
+    return "plain", "no [INST] chat template and no 'chat' in the model's name"
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class TurnStats:
+    """What the last turn cost."""
+
+    context_tokens: int = 0  # tokens in the cache after the turn
+    prefill_tokens: int = 0  # tokens this turn had to run through the model before answering
+    prefill_s: float = 0.0
+    new_tokens: int = 0
+    decode_tokens: int = 0  # decode steps (the first answer token comes from the prefill)
+    decode_s: float = 0.0
+
+    def summary(self, context: int) -> str:
+        prefill_rate = self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+        decode_rate = self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+        return (f"context {self.context_tokens}/{context} tokens | last turn: prefill {self.prefill_tokens} "
+                f"tokens in {self.prefill_s * 1e3:.1f} ms ({prefill_rate:.0f} tok/s) | "
+                f"answer {self.new_tokens} tokens, decode {decode_rate:.1f} tok/s")
+
+
+class ChatSession:
+    """A conversation with one model. The KV cache lives across turns and always holds a prefix of
+    the formatted dialog: a new turn runs only the tokens past the longest prefix the cache already
+    holds (its own message, and the few tokens that close the previous answer)."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, template: str = "llama2",
+                 system: str | None = None, sampling: Sampling | None = None, max_new_tokens: int = 512,
+                 context: int | None = None, notify: Callable[[str], None] | None = None) -> None:
+        from .generation import context_length
+        from .sampling import Sampling, make_generator
+
+        sampling = sampling or Sampling()  # greedy
+        if template not in TEMPLATES:
+            raise XllamaError(f"unknown --template {template!r}; choose one of: {', '.join(TEMPLATES)}")
+        limit = context_length(model)
+        if context is not None and not 2 <= context <= limit:
+            raise XllamaError(f"--context {context} is out of range: it must be between 2 and the model's context, {limit}")
+        if max_new_tokens < 1:
+            raise XllamaError("--max-new-tokens must be at least 1")
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.format = TEMPLATES[template]
+        self.context = context or limit
+        self.system = system.strip() if system and system.strip() else None
+        self.sampling, self.max_new_tokens = sampling, max_new_tokens
+        self.notify = notify or (lambda _message: None)
+        self.device = model.lm_head.weight.device
+        self.generator = make_generator(sampling, self.device)
+        self.turns: list[Message] = []  # user and assistant messages in turn
+        self.cached: list[int] = []  # the tokens whose keys and values the cache holds, slot by slot
+        self.last = TurnStats()
+        self.last_prefill: list[int] = []  # the tokens the last turn ran through the model
+
+    @property
+    def dialog(self) -> list[Message]:
+        return self._with_system(self.turns)
+
+    def _with_system(self, turns: list[Message]) -> list[Message]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + turns
+
+    def reset(self) -> None:
+        """Forget the conversation; the system prompt stays (and so does its part of the cache)."""
+        self.turns = []
+
+    def set_system(self, text: str | None) -> None:
+        self.system = text.strip() if text and text.strip() else None
+
+    def stats(self) -> str:
+        return self.last.summary(self.context)
+
+    def close(self) -> None:
+        self.model.clear_cache()
+        self.cached = []
+
+    def _fit(self, turns: list[Message]) -> tuple[list[int], int]:
+        """The tokens of `turns`, the oldest exchanges dropped until they and an answer fit the context."""
+        reserve = min(self.max_new_tokens, self.context // 2)  # room left for the answer
+        dropped = 0
+        while True:
+            tokens = self.format(self._with_system(turns), self.tokenizer)
+            if len(tokens) + reserve <= self.context or len(turns) == 1:
+                break
+            turns, dropped = turns[2:], dropped + 1
+        if len(tokens) >= self.context:
+            raise XllamaError(f"this message takes {len(tokens)} tokens"
+                              f"{' with the system prompt' if self.system else ''}, but the context holds "
+                              f"{self.context}; shorten it")
+        return tokens, dropped
+
+    def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
+        """Answer a user message: the answer streams through `on_text` and is returned. An exception
+        while answering (Ctrl-C) keeps what was said so far in the dialog and the session usable."""
+        import torch
+
+        from .generation import _sync, continuation_text, decode
+        from .sampling import sample
+
+        if not text.strip():
+            raise XllamaError("the message is empty")
+        user = {"role": "user", "content": text}
+        tokens, dropped = self._fit(self.turns + [user])
+        if dropped:
+            self.turns = self.turns[2 * dropped:]
+            self.notify(f"context full: dropped the {'oldest exchange' if dropped == 1 else f'{dropped} oldest exchanges'}"
+                        f"{' (the system prompt stays)' if self.system else ''}")
+        if self.model.cache_len != self.context:  # first turn, or someone cleared the model's cache
+            self.model.setup_cache(1, self.context)
+            self.cached = []
+        # the slots past `keep` are rewritten; the last prompt token always runs, for the answer's first logits
+        keep = min(_common_prefix(self.cached, tokens), len(tokens) - 1)
+        new = tokens[keep:]
+        self.cached = self.cached[:keep]
+        stats = TurnStats(prefill_tokens=len(new))
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            logits = self.model(torch.tensor([new], device=self.device), start=keep, last_only=True)
+            first = sample(logits[:, -1], self.sampling, self.generator)
+            _sync(self.device)
+            stats.prefill_s = time.perf_counter() - t0
+        self.cached = tokens
+        self.last_prefill = new
+        self.turns.append(user)
+
+        answer_ids: list[int] = []
+        stream = self.tokenizer.stream()
+
+        def on_token(_row: int, tok: int) -> None:
+            answer_ids.append(tok)
+            if on_text is not None:
+                on_text(stream.push(tok))
+
+        max_new = min(self.max_new_tokens, self.context - len(tokens))
+        fed = 0
+        t1 = time.perf_counter()
+        try:
+            _, fed = decode(self.model, first, len(tokens), max_new, self.sampling, self.generator,
+                            self.tokenizer.eos_ids, on_token)
+            _sync(self.device)
+            if on_text is not None:
+                on_text(stream.flush())
+        except BaseException:
+            # stopped: the newest token may not have reached its cache slot, so count it as not there
+            fed = max(len(answer_ids) - 1, 0)
+            raise
+        finally:
+            answer = continuation_text(self.tokenizer, answer_ids)
+            self.turns.append({"role": "assistant", "content": answer})
+            self.cached = tokens + answer_ids[:fed]
+            stats.decode_s = time.perf_counter() - t1
+            stats.decode_tokens, stats.new_tokens = fed, len(answer_ids)
+            stats.context_tokens = len(self.cached)
+            self.last = stats
+        return answer
