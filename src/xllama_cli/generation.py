@@ -72,6 +72,7 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
     pad = torch.tensor(pad_counts, device=device) if any(pad_counts) else None
     eos = torch.tensor(eos_ids or [], device=device)
     gen = make_generator(sampling, device)
+    tp = getattr(model, "tensor_parallel", None)  # set under torchrun: every rank takes rank 0's token
     stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
     out: list[list[int]] = [[] for _ in range(B)]
     if max_new_tokens == 0:
@@ -82,6 +83,8 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
         t0 = time.perf_counter()
         logits = model(tokens, start=0, pad=pad, last_only=True)
         nxt = sample(logits[:, -1], sampling, gen)
+        if tp is not None:
+            tp.broadcast(nxt)
         _sync(device)
         stats.prefill_s = time.perf_counter() - t0
         done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -98,6 +101,8 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
                 break
             logits = model(nxt[:, None], start=longest + step, pad=pad)
             nxt = sample(logits[:, -1], sampling, gen)
+            if tp is not None:
+                tp.broadcast(nxt)
             stats.decode_tokens += B
         _sync(device)
         stats.decode_s = time.perf_counter() - t1
