@@ -27,9 +27,9 @@ def run_case(case: dict) -> dict:
         "params": sum(p.numel() for p in model.parameters()),
         "local": (model.config.n_heads, model.config.n_kv_heads, model.config.hidden_dim),
         "tokens": generate_tokens(model, prompts, case["n"]).tokens,
-        # unseeded sampling: each rank's own generator differs, so only the broadcast keeps them together
-        "sampled": generate_tokens(model, prompts, 12, Sampling(temperature=1.0)).tokens,
     }
+    if case.get("sample"):  # unseeded: each rank's own generator differs, only the broadcast keeps them together
+        out["sampled"] = generate_tokens(model, prompts, 12, Sampling(temperature=1.0)).tokens
     with torch.no_grad():
         out["logits"] = model(torch.tensor([case["logits_tokens"]]))
     return out

@@ -15,6 +15,7 @@ import atexit
 import os
 import re
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,9 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from . import report
 from .errors import XllamaError
 from .layout import divisors
 
+GRACE_S = 10  # how long a failed rank other than 0 leaves rank 0 to report the same error
 TIMEOUT_ENV = "XLLAMA_DIST_TIMEOUT"  # seconds a rank waits for the others (joining, or in a collective)
 DEFAULT_TIMEOUT_S = 600
 _PROJ = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.(weight|bias)$")
@@ -195,9 +198,10 @@ def make_row_parallel(model: nn.Module) -> None:
 
 # ---- the command line under torchrun ----
 def run_command(app: Callable[[], object]) -> NoReturn:
-    """Run the CLI on this rank. A failing rank exits at once, without tearing the group down,
-    so it never waits on a peer; torchrun then stops the other ranks (and a peer blocked in a
-    collective sees the broken connection, or the timeout)."""
+    """Run the CLI on this rank. A failing rank exits without tearing the group down, so it
+    never waits on a peer; torchrun then stops the other ranks (and a peer blocked in a
+    collective sees the broken connection, or the timeout). Rank 0 reports errors; another
+    rank reports its own only if rank 0 has not ended the run within GRACE_S."""
     try:
         app()
         code = 0
@@ -209,6 +213,11 @@ def run_command(app: Callable[[], object]) -> NoReturn:
         rank = os.environ.get("RANK", "?")
         sys.stderr.write(f"error: rank {rank} failed:\n{traceback.format_exc()}")
         code = 1
+    if code != 0 and report.withheld:
+        # Mostly rank 0 meets the same error (a bad argument), says it and exits, and torchrun
+        # stops this rank during the wait. Still here: the error was this rank's alone.
+        time.sleep(GRACE_S)
+        sys.stderr.write(f"error: rank {os.environ.get('RANK', '?')}: {report.withheld[-1]}\n")
     sys.stdout.flush()
     sys.stderr.flush()
     if code == 0:

@@ -12,6 +12,8 @@ from rich.console import Console
 
 # torchrun sets RANK before the process starts; a single process has none
 PRIMARY = os.environ.get("RANK", "0") == "0"
+# errors a rank other than 0 did not print; parallel.run_command says them if rank 0 does not
+withheld: list[str] = []
 
 err = Console(stderr=True, highlight=False, quiet=not PRIMARY)
 out = Console(highlight=False, quiet=not PRIMARY)
@@ -26,6 +28,7 @@ def error(message: str) -> None:
     # every rank meets an error in the arguments, and load_model makes a rank's own failure
     # everyone's (parallel.agree_on_errors): rank 0 alone says it
     if not PRIMARY:
+        withheld.append(message)
         return
     # plain write: one line, no wrapping, no markup, whatever the terminal width
     sys.stderr.write(f"error: {message}\n")
