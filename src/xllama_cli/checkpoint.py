@@ -99,12 +99,21 @@ def _safetensors_file(f: Path, select: Select | None = None) -> Iterator[tuple[s
     from safetensors import SafetensorError, safe_open
 
     try:
+        if select is None:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for name in sf.keys():
+                    yield name, sf.get_tensor(name)
+            return
         with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for name in sf.keys():
-                part = select(name) if select else None
+            names = list(sf.keys())
+        for name in names:
+            # one mapping per tensor: the pages a rank touched (all of a tensor whose columns it
+            # splits) are let go once it has copied its part, instead of adding up over the file
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                part = select(name)
                 if part is None:
                     yield name, sf.get_tensor(name)
-                else:  # reads only the range's bytes
+                else:  # a view of the memory-mapped file: only the range's pages are read
                     dim, start, stop = part
                     yield name, sf.get_slice(name)[(slice(None),) * dim + (slice(start, stop),)]
     except (SafetensorError, OSError, RuntimeError) as e:
@@ -113,8 +122,7 @@ def _safetensors_file(f: Path, select: Select | None = None) -> Iterator[tuple[s
 
 def _narrow(t: torch.Tensor, part: Part) -> torch.Tensor:
     dim, start, stop = part
-    # contiguous: a column range becomes its own small tensor (the rest of the file is never touched)
-    return t.narrow(dim, start, stop - start).contiguous()
+    return t.narrow(dim, start, stop - start)  # a view: nothing is read until it is used
 
 
 def _torch_load(f: Path) -> dict[str, torch.Tensor]:

@@ -104,7 +104,10 @@ def _load(ckpt: Checkpoint, cfg: ModelConfig, dev: torch.device, dt: torch.dtype
         if tuple(t.shape) != tuple(expected[name]):
             raise XllamaError(f"{ckpt.path}: {name} has shape {tuple(t.shape)} but the config "
                               f"implies {tuple(expected[name])}; config and weights do not match")
-        state[name] = t.to(device=dev, dtype=dt)
+        if shard is None:
+            state[name] = t.to(device=dev, dtype=dt)
+        else:  # the rank's own copy, so that no view keeps the mapped checkpoint file (and its pages) alive
+            state[name] = t.to(device=dev, dtype=dt, copy=True, memory_format=torch.contiguous_format)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise XllamaError(f"{ckpt.path}: weights lack {len(missing)} tensors, e.g. {missing[0]!r}")
