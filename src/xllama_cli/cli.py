@@ -39,7 +39,7 @@ def _root() -> None:
 
 
 # ---- options shared by the commands that load a model ----
-ModelOpt = typer.Option(None, "--model", "-m", help="Checkpoint folder: Hugging Face (config.json + safetensors/.bin) or Meta (params.json + consolidated.NN.pth).")
+ModelOpt = typer.Option(None, "--model", "-m", help="Checkpoint folder: Hugging Face (config.json + safetensors/.bin) or Meta (params.json + consolidated.NN.pth). Default: the built-in demo model.")
 AttnOpt = typer.Option(None, "--attn", help="K/V layout: MHA (one KV head per query head), GQA (--groups KV heads), MQA (one KV head). Default: the checkpoint's own. Fewer heads are mean-pooled per group; more are repeated.")
 GroupsOpt = typer.Option(None, "--groups", "-g", help="Number of KV heads (groups) for --attn GQA; must divide the query heads. Default 8 (or n_heads if smaller).")
 RopeOpt = typer.Option(None, "--rope", help="Rotary embedding: rotary (plain), linear (positions / factor), dynamic (NTK-aware past the trained length), llama3. Default: the checkpoint's rope_scaling.")
@@ -48,10 +48,17 @@ DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.")
 
 
+DEMO_MODEL = Path(__file__).parent / "demo"
+
+
 def _model_path(model: Optional[str]) -> str:
-    if model is None:
-        raise XllamaError("no --model given; pass a checkpoint folder with --model PATH")
-    return model
+    """--model as given, or the built-in demo model when none is given (said once on stderr)."""
+    if model is not None:
+        return model
+    if not (DEMO_MODEL / "config.json").is_file():
+        raise XllamaError("no --model given and the built-in demo model is not installed; pass --model PATH")
+    report.info(f"no --model given: using the built-in demo model ({DEMO_MODEL})")
+    return str(DEMO_MODEL)
 
 
 @app.command()

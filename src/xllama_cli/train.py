@@ -1,0 +1,183 @@
+"""Continued pre-training (the GQA paper's "uptraining") and training from scratch: one loop.
+
+Next-token loss on random windows of a token stream, AdamW, linear warm-up then cosine decay,
+gradient clipping. The whole state (weights, optimizer, data sampler, step) is saved every
+`save_every` steps, so a killed run resumed from it ends with the same weights as one that
+never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import XllamaError
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup: int = 0  # steps; 0: 5% of steps
+    batch: int = 8
+    context: int = 256
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    seed: int = 0
+    save_every: int = 0  # 0: no resumable state
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.warmup or max(1, self.steps // 20)
+
+
+def encode_text(tokenizer: Tokenizer, text: str) -> torch.Tensor:
+    """A text as one token stream: each paragraph (blank-line separated) starts with BOS."""
+    ids: list[int] = []
+    for para in text.split("\n\n"):
+        para = " ".join(para.split())
+        if para:
+            ids += tokenizer.encode(para)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def read_text(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise XllamaError(f"cannot read text file {path}: {e}") from None
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for step (0-based): linear warm-up, then cosine to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def sample_batch(data: torch.Tensor, batch: int, context: int,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    starts = torch.randint(0, len(data) - context - 1, (batch,), generator=generator)
+    window = torch.stack([data[s: s + context + 1] for s in starts.tolist()])
+    return window[:, :-1], window[:, 1:]
+
+
+def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
+    # no weight decay on norms (1-d weights), as is usual for Llama training
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    keep = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+@dataclass
+class StepInfo:
+    step: int
+    loss: float
+    lr: float
+    tokens_per_s: float
+
+
+def train(model: Transformer, data: torch.Tensor, cfg: TrainConfig, *,
+          state_path: Path | None = None, resume: bool = False,
+          on_step: Callable[[StepInfo], None] | None = None,
+          stop_after: int | None = None) -> list[float]:
+    """Train `model` in place for cfg.steps steps; returns the loss of each step run here.
+
+    state_path: where the resumable state goes (every cfg.save_every steps); resume: start from it.
+    stop_after: leave after this many steps (a test hook standing in for a killed run).
+    """
+    if len(data) <= cfg.context + 1:
+        raise XllamaError(f"the text has {len(data)} tokens; training needs more than --context {cfg.context}")
+    device = model.lm_head.weight.device
+    model.train().requires_grad_(True)
+    opt = make_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    if resume:
+        if state_path is None or not state_path.is_file():
+            raise XllamaError(f"--resume: no saved state at {state_path}")
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        if state["config"] != asdict(cfg):
+            raise XllamaError(f"--resume: {state_path} was saved with other settings: {state['config']}")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        step = state["step"]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    losses: list[float] = []
+    while step < cfg.steps:
+        if stop_after is not None and len(losses) >= stop_after:
+            break
+        t0 = time.perf_counter()
+        x, y = sample_batch(data, cfg.batch, cfg.context, gen)
+        x, y = x.to(device), y.to(device)
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast:
+            logits = model(x)
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(StepInfo(step, losses[-1], lr, x.numel() / (time.perf_counter() - t0)))
+        if state_path is not None and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
+            save_state(state_path, model, opt, gen, step, cfg)
+    model.eval().requires_grad_(False)
+    return losses
+
+
+def save_state(path: Path, model: Transformer, opt: torch.optim.Optimizer, gen: torch.Generator,
+               step: int, cfg: TrainConfig) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                "step": step, "config": asdict(cfg)}, tmp)
+    os.replace(tmp, path)  # atomic: a kill mid-save leaves the previous state intact
+
+
+@torch.no_grad()
+def mean_loss(model: Transformer, data: torch.Tensor, context: int, batch: int = 8) -> float:
+    """Mean next-token loss over consecutive non-overlapping windows of `data` (a quick held-out check)."""
+    n = (len(data) - 1) // context
+    if n == 0:
+        raise XllamaError(f"the text has {len(data)} tokens, fewer than one window of {context}")
+    device = model.lm_head.weight.device
+    x = data[: n * context].view(n, context)
+    y = data[1: n * context + 1].view(n, context)
+    total = 0.0
+    for i in range(0, n, batch):
+        logits = model(x[i: i + batch].to(device))
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[i: i + batch].reshape(-1).to(device),
+                                 reduction="sum").item()
+    return total / (n * context)
+
+
+def init_weights(model: Transformer, seed: int) -> None:
+    """Fresh weights for training from scratch: N(0, 0.02), residual outputs scaled by 1/sqrt(2L)."""
+    g = torch.Generator().manual_seed(seed)
+    n_layers = model.config.n_layers
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() < 2:
+                p.fill_(1.0) if name.endswith("norm.weight") else p.zero_()
+                continue
+            std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+            p.copy_(torch.randn(p.shape, generator=g) * std)
