@@ -223,8 +223,7 @@ class ChatSession:
         while answering (Ctrl-C) keeps what was said so far in the dialog and the session usable."""
         import torch
 
-        from .generation import _sync, continuation_text, decode
-        from .sampling import sample
+        from .generation import _sync, continuation_text, decode, next_token
 
         if not text.strip():
             raise XllamaError("the message is empty")
@@ -245,7 +244,7 @@ class ChatSession:
         with torch.inference_mode():
             t0 = time.perf_counter()
             logits = self.model(torch.tensor([new], device=self.device), start=keep, last_only=True)
-            first = sample(logits[:, -1], self.sampling, self.generator)
+            first = next_token(self.model, logits, self.sampling, self.generator)
             _sync(self.device)
             stats.prefill_s = time.perf_counter() - t0
         self.cached = tokens

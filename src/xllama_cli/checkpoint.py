@@ -2,6 +2,8 @@
 
 Tensors are yielded one at a time, under HF's parameter names and in HF's half-split RoPE
 order, straight from memory-mapped files: a checkpoint is never held twice in memory.
+Under tensor parallelism a rank asks for ranges of some tensors (`tensors(select)`) and only
+those bytes are read: safetensors slicing, or the overlapping Meta shards' memory-mapped pages.
 """
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from .config import ModelConfig
 from .errors import XllamaError
+
+# (dim, start, stop): rows (dim 0) or columns (dim 1) of a tensor, in HF layout
+Part = tuple[int, int, int]
+Select = Callable[[str], "Part | None"]
 
 
 @dataclass
@@ -33,9 +39,12 @@ class Checkpoint:
                 return p
         return None
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, tensor) pairs in the checkpoint's own K/V layout and dtype."""
-        return _hf_tensors(self) if self.format == "hf" else _meta_tensors(self)
+    def tensors(self, select: Select | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, tensor) pairs in the checkpoint's own K/V layout and dtype.
+
+        select(HF name) -> Part or None: read only that range of the tensor (None: all of it).
+        """
+        return _hf_tensors(self, select) if self.format == "hf" else _meta_tensors(self, select)
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -79,24 +88,44 @@ def _open_hf(path: Path) -> Checkpoint:
     return Checkpoint(path, "hf", cfg, files)
 
 
-def _hf_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_tensors(ckpt: Checkpoint, select: Select | None) -> Iterator[tuple[str, torch.Tensor]]:
     for f in ckpt.weight_files:
         if f.suffix == ".safetensors":
-            yield from _safetensors_file(f)
+            yield from _safetensors_file(f, select)
         else:
             for name, t in _torch_load(f).items():
-                yield name, t
+                part = select(name) if select else None
+                yield name, t if part is None else _narrow(t, part)
 
 
-def _safetensors_file(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors_file(f: Path, select: Select | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import SafetensorError, safe_open
 
     try:
+        if select is None:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for name in sf.keys():
+                    yield name, sf.get_tensor(name)
+            return
         with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for name in sf.keys():
-                yield name, sf.get_tensor(name)
+            names = list(sf.keys())
+        for name in names:
+            # one mapping per tensor: the pages a rank touched (all of a tensor whose columns it
+            # splits) are let go once it has copied its part, instead of adding up over the file
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                part = select(name)
+                if part is None:
+                    yield name, sf.get_tensor(name)
+                else:  # a view of the memory-mapped file: only the range's pages are read
+                    dim, start, stop = part
+                    yield name, sf.get_slice(name)[(slice(None),) * dim + (slice(start, stop),)]
     except (SafetensorError, OSError, RuntimeError) as e:
         raise XllamaError(f"{f} is corrupt or truncated ({str(e).splitlines()[0]}); download it again") from None
+
+
+def _narrow(t: torch.Tensor, part: Part) -> torch.Tensor:
+    dim, start, stop = part
+    return t.narrow(dim, start, stop - start)  # a view: nothing is read until it is used
 
 
 def _torch_load(f: Path) -> dict[str, torch.Tensor]:
@@ -163,23 +192,47 @@ def _open_meta(path: Path) -> Checkpoint:
     return Checkpoint(path, "meta", cfg, files)
 
 
-def _meta_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
-    cfg = ckpt.config
+def _meta_tensors(ckpt: Checkpoint, select: Select | None) -> Iterator[tuple[str, torch.Tensor]]:
+    head_dim = ckpt.config.head_dim
     shards = [_torch_load(f) for f in ckpt.weight_files]  # memory-mapped: nothing read yet
     for name in shards[0]:
         hf_name = _meta_name(name)
         if hf_name is None:
             continue
-        dim = _split_dim(name)
-        if len(shards) == 1 or dim is None:
-            t = shards[0][name]
-        else:
-            t = torch.cat([s[name] for s in shards], dim=dim)
-        if name.endswith("attention.wq.weight"):
-            t = _unpermute(t, cfg.n_heads, cfg.head_dim)
-        elif name.endswith("attention.wk.weight"):
-            t = _unpermute(t, cfg.n_kv_heads, cfg.head_dim)
+        part = select(hf_name) if select else None
+        t = _meta_merged(shards, name, _split_dim(name), part)
+        if name.endswith(("attention.wq.weight", "attention.wk.weight")) and t.shape[0] % head_dim == 0:
+            # per head, so a range of whole heads unpermutes on its own (a bad shape fails the caller's check)
+            t = _unpermute(t, t.shape[0] // head_dim, head_dim)
         yield hf_name, t
+
+
+def _meta_merged(shards: list[dict[str, torch.Tensor]], name: str, split: int | None,
+                 part: Part | None) -> torch.Tensor:
+    """Tensor `name` of the merged model-parallel shards, or only `part` of it.
+
+    A range along the shards' own split dimension touches only the shards it overlaps: when the
+    world size equals the shard count, each rank reads its own consolidated.NN.pth.
+    """
+    if part is None:
+        if len(shards) == 1 or split is None:
+            return shards[0][name]
+        return torch.cat([s[name] for s in shards], dim=split)
+    dim, start, stop = part
+    if len(shards) == 1 or split is None:
+        return _narrow(shards[0][name], part)
+    if dim != split:
+        return torch.cat([_narrow(s[name], part) for s in shards], dim=split)
+    pieces, offset = [], 0
+    for s in shards:
+        n = s[name].shape[dim]
+        lo, hi = max(start, offset), min(stop, offset + n)
+        if lo < hi:
+            pieces.append(_narrow(s[name], (dim, lo - offset, hi - offset)))
+        offset += n
+    if not pieces:  # past the end: an empty tensor, which the caller's shape check reports
+        return _narrow(shards[0][name], (dim, 0, 0))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
 
 def _unpermute(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:

@@ -295,6 +295,12 @@ def chat(
 
 
 def main() -> None:
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: one rank of several
+        from .parallel import run_command
+
+        run_command(app)
     app()
 
 

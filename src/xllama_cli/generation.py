@@ -80,7 +80,7 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
     try:
         t0 = time.perf_counter()
         logits = model(tokens, start=0, pad=pad, last_only=True)
-        nxt = sample(logits[:, -1], sampling, gen)
+        nxt = next_token(model, logits, sampling, gen)
         _sync(device)
         stats.prefill_s = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -95,6 +95,17 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
 
 
 @torch.inference_mode()
+def next_token(model: Transformer, logits: torch.Tensor, sampling: Sampling,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """Sample from the last position's logits [B, T, V]; under tensor parallelism every rank takes
+    rank 0's choice, so the ranks never drift apart."""
+    nxt = sample(logits[:, -1], sampling, generator)
+    tp = getattr(model, "tensor_parallel", None)
+    if tp is not None:
+        tp.broadcast(nxt)
+    return nxt
+
+
 def decode(model: Transformer, first: torch.Tensor, start: int, max_new_tokens: int,
            sampling: Sampling, generator: torch.Generator | None, eos_ids: list[int] | None,
            on_token: OnToken | None = None, pad: torch.Tensor | None = None) -> tuple[list[list[int]], int]:
@@ -118,7 +129,7 @@ def decode(model: Transformer, first: torch.Tensor, start: int, max_new_tokens: 
             break
         logits = model(nxt[:, None], start=start + step, pad=pad)
         fed += 1
-        nxt = sample(logits[:, -1], sampling, generator)
+        nxt = next_token(model, logits, sampling, generator)
     return out, fed
 
 

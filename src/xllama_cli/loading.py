@@ -1,4 +1,8 @@
-"""load_model: a checkpoint folder -> a Transformer on the chosen device, dtype, K/V layout and RoPE."""
+"""load_model: a checkpoint folder -> a Transformer on the chosen device, dtype, K/V layout and RoPE.
+
+Under torchrun (WORLD_SIZE > 1) each rank builds and reads only its own part of the model
+(see parallel.py); in a single process nothing of that runs.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from .config import ModelConfig
 from .errors import XllamaError
 from .layout import is_kv_param, regroup_kv, target_kv_heads
 from .model import Transformer
+from .parallel import Shard, TensorParallel, agree_on_errors, make_row_parallel, plan_shard, setup
 from .rope import with_rope
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,19 +52,41 @@ def target_config(ckpt: Checkpoint, attn: str | None = None, groups: int | None 
 def load_model(path: str | Path, *, attn: str | None = None, groups: int | None = None,
                rope: str | None = None, rope_factor: float | None = None,
                device: str = "auto", dtype: str = "auto", method: str = "mean") -> Transformer:
-    """Load a checkpoint folder (HF or Meta) as a Transformer; `model(tokens)` gives logits."""
+    """Load a checkpoint folder (HF or Meta) as a Transformer; `model(tokens)` gives logits.
+
+    Started by torchrun, it returns this rank's part of the model (`model.tensor_parallel` set,
+    `model.config` the rank's own); every rank must call it.
+    """
     ckpt = open_checkpoint(path)
     cfg = target_config(ckpt, attn, groups, rope, rope_factor)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    tp = setup(dev)
+    if tp is None:
+        return _load(ckpt, cfg, dev, dt, method)
+    with agree_on_errors(tp):  # a rank that fails to read its slices stops them all, with its message
+        return _load(ckpt, cfg, tp.device, dt, method, tp)
+
+
+def _load(ckpt: Checkpoint, cfg: ModelConfig, dev: torch.device, dt: torch.dtype, method: str,
+          tp: TensorParallel | None = None) -> Transformer:
+    shard: Shard | None = None
+    generator = None
+    if tp is not None:
+        shard = plan_shard(cfg, ckpt.config.n_kv_heads, tp.rank, tp.world)
+        cfg = shard.config
+        if method == "random":  # every rank must draw the same new K/V heads
+            generator = torch.Generator().manual_seed(0)
     with torch.device("meta"):
         model = Transformer(cfg)
+        if tp is not None:
+            make_row_parallel(model)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight", None)
     state: dict[str, torch.Tensor] = {}
     src_kv = ckpt.config.n_kv_heads
-    for name, t in ckpt.tensors():
+    for name, t in ckpt.tensors(shard.select if shard else None):
         if name not in expected:
             if name == "lm_head.weight" and cfg.tie_embeddings:
                 continue  # some tied checkpoints store the head anyway
@@ -67,12 +94,20 @@ def load_model(path: str | Path, *, attn: str | None = None, groups: int | None 
                 continue
             raise XllamaError(f"{ckpt.path}: unexpected tensor {name!r} for a Llama model")
         if is_kv_param(name):
-            _check_shape(ckpt, name, t.shape[0], src_kv * cfg.head_dim)
-            t = regroup_kv(t, src_kv, cfg.n_kv_heads, method, dtype=dt)
+            if shard is None:
+                _check_shape(ckpt, name, t.shape[0], src_kv * cfg.head_dim)
+                t = regroup_kv(t, src_kv, cfg.n_kv_heads, method, dtype=dt)
+            else:  # the layout applies to the whole K/V (read whole when it changes), then the rank's heads
+                lo, hi = shard.kv_read or (0, src_kv)
+                _check_shape(ckpt, name, t.shape[0], (hi - lo) * cfg.head_dim)
+                t = shard.take_kv(regroup_kv(t, src_kv, shard.kv_groups, method, generator, dtype=dt))
         if tuple(t.shape) != tuple(expected[name]):
             raise XllamaError(f"{ckpt.path}: {name} has shape {tuple(t.shape)} but the config "
                               f"implies {tuple(expected[name])}; config and weights do not match")
-        state[name] = t.to(device=dev, dtype=dt)
+        if shard is None:
+            state[name] = t.to(device=dev, dtype=dt)
+        else:  # the rank's own copy, so that no view keeps the mapped checkpoint file (and its pages) alive
+            state[name] = t.to(device=dev, dtype=dt, copy=True, memory_format=torch.contiguous_format)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise XllamaError(f"{ckpt.path}: weights lack {len(missing)} tensors, e.g. {missing[0]!r}")
@@ -81,6 +116,7 @@ def load_model(path: str | Path, *, attn: str | None = None, groups: int | None 
     model.tie_weights()
     model.init_rope(dev)
     model.checkpoint = ckpt
+    model.tensor_parallel = tp
     return model.eval().requires_grad_(False)
 
 
