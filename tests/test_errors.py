@@ -107,9 +107,8 @@ def test_rope_factor_required_for_scaled_rope(story_copy):
     fails(gen(story_copy, "--rope", "linear"), "--rope-factor")
 
 
-def test_no_prompt_and_no_model(story_copy):
+def test_no_prompt(story_copy):
     fails(["generate", "--model", str(story_copy)], "no prompt")
-    fails(["generate", "hello"], "--model")
 
 
 def test_pickle_checkpoint_is_loaded_weights_only(tmp_path):

@@ -123,7 +123,7 @@ StrideOpt = typer.Option(None, "--stride", help="Text tokens a window moves on b
 
 @app.command()
 def convert(
-    src: str = typer.Argument(..., help="Source checkpoint folder (HF or Meta, sharded or not)."),
+    src: Optional[str] = typer.Argument(None, help="Source checkpoint folder (HF or Meta, sharded or not) or a downloaded repo id. Default: the built-in demo model."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Destination folder for the HF checkpoint; must not exist (or --force)."),
     attn: Optional[str] = AttnOpt,
     groups: Optional[int] = GroupsOpt,
@@ -142,6 +142,7 @@ def convert(
 
     if out is None:
         raise XllamaError("no --out given; pass the destination folder with --out PATH")
+    src = _model_path(src)
     if eval_text is not None:
         from .evaluate import read_text
 
@@ -292,6 +293,45 @@ def chat(
     session = ChatSession(m, tokenizer, template, system, Sampling(temperature, top_k, top_p, seed),
                           max_new_tokens, context, notify=report.info)
     run(session, sys.stdin)
+
+
+@app.command()
+def uptrain(
+    model: Optional[str] = ModelOpt,
+    text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text file to train on (paragraphs, blank-line separated, each start with BOS)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Destination folder for the trained HF checkpoint; must not exist (or --force)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default 300)."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="Train on about this many tokens instead of --steps (steps = tokens / (batch x context))."),
+    lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate (AdamW), reached after a 5% linear warm-up, then cosine decay to 10%."),
+    batch: int = typer.Option(8, "--batch", "-b", help="Sequences per step."),
+    context: Optional[int] = typer.Option(None, "--context", help="Tokens per sequence. Default: the model's context, at most 256."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data order: the same seed gives the same weights."),
+    save_every: int = typer.Option(50, "--save-every", help="Save a resumable state every N steps (next to --out)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its saved state (same settings)."),
+    eval_text: Optional[Path] = typer.Option(None, "--eval", help="Print the perplexity on this text file before and after training."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Store the result as float32, bfloat16 or float16. Default: the source's dtype (training runs in float32)."),
+    device: str = DeviceOpt,
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists (once the new folder is complete)."),
+) -> None:
+    """Continue pre-training a checkpoint on a text file ("uptraining" after a GQA/MQA conversion)."""
+    from .checkpoint import open_checkpoint
+    from .train import TrainConfig, uptrain as run_uptrain
+
+    if text is None or out is None:
+        raise XllamaError("uptrain needs --text FILE and --out DST")
+    if steps is not None and tokens is not None:
+        raise XllamaError("give --steps or --tokens, not both")
+    path = _model_path(model)
+    ctx = context or min(256, open_checkpoint(path).config.max_seq_len)
+    n_steps = steps if steps is not None else (-(-tokens // (batch * ctx)) if tokens is not None else 300)
+    if n_steps <= 0 or batch <= 0 or ctx <= 1 or lr <= 0:
+        raise XllamaError("--steps/--tokens, --batch, --context and --lr must be positive")
+    cfg = TrainConfig(steps=n_steps, lr=lr, batch=batch, context=ctx, seed=seed, save_every=save_every)
+    r = run_uptrain(path, text, out, cfg, eval_path=eval_text, resume=resume, force=force, device=device, dtype=dtype)
+    line = f"wrote {r.out}: {r.steps} steps, loss {r.first_loss:.3f} -> {r.last_loss:.3f}, {r.minutes:.1f} min"
+    if r.perplexity_before is not None:
+        line += f"; perplexity {r.perplexity_before:.3f} -> {r.perplexity_after:.3f}"
+    report.write(line + "\n")
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from .config import ModelConfig
 from .errors import XllamaError
 from .layout import METHODS, is_kv_param, regroup_kv
 from .loading import DTYPES, target_config
+from .model import Transformer
 from .writer import HashedFiles, ShardWriter, atomic_dir, parse_size
 
 DEFAULT_SHARD_SIZE = "5GB"
@@ -173,3 +174,27 @@ def _copy_tokenizer(ckpt: Checkpoint, files: HashedFiles) -> None:
     tok = ckpt.tokenizer_path  # a Meta download keeps tokenizer.model in the parent folder
     if tok is not None and "tokenizer.model" not in files.sha256:
         files.copy(tok, "tokenizer.model")
+
+
+def save_model(model: "Transformer", source: Checkpoint, out: str | Path, record: dict, *,
+               force: bool = False, dtype: torch.dtype | None = None) -> list[str]:
+    """Write a loaded (e.g. uptrained) model as an HF folder, atomically, with `source`'s config keys
+    and tokenizer files; `record` goes into xllama_convert.json with the files' sha256."""
+    cfg = model.config
+    with atomic_dir(out, force) as tmp:
+        files = HashedFiles(tmp)
+        shards = ShardWriter(files, parse_size(DEFAULT_SHARD_SIZE))
+        written = None
+        for name, t in model.state_dict().items():
+            if name == "lm_head.weight" and cfg.tie_embeddings:
+                continue
+            t = t.detach().to(device="cpu", dtype=dtype or t.dtype).contiguous()
+            written = written or t.dtype
+            shards.add(name, t)
+        names = shards.close()
+        files.write_json("config.json", hf_config(source, cfg, written, written))
+        _copy_tokenizer(source, files)
+        record = {"xllama_version": __version__, "source": str(source.path.resolve()), **record,
+                  "sha256": dict(files.sha256)}
+        (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return names

@@ -57,14 +57,19 @@ class progress:
                    MofNCompleteColumn() if unit != "bytes" else TextColumn("{task.percentage:>3.0f}%"),
                    TextColumn(unit if unit != "bytes" else ""), TimeElapsedColumn(), TimeRemainingColumn()]
         self._bar = Progress(*columns, console=err, disable=not (enabled and err.is_terminal))
+        self._description = description
         self._task = self._bar.add_task(description, total=total)
 
     def __enter__(self):
         self._bar.start()
         return self.advance
 
-    def advance(self, n: float = 1) -> None:
-        self._bar.advance(self._task, n)
+    def advance(self, n: float = 1, note: str | None = None) -> None:
+        """Move on by n; `note` (e.g. the current loss) is shown after the label."""
+        if note is None:
+            self._bar.advance(self._task, n)
+        else:
+            self._bar.update(self._task, advance=n, description=f"{self._description} {note}")
 
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is None:  # done: a total estimated from file sizes shows 100% too

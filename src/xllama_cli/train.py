@@ -52,13 +52,6 @@ def encode_text(tokenizer: Tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def read_text(path: str | Path) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise XllamaError(f"cannot read text file {path}: {e}") from None
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for step (0-based): linear warm-up, then cosine to lr * min_lr_ratio."""
     if step < cfg.warmup_steps:
@@ -181,3 +174,65 @@ def init_weights(model: Transformer, seed: int) -> None:
                 continue
             std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
             p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@dataclass
+class UptrainResult:
+    out: Path
+    steps: int
+    first_loss: float
+    last_loss: float
+    minutes: float
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+
+
+def uptrain(model_path: str, text_path: Path, out: Path, cfg: TrainConfig, *, eval_path: Path | None = None,
+            resume: bool = False, force: bool = False, device: str = "auto", dtype: str | None = None,
+            state_path: Path | None = None) -> UptrainResult:
+    """Continued pre-training of a checkpoint on a text file, saved as an HF folder at `out`.
+
+    Weights train in float32 (bf16 autocast on CUDA) and are stored in the source's dtype unless
+    `dtype` says otherwise. The resumable state lives at `state_path` (default: next to `out`)
+    and is removed once `out` is written.
+    """
+    from . import report
+    from .convert import save_model
+    from .evaluate import evaluate_text, read_text
+    from .loading import DTYPES, load_model
+    from .tokenizer import load_tokenizer
+
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not force:
+        raise XllamaError(f"{out} already exists; choose another --out or pass --force to replace it")
+    tokenizer = load_tokenizer(model_path)
+    data = encode_text(tokenizer, read_text(text_path))
+    if eval_path is not None:
+        read_text(eval_path)  # fail before training, not after
+    model = load_model(model_path, device=device, dtype="float32")
+    src_dtype = next(t.dtype for _, t in model.checkpoint.tensors())
+    if cfg.context > model.config.max_seq_len:
+        raise XllamaError(f"--context {cfg.context} is longer than the model's {model.config.max_seq_len} positions")
+    state_path = state_path or out.with_name(f".{out.name}.uptrain-state.pt")
+    result = UptrainResult(out, cfg.steps, 0.0, 0.0, 0.0)
+    if eval_path is not None:
+        result.perplexity_before = evaluate_text(model, tokenizer, eval_path, label="perplexity before").perplexity
+    t0 = time.time()
+    stop_after = int(os.environ.get("XLLAMA_UPTRAIN_STOP_AFTER", 0)) or None  # tests: a run "killed" mid-way
+    with report.progress(cfg.steps, "uptraining", unit="steps") as advance:
+        def on_step(info: StepInfo) -> None:
+            advance(1, note=f"loss {info.loss:.3f} lr {info.lr:.1e} {info.tokens_per_s:,.0f} tok/s")
+        losses = train(model, data, cfg, state_path=state_path, resume=resume, on_step=on_step,
+                       stop_after=stop_after)
+    if stop_after is not None and len(losses) >= stop_after:
+        raise XllamaError(f"stopped after {len(losses)} steps (XLLAMA_UPTRAIN_STOP_AFTER); continue with --resume")
+    result.minutes = (time.time() - t0) / 60
+    result.first_loss, result.last_loss = (losses[0], losses[-1]) if losses else (float("nan"),) * 2
+    if eval_path is not None:
+        result.perplexity_after = evaluate_text(model, tokenizer, eval_path, label="perplexity after").perplexity
+    record = {"method": "uptrain", "text": str(Path(text_path).resolve()), "train_config": asdict(cfg),
+              "perplexity_before": result.perplexity_before, "perplexity_after": result.perplexity_after}
+    save_model(model, model.checkpoint, out, record, force=force,
+               dtype=DTYPES[dtype] if dtype else src_dtype)
+    state_path.unlink(missing_ok=True)
+    return result
