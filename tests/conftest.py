@@ -23,6 +23,23 @@ def fixture(name: str) -> Path:
     return path
 
 
+def cli_fails(args: list[str], *needles: str) -> str:
+    """Run the CLI and check the failure shape: exit 2, one `error:` line on stderr holding every
+    needle, no traceback. Returns the line."""
+    from typer.testing import CliRunner
+
+    from xllama_cli.cli import app
+
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2, r.output
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert "Traceback" not in r.output
+    for n in needles:
+        assert n in err, err
+    return err
+
+
 def tiny_hf_config(**overrides):
     from transformers import LlamaConfig
 

@@ -14,21 +14,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ROOT, fixture, make_hf_checkpoint
+from conftest import cli_fails, ROOT, fixture, make_hf_checkpoint
 from xllama_cli.cli import app
 
 runner = CliRunner()
 
 
 def fails(args: list[str], *needles: str) -> str:
-    r = runner.invoke(app, ["convert", *args])
-    assert r.exit_code == 2, r.output
-    err = r.stderr.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert "Traceback" not in r.output
-    for n in needles:
-        assert n in err, err
-    return err
+    return cli_fails(["convert", *args], *needles)
 
 
 def leftovers(folder: Path) -> list[str]:

@@ -9,21 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import fixture, make_hf_checkpoint
+from conftest import cli_fails as fails, fixture, make_hf_checkpoint
 from xllama_cli.cli import app
 
 runner = CliRunner()
-
-
-def fails(args: list[str], *needles: str) -> str:
-    r = runner.invoke(app, args)
-    assert r.exit_code == 2, r.output
-    err = r.stderr.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert "Traceback" not in r.output
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 def gen(model, *extra: str) -> list[str]:
