@@ -83,8 +83,18 @@ def setup(device: torch.device) -> TensorParallel | None:
 
 
 def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave together: a rank that tears its gloo connections down while a peer still uses them
+    can abort the peer ("terminate called without an active exception"), so meet first."""
+    if not dist.is_initialized():
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=60))
+        else:
+            dist.barrier()
+    except RuntimeError:
+        pass  # a peer is gone already: nothing left to wait for
+    dist.destroy_process_group()
 
 
 @contextmanager
