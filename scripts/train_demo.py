@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import re
 import shutil
 import tempfile
@@ -28,7 +27,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from xllama_cli.config import ModelConfig
 from xllama_cli.model import Transformer
 from xllama_cli.tokenizer import Tokenizer
-from xllama_cli.train import TrainConfig, encode_text, init_weights, mean_loss, train
+from xllama_cli.evaluate import evaluate_text
+from xllama_cli.train import TrainConfig, encode_text, init_weights, train
 
 ARCH = dict(dim=128, n_layers=6, n_heads=8, n_kv_heads=8, hidden_dim=352, vocab_size=1024,
             max_seq_len=256, norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=True, bos_id=1, eos_id=[2])
@@ -117,9 +117,12 @@ def main() -> None:
     minutes = (time.time() - t0) / 60
     model = model.to(torch.bfloat16)
     train_loss = sum(losses[-50:]) / len(losses[-50:])
-    held_loss = mean_loss(model.float(), held_ids, cfg.max_seq_len)
+    (work / "heldout.txt").write_text(held_text + "\n")
+    # scored as `xllama eval --text heldout.txt` scores it: the same numbers a user can check
+    held = evaluate_text(model.float(), tok, work / "heldout.txt", progress=False)
+    held_loss = held.nll
     print(f"train loss (last 50 steps) {train_loss:.3f} | held-out loss {held_loss:.3f} "
-          f"(perplexity {math.exp(held_loss):.1f}) | {minutes:.1f} min")
+          f"(perplexity {held.perplexity:.2f}) | {minutes:.1f} min")
 
     from safetensors.torch import save_file
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -127,7 +130,6 @@ def main() -> None:
     hf = cfg.to_hf()
     hf["torch_dtype"] = "bfloat16"
     (work / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    (work / "heldout.txt").write_text(held_text + "\n")
     for f in ("tokenizer.txt", "tokenizer.vocab"):
         (work / f).unlink()
     corpus_sha = sha256(args.corpus)
@@ -149,8 +151,8 @@ Trained from scratch by `scripts/train_demo.py` with xllama's own model and trai
   warm-up {tcfg.warmup_steps} steps, cosine to {tcfg.lr * tcfg.min_lr_ratio:.1e}, weight decay
   {tcfg.weight_decay}, clip {tcfg.clip}), float32 on the CPU, seed {tcfg.seed}; {minutes:.0f} minutes.
 - Final training loss (mean of the last 50 steps): {train_loss:.3f}.
-- Held-out loss: {held_loss:.3f} (perplexity {math.exp(held_loss):.1f}, non-overlapping
-  {cfg.max_seq_len}-token windows, weights in bfloat16).
+- Held-out loss: {held_loss:.3f} (perplexity {held.perplexity:.2f}, as `xllama eval --text heldout.txt`
+  scores it: {held.context}-token windows, stride {held.stride}, weights in bfloat16).
 """)
     if args.out.exists():
         shutil.rmtree(args.out)

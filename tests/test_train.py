@@ -6,12 +6,17 @@ import torch
 
 from conftest import make_hf_checkpoint
 from xllama_cli import load_model
-from xllama_cli.train import TrainConfig, lr_at, mean_loss, train
+from xllama_cli.evaluate import perplexity
+from xllama_cli.train import TrainConfig, lr_at, train
 
 
 def tiny_model(tmp_path):
     make_hf_checkpoint(tmp_path, num_key_value_heads=2, hidden_size=32, intermediate_size=48, num_attention_heads=4)
     return load_model(tmp_path, device="cpu")
+
+
+def mean_loss(model, data: torch.Tensor) -> float:
+    return perplexity(model, data.tolist(), bos_id=1, context=33).nll
 
 
 def pattern_data(n: int = 4000) -> torch.Tensor:
@@ -22,9 +27,9 @@ def pattern_data(n: int = 4000) -> torch.Tensor:
 def test_training_lowers_the_loss_in_a_few_steps(tmp_path):
     model = tiny_model(tmp_path)
     data = pattern_data()
-    before = mean_loss(model, data, context=32)
+    before = mean_loss(model, data)
     losses = train(model, data, TrainConfig(steps=30, lr=3e-3, batch=4, context=32, seed=0))
-    after = mean_loss(model, data, context=32)
+    after = mean_loss(model, data)
     assert after < before * 0.5 and losses[-1] < losses[0]
 
 

@@ -146,23 +146,6 @@ def save_state(path: Path, model: Transformer, opt: torch.optim.Optimizer, gen: 
     os.replace(tmp, path)  # atomic: a kill mid-save leaves the previous state intact
 
 
-@torch.no_grad()
-def mean_loss(model: Transformer, data: torch.Tensor, context: int, batch: int = 8) -> float:
-    """Mean next-token loss over consecutive non-overlapping windows of `data` (a quick held-out check)."""
-    n = (len(data) - 1) // context
-    if n == 0:
-        raise XllamaError(f"the text has {len(data)} tokens, fewer than one window of {context}")
-    device = model.lm_head.weight.device
-    x = data[: n * context].view(n, context)
-    y = data[1: n * context + 1].view(n, context)
-    total = 0.0
-    for i in range(0, n, batch):
-        logits = model(x[i: i + batch].to(device))
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[i: i + batch].reshape(-1).to(device),
-                                 reduction="sum").item()
-    return total / (n * context)
-
-
 def init_weights(model: Transformer, seed: int) -> None:
     """Fresh weights for training from scratch: N(0, 0.02), residual outputs scaled by 1/sqrt(2L)."""
     g = torch.Generator().manual_seed(seed)
