@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -726,19 +726,9 @@ def write_results(result: BenchResult, path: Path) -> None:
         for r in rows:
             writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in r.items()})
         text = buf.getvalue()
+    from .writer import atomic_write
+
     atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write through a temporary file in the destination folder, then rename: never a half-written file."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise XllamaError(f"cannot write {path}: {e.strerror}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _bytes(n: float) -> str:

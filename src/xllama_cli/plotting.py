@@ -31,7 +31,7 @@ def plot_groups(result: "BenchResult", path: Path) -> None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullLocator
 
-    from .bench import atomic_write
+    from .writer import atomic_write
 
     rows = [(r, result.figures(r)) for r in result.rows if r.measured]
     xs = [r.groups for r, _ in rows]

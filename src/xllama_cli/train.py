@@ -140,10 +140,11 @@ def train(model: Transformer, data: torch.Tensor, cfg: TrainConfig, *,
 
 def save_state(path: Path, model: Transformer, opt: torch.optim.Optimizer, gen: torch.Generator,
                step: int, cfg: TrainConfig) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                "step": step, "config": asdict(cfg)}, tmp)
-    os.replace(tmp, path)  # atomic: a kill mid-save leaves the previous state intact
+    from .writer import atomic_write
+
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+             "step": step, "config": asdict(cfg)}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))  # a kill mid-save keeps the previous state
 
 
 def init_weights(model: Transformer, seed: int) -> None:

@@ -19,7 +19,7 @@ import signal
 import struct
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -134,6 +134,18 @@ def atomic_dir(dst: str | Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write through a temporary file in the destination folder, then rename: never a half-written file."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise XllamaError(f"cannot write {path}: {e.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---- files with their sha256 ----
