@@ -29,6 +29,7 @@ from .errors import XllamaError
 from .generation import GenerationStats, context_length, generate_tokens
 from .layout import is_kv_param, regroup_kv, target_kv_heads
 from .loading import load_model, resolve_device, resolve_dtype
+from .quantize import check_quantize, quantize_model
 from .model import Transformer
 from .sampling import Sampling
 
@@ -138,6 +139,8 @@ class BenchOptions:
     repeats: int = 3
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str | None = None
+    compile: bool = False
     seed: int = 0
     out: Path | None = None
     plot: Path | None = None
@@ -174,6 +177,8 @@ class BenchResult:
     batch: int
     repeats: int
     seed: int
+    quantize: str | None = None  # int8: each group count's model is quantized (untimed) before its runs
+    compiled: bool = False  # decode step compiled; each group count's model is kept, so compiles once
     bandwidth_bytes: int = 0
     bandwidth_runs: list[float] = field(default_factory=list)  # GB/s: before the runs, then after each round
     machine: dict[str, Any] = field(default_factory=dict)
@@ -243,7 +248,8 @@ class BenchResult:
             "dtype": str(self.dtype).removeprefix("torch."),
             "settings": {"groups": self.groups, "input_len": self.input_len, "output_len": self.output_len,
                          "batch": self.batch, "repeats": self.repeats, "warmup_runs": WARMUP_RUNS,
-                         "seed": self.seed, "decode_steps": self.decode_steps, "regroup_method": "mean"},
+                         "seed": self.seed, "decode_steps": self.decode_steps, "regroup_method": "mean",
+                         "quantize": self.quantize, "compile": self.compiled},
             "memory_bandwidth": {"gbs": self.bandwidth_gbs, "probes_gbs": self.bandwidth_runs,
                                  "copy_bytes": self.bandwidth_bytes,
                                  "method": "a torch copy of one tensor, read + write bytes / time; median of "
@@ -365,10 +371,9 @@ def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, see
 
 
 def regrouped(base: Transformer, groups: int, method: str = "mean") -> Transformer:
-    """`base` with `groups` KV heads: k/v weights through layout.regroup_kv, every other tensor shared."""
+    """A new model with `groups` KV heads (k/v weights through layout.regroup_kv), sharing every
+    other tensor with `base`, so it can be quantized or compiled without changing `base`."""
     cfg = base.config
-    if groups == cfg.n_kv_heads:
-        return base
     new_cfg = cfg.replace(n_kv_heads=groups)
     with torch.device("meta"):
         model = Transformer(new_cfg)
@@ -487,7 +492,8 @@ def run_command(o: BenchOptions) -> BenchResult:
     """`xllama bench`: check, build, measure (with a progress bar), print, write --out/--plot."""
     check_options(o)
     device = resolve_device(o.device)
-    dtype = resolve_dtype(o.dtype, device)
+    dtype = resolve_dtype(o.dtype, device, o.quantize)
+    check_quantize(o.quantize, dtype)
     result = measure(o, device, dtype)
     show(result)
     if o.out is not None:
@@ -505,6 +511,7 @@ def run_command(o: BenchOptions) -> BenchResult:
 
 def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype) -> BenchResult:
     elsize = torch.empty((), dtype=dtype).element_size()
+    weight_elsize = 1 if o.quantize else elsize  # int8 projections and head (their scales are not counted)
     if o.model:
         from .checkpoint import open_checkpoint
         cfg, source = open_checkpoint(o.model).config, o.model
@@ -529,11 +536,11 @@ def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype) -> BenchR
     params = param_count(cfg)
     result = BenchResult(source=source, config=cfg, params=params, device=device, dtype=dtype, groups=groups,
                          input_len=o.input_len, output_len=o.output_len, batch=o.batch, repeats=o.repeats,
-                         seed=o.seed, machine=machine_info(device))
+                         seed=o.seed, quantize=o.quantize, compiled=o.compile, machine=machine_info(device))
     for g in groups:
         result.rows.append(Row(
             groups=g, kv_cache_bytes_per_sample=kv_cache_bytes_per_sample(cfg, g, o.input_len + o.output_len, elsize),
-            weight_bytes_per_step=weight_bytes_per_step(cfg, g, o.batch, elsize),
+            weight_bytes_per_step=weight_bytes_per_step(cfg, g, o.batch, weight_elsize),
             kv_read_bytes_per_step=kv_read_bytes_per_step(cfg, g, o.input_len, o.output_len, o.batch, elsize)))
     report.info(f"bench: {source} | {_count(params)} params | {device} {str(dtype).removeprefix('torch.')} | "
                 f"batch {o.batch}, input {o.input_len}, output {o.output_len}, {o.repeats} repeats + "
@@ -580,6 +587,7 @@ def _time_groups(base: Transformer, result: BenchResult) -> None:
     device, elsize = result.device, base.lm_head.weight.element_size()
     runs_per_row = WARMUP_RUNS + result.repeats
     done = {row.groups: 0 for row in result.rows}
+    kept: dict[int, Transformer] = {}  # compiled models, one per group count
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
                TimeElapsedColumn())
     with Progress(*columns, console=report.err, transient=False) as progress:
@@ -594,7 +602,7 @@ def _time_groups(base: Transformer, result: BenchResult) -> None:
                     if i == 0 and not _fits(base, result, row, elsize):
                         progress.advance(task, runs_per_row)
                         continue
-                    _run_row(base, result, row, prompts, timed=i >= WARMUP_RUNS)
+                    _run_row(base, result, row, prompts, kept, timed=i >= WARMUP_RUNS)
                     done[row.groups] += 1
                     progress.advance(task, 1 if row.status != "out of memory" else runs_per_row - done[row.groups] + 1)
                 if i >= WARMUP_RUNS:  # the bandwidth too, once a round, so it sees the same drift
@@ -617,11 +625,14 @@ def _fits(base: Transformer, result: BenchResult, row: Row, elsize: int) -> bool
     return need <= free
 
 
-def _run_row(base: Transformer, result: BenchResult, row: Row, prompts: list[list[int]], timed: bool) -> None:
+def _run_row(base: Transformer, result: BenchResult, row: Row, prompts: list[list[int]],
+             kept: dict[int, Transformer], timed: bool) -> None:
     """One run of one group count; an allocation failure marks the row `out of memory`."""
     model = None
     try:
-        model = regrouped(base, row.groups)
+        model = kept.get(row.groups) or _prepare(base, row.groups, result)
+        if result.compiled:  # a new model would compile again
+            kept[row.groups] = model
         stats = _one_run(model, prompts, result.output_len)
         if timed:
             row.prefill_s.append(stats.prefill_s)
@@ -632,11 +643,22 @@ def _run_row(base: Transformer, result: BenchResult, row: Row, prompts: list[lis
         row.prefill_s.clear()
         row.decode_s.clear()
         row.status, row.note = "out of memory", str(e).splitlines()[0][:200]
+        kept.pop(row.groups, None)
     finally:
         del model
         gc.collect()
         if result.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _prepare(base: Transformer, groups: int, result: BenchResult) -> Transformer:
+    """The model a group count runs: regrouped from the base, then quantized and compiled as asked."""
+    model = regrouped(base, groups)
+    if result.quantize:
+        quantize_model(model, result.quantize)
+    if result.compiled:
+        model.compile_decode()
+    return model
 
 
 def _one_run(model: Transformer, prompts: list[list[int]], output_len: int) -> GenerationStats:
@@ -657,7 +679,8 @@ def show(result: BenchResult) -> None:
     """The rich table (stdout) and a terminal bar chart of time per sample."""
     from rich.table import Table
 
-    dt = str(result.dtype).removeprefix("torch.")
+    dt = str(result.dtype).removeprefix("torch.") + (f" {result.quantize}" if result.quantize else "") \
+        + (" compiled" if result.compiled else "")
     table = Table(title=f"xllama bench: {result.source}, {_count(result.params)} params, {result.device} {dt}, "
                         f"batch {result.batch}, input {result.input_len}, output {result.output_len}, "
                         f"median of {result.repeats}",

@@ -45,7 +45,9 @@ GroupsOpt = typer.Option(None, "--groups", "-g", help="Number of KV heads (group
 RopeOpt = typer.Option(None, "--rope", help="Rotary embedding: rotary (plain), linear (positions / factor), dynamic (NTK-aware past the trained length), llama3. Default: the checkpoint's rope_scaling.")
 RopeFactorOpt = typer.Option(None, "--rope-factor", help="Scaling factor for --rope linear|dynamic|llama3.")
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda[:N].")
-DtypeOpt = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA or with --quantize, float32 on CPU), float32, bfloat16 or float16.")
+QuantizeOpt = typer.Option(None, "--quantize", help="int8: weight-only int8 projections and output head, a scale per output channel, quantized at load time (half the bytes of bfloat16 to read per token); computes in bfloat16 (or --dtype float16).")
+CompileOpt = typer.Option(False, "--compile", help="torch.compile the decode step (CUDA graphs on CUDA). Compiling takes tens of seconds (printed as 'compile' in the summary) and pays back over long generations.")
 
 TemperatureOpt = typer.Option(0.8, "--temperature", "-t", help="Sampling temperature; 0 means greedy (always the most likely token).")
 TopKOpt = typer.Option(None, "--top-k", help="Sample only among the k most likely tokens.")
@@ -82,6 +84,8 @@ def generate(
     rope_factor: Optional[float] = RopeFactorOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    quantize: Optional[str] = QuantizeOpt,
+    compile: bool = CompileOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line on stderr."),
 ) -> None:
     """Generate text from one or more prompts; the text streams to stdout as it is made."""
@@ -100,7 +104,8 @@ def generate(
         raise XllamaError("no prompt given; pass it as an argument or with --batch-file")
     path = _model_path(model)
     tokenizer = load_tokenizer(path)
-    m = load_model(path, attn=attn, groups=groups, rope=rope, rope_factor=rope_factor, device=device, dtype=dtype)
+    m = load_model(path, attn=attn, groups=groups, rope=rope, rope_factor=rope_factor, device=device, dtype=dtype,
+                   quantize=quantize, compile=compile)
     ids = [tokenizer.encode(t) for t in texts]
     sampling = Sampling(temperature, top_k, top_p, seed)
     if len(texts) == 1:  # one prompt: stream it token by token
@@ -180,6 +185,7 @@ def eval_(
     rope_factor: Optional[float] = RopeFactorOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    quantize: Optional[str] = QuantizeOpt,
 ) -> None:
     """Perplexity of a model on a text file (sliding windows that each start with BOS; every token scored once)."""
     from .evaluate import evaluate_text, read_text
@@ -191,7 +197,8 @@ def eval_(
     read_text(text)  # a bad file fails before the model loads
     path = _model_path(model)
     tokenizer = load_tokenizer(path)
-    m = load_model(path, attn=attn, groups=groups, rope=rope, rope_factor=rope_factor, device=device, dtype=dtype)
+    m = load_model(path, attn=attn, groups=groups, rope=rope, rope_factor=rope_factor, device=device, dtype=dtype,
+                   quantize=quantize)
     result = evaluate_text(m, tokenizer, text, context, stride)
     if as_json:
         report.write_json({"model": path, "text": str(text), "kv_heads": m.config.n_kv_heads, **result.as_dict()})
@@ -213,6 +220,8 @@ def bench(
     repeats: int = typer.Option(3, "--repeats", "-r", help="Timed runs per group count, after one warm-up run; medians are reported."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    quantize: Optional[str] = QuantizeOpt,
+    compile: bool = CompileOpt,
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights and prompt token ids."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write every figure, the machine and the settings to FILE.json or FILE.csv."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw time per sample against groups to FILE.png or FILE.svg (needs: pip install 'xllama-cli[plot]')."),
@@ -227,6 +236,7 @@ def bench(
     result = benchmark.run_command(benchmark.BenchOptions(
         model=model, preset=preset, config=config, layers=layers, groups=groups, input_len=input_len,
         output_len=output_len, batch=batch, repeats=repeats, device=device, dtype=dtype, seed=seed,
+        quantize=quantize, compile=compile,
         out=out, plot=plot, force=force))
     if result.interrupted:
         raise typer.Exit(130)
@@ -272,6 +282,8 @@ def chat(
     rope_factor: Optional[float] = RopeFactorOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    quantize: Optional[str] = QuantizeOpt,
+    compile: bool = CompileOpt,
 ) -> None:
     """Chat with a model in the terminal; without a terminal, each stdin line is one message and the answers go to stdout."""
     import sys
@@ -289,7 +301,8 @@ def chat(
     elif template not in TEMPLATES:
         raise XllamaError(f"unknown --template {template!r}; choose one of: {', '.join(TEMPLATES)}")
     tokenizer = load_tokenizer(path)
-    m = load_model(path, attn=attn, groups=groups, rope=rope, rope_factor=rope_factor, device=device, dtype=dtype)
+    m = load_model(path, attn=attn, groups=groups, rope=rope, rope_factor=rope_factor, device=device, dtype=dtype,
+                   quantize=quantize, compile=compile)
     session = ChatSession(m, tokenizer, template, system, Sampling(temperature, top_k, top_p, seed),
                           max_new_tokens, context, notify=report.info)
     run(session, sys.stdin)

@@ -20,8 +20,16 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, n_kv, T, D] at slots start..start+T; return every slot filled so far."""
+    def update(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, n_kv, T, D] at slots start..start+T; return every slot filled so far.
+
+        A tensor `start` (the compiled decode step) keeps every shape static: the write is an
+        index_copy_ and the whole cache is returned, its unfilled slots masked by the caller."""
+        if isinstance(start, torch.Tensor):
+            slots = start + torch.arange(k.shape[2], device=k.device)
+            self.k.index_copy_(2, slots, k)
+            self.v.index_copy_(2, slots, v)
+            return self.k, self.v
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v

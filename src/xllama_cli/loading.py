@@ -15,6 +15,7 @@ from .config import ModelConfig
 from .errors import XllamaError
 from .layout import is_kv_param, regroup_kv, target_kv_heads
 from .model import Transformer
+from .quantize import check_quantize, quantize_model
 from .parallel import Shard, TensorParallel, agree_on_errors, make_row_parallel, plan_shard, setup
 from .rope import with_rope
 
@@ -33,9 +34,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     raise XllamaError(f"unknown --device {device!r}; choose auto, cpu or cuda")
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+def resolve_dtype(dtype: str, device: torch.device, quantize: str | None = None) -> torch.dtype:
+    if dtype == "auto":  # int8 weights compute in bfloat16 on every device
+        return torch.bfloat16 if device.type == "cuda" or quantize else torch.float32
     if dtype not in DTYPES:
         raise XllamaError(f"unknown --dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -51,8 +52,12 @@ def target_config(ckpt: Checkpoint, attn: str | None = None, groups: int | None 
 
 def load_model(path: str | Path, *, attn: str | None = None, groups: int | None = None,
                rope: str | None = None, rope_factor: float | None = None,
-               device: str = "auto", dtype: str = "auto", method: str = "mean") -> Transformer:
+               device: str = "auto", dtype: str = "auto", method: str = "mean",
+               quantize: str | None = None, compile: bool = False) -> Transformer:
     """Load a checkpoint folder (HF or Meta) as a Transformer; `model(tokens)` gives logits.
+
+    quantize="int8": weight-only int8 projections and head (quantize.py), computing in bfloat16
+    unless `dtype` says float16. compile: torch.compile the decode step (Transformer.compile_decode).
 
     Started by torchrun, it returns this rank's part of the model (`model.tensor_parallel` set,
     `model.config` the rank's own); every rank must call it.
@@ -60,12 +65,19 @@ def load_model(path: str | Path, *, attn: str | None = None, groups: int | None 
     ckpt = open_checkpoint(path)
     cfg = target_config(ckpt, attn, groups, rope, rope_factor)
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    dt = resolve_dtype(dtype, dev, quantize)
+    check_quantize(quantize, dt)
     tp = setup(dev)
     if tp is None:
-        return _load(ckpt, cfg, dev, dt, method)
-    with agree_on_errors(tp):  # a rank that fails to read its slices stops them all, with its message
-        return _load(ckpt, cfg, tp.device, dt, method, tp)
+        model = _load(ckpt, cfg, dev, dt, method)
+    else:
+        with agree_on_errors(tp):  # a rank that fails to read its slices stops them all, with its message
+            model = _load(ckpt, cfg, tp.device, dt, method, tp)
+    if quantize:
+        quantize_model(model, quantize)
+    if compile:
+        model.compile_decode()
+    return model
 
 
 def _load(ckpt: Checkpoint, cfg: ModelConfig, dev: torch.device, dt: torch.dtype, method: str,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,6 +11,7 @@ from torch import nn
 from .attention import Attention
 from .config import ModelConfig
 from .kv_cache import KVCache
+from .linear import Linear
 from .rope import RotaryEmbedding
 
 
@@ -30,9 +33,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -67,8 +70,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
+        self.compiled_step: Callable[..., torch.Tensor] | None = None
 
     def init_rope(self, device: torch.device | str) -> None:
         """(Re)compute the RoPE frequencies on `device`, e.g. after building on the meta device."""
@@ -80,8 +84,13 @@ class Transformer(nn.Module):
 
     # ---- KV cache ----
     def setup_cache(self, batch: int, max_len: int) -> None:
-        """Allocate a fresh static cache for `batch` sequences of up to `max_len` tokens."""
-        cfg, p = self.config, self.lm_head.weight
+        """Allocate a static cache for `batch` sequences of up to `max_len` tokens (a cache of
+        that size already there is kept: its old slots are overwritten or masked)."""
+        cfg, p = self.config, self.model.embed_tokens.weight  # the head may be int8
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        cache = self.model.layers[0].self_attn.kv_cache
+        if cache is not None and cache.k.shape == shape and cache.k.dtype == p.dtype:
+            return
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, p.dtype, p.device)
 
@@ -89,26 +98,43 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
 
+    # ---- decode ----
+    def compile_decode(self) -> None:
+        """Compile the one-token decode step with torch.compile (CUDA graphs on CUDA). Its shapes
+        are static: the cache slot is a tensor and attention spans the whole cache, masked."""
+        cuda = self.model.embed_tokens.weight.device.type == "cuda"
+        # every model shares Transformer.forward's code: allow a compiled graph for each of many
+        # models (bench's group counts) and shapes (batch, cache length) before falling back to eager
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.compiled_step = torch.compile(self.forward, mode="reduce-overhead" if cuda else None,
+                                           dynamic=False)
+
+    def step(self, tokens: torch.Tensor, start: int, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, 1, vocab] for one new token per row [B, 1] written at cache slot `start`."""
+        if self.compiled_step is None:
+            return self(tokens, start=start, pad=pad)
+        return self.compiled_step(tokens, start=torch.tensor(start, device=tokens.device), pad=pad)
+
     @property
     def cache_len(self) -> int:
         cache = self.model.layers[0].self_attn.kv_cache
         return 0 if cache is None else cache.max_len
 
-    def forward(self, tokens: torch.Tensor, start: int | None = None,
+    def forward(self, tokens: torch.Tensor, start: int | torch.Tensor | None = None,
                 pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab] (float32).
 
-        start: cache slot of tokens[:, 0] (None: no cache, positions from 0).
+        start: cache slot of tokens[:, 0] (None: no cache, positions from 0); a 0-d tensor
+            keeps shapes static for the compiled step (see KVCache.update).
         pad: [B] count of left-padding slots per row; those slots are never attended to and
         each row's positions count from its first real token.
         last_only: compute logits for the last position only (generation needs no more).
         """
         B, T = tokens.shape
-        s0 = start or 0
-        slots = torch.arange(s0, s0 + T, device=tokens.device)
+        slots = torch.arange(T, device=tokens.device) + (0 if start is None else start)
         positions = slots.expand(B, T) if pad is None else (slots[None] - pad[:, None]).clamp(min=0)
         cos, sin = self.model.rotary(positions)
-        mask = self._mask(slots, pad, start)
+        mask = self._mask(slots, pad, start, self.cache_len)
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, start)
@@ -118,12 +144,14 @@ class Transformer(nn.Module):
         return self.lm_head(x).float()
 
     @staticmethod
-    def _mask(slots: torch.Tensor, pad: torch.Tensor | None, start: int | None) -> torch.Tensor | None:
+    def _mask(slots: torch.Tensor, pad: torch.Tensor | None, start: int | torch.Tensor | None,
+              cache_len: int) -> torch.Tensor | None:
         """Bool [B|1, 1, T, S] or None where SDPA's own causal rule (or no rule) is exact."""
         T = slots.shape[0]
-        if pad is None and (not start or T == 1):
+        static = isinstance(start, torch.Tensor)  # S is the whole cache, its future slots masked
+        if not static and pad is None and (not start or T == 1):
             return None
-        keys = torch.arange(int(slots[-1]) + 1, device=slots.device)
+        keys = torch.arange(cache_len if static else int(slots[-1]) + 1, device=slots.device)
         mask = keys[None, :] <= slots[:, None]  # causal, [T, S]
         if pad is not None:
             mask = mask[None] & (keys[None, None, :] >= pad[:, None, None])

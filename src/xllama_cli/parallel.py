@@ -24,7 +24,6 @@ from typing import Callable, Iterator, NoReturn
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
@@ -186,24 +185,12 @@ def plan_shard(cfg: ModelConfig, source_kv: int, rank: int, world: int) -> Shard
                  tuple(k - lo for k in kv))
 
 
-class RowParallelLinear(nn.Linear):
-    """A Linear whose input features are split across ranks: partial products summed by one
-    all-reduce, then the bias added once (not once per rank)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
-        dist.all_reduce(y)
-        return y if self.bias is None else y + self.bias
-
-
 def make_row_parallel(model: nn.Module) -> None:
-    """Swap each block's o_proj and down_proj for a RowParallelLinear of the same shape and names."""
+    """Mark each block's o_proj and down_proj as row-parallel: their input features are split
+    across ranks, so their partial products are summed by one all-reduce (linear.Linear.reduce)."""
     for layer in model.model.layers:
-        for parent, name in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj")):
-            old: nn.Linear = getattr(parent, name)
-            new = RowParallelLinear(old.in_features, old.out_features, bias=old.bias is not None,
-                                    device=old.weight.device, dtype=old.weight.dtype)
-            setattr(parent, name, new)
+        layer.self_attn.o_proj.reduce = True
+        layer.mlp.down_proj.reduce = True
 
 
 # ---- the command line under torchrun ----

@@ -1,0 +1,79 @@
+"""Weight-only int8: one byte a weight and a scale per output channel (as gpt-fast does).
+
+Activations stay in the model's half-precision dtype; a product widens the int8 weights as it
+reads them, so decode reads half the bytes of bfloat16 (a quarter of float32).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import XllamaError
+from .linear import Linear, is_small
+
+METHODS = ("int8",)
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (int8 [N, K], float32 scales [N]) with weight ~= int8 * scale per row."""
+    w = weight.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # symmetric: the row's largest |w| -> 127
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ (weight * scales[:, None]).T for int8 weight [N, K], scales [N] in x's dtype."""
+    if is_small(x):
+        if torch.compiler.is_compiling():
+            # as linear.matmul: inductor fuses the widening into one GEMV kernel
+            return ((x.unsqueeze(-2).float() * weight.float()).sum(-1) * scales.float()).to(x.dtype)
+        # ATen's int8 GEMV kernel for the CPU; it takes 2-D inputs
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, scales)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+    # many rows (prefill) or CUDA: widen, then the dtype's own GEMM
+    return F.linear(x, weight.to(x.dtype)) * scales
+
+
+class Int8Linear(Linear):
+    """A Linear whose weight is int8 with a scale per output channel; bias, names and `reduce` kept."""
+
+    def __init__(self, linear: Linear, dtype: torch.dtype) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.reduce = linear.reduce
+        q, scales = quantize_int8(linear.weight)
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scales.to(dtype))
+        self.bias = linear.bias
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_matmul(x, self.weight, self.scales)
+
+
+def check_quantize(method: str | None, dtype: torch.dtype) -> None:
+    """Refuse a method or compute dtype that quantize_model cannot serve, before anything loads."""
+    if method is None:
+        return
+    if method not in METHODS:
+        raise XllamaError(f"unknown --quantize {method!r}; choose: {', '.join(METHODS)}")
+    if dtype not in COMPUTE_DTYPES:
+        raise XllamaError("--quantize int8 computes in bfloat16 or float16 (ATen's CPU int8 kernel "
+                          "is slower than float32 itself with float32 inputs); use --dtype bfloat16")
+
+
+def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
+    """Replace every projection and the output head by Int8Linear, one at a time, so the
+    full-precision copy of only one matrix exists beside the int8 model. The embedding table
+    stays as it is (a lookup reads one row, not the table); a tied head is quantized on its own."""
+    dtype = model.model.embed_tokens.weight.dtype
+    check_quantize(method, dtype)
+    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, Linear) and not isinstance(child, Int8Linear)]
+    for parent, name in targets:
+        setattr(parent, name, Int8Linear(getattr(parent, name), dtype))
+    model.quantized = method
+    return model
