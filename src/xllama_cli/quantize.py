@@ -31,10 +31,12 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
         if torch.compiler.is_compiling():
             # as linear.matmul: inductor fuses the widening into one GEMV kernel
             return ((x.unsqueeze(-2).float() * weight.float()).sum(-1) * scales.float()).to(x.dtype)
-        # ATen's int8 GEMV kernel for the CPU; it takes 2-D inputs
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, scales)
-        return y.reshape(*x.shape[:-1], weight.shape[0])
-    # many rows (prefill) or CUDA: widen, then the dtype's own GEMM
+        if x.shape[-1] % 16 == 0:
+            # ATen's int8 GEMV kernel for the CPU. It takes 2-D inputs, and with K not a multiple of
+            # 16 (torch 2.13) returns inf/NaN or crashes the process: those shapes widen instead.
+            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), weight, scales)
+            return y.reshape(*x.shape[:-1], weight.shape[0])
+    # many rows (prefill), CUDA, or an odd K: widen, then the dtype's own GEMM
     return F.linear(x, weight.to(x.dtype)) * scales
 
 

@@ -1,0 +1,89 @@
+"""The decode speed paths (linear.matmul's split GEMV, the compiled decode step) change no result:
+products against F.linear, greedy tokens against transformers and against the eager model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+from conftest import make_hf_checkpoint
+from xllama_cli import load_model
+from xllama_cli.generation import generate_tokens
+from xllama_cli.linear import SMALL_ROWS, matmul
+
+
+@pytest.fixture
+def threads():
+    """Set torch's thread count for one test (the split path uses one part per thread)."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n_threads", [2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 3, SMALL_ROWS])
+def test_split_product_equals_f_linear(threads, n_threads, rows):
+    threads(n_threads)
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(96 * n_threads, 80, generator=g)
+    x = torch.randn(rows, 1, 80, generator=g)
+    got, want = matmul(x, w), F.linear(x, w)
+    assert got.shape == want.shape == (rows, 1, 96 * n_threads)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    assert torch.allclose(matmul(xb, wb).float(), F.linear(xb, wb).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_split_path_is_taken_for_few_rows_only(threads, monkeypatch):
+    threads(2)
+    calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(1) or real_bmm(*a))
+    w = torch.randn(64, 32)
+    matmul(torch.randn(1, 32), w)
+    assert calls == [1]
+    big = torch.randn(SMALL_ROWS + 1, 32)
+    assert torch.equal(matmul(big, w), F.linear(big, w))  # prefill: ATen's GEMM itself
+    assert calls == [1]
+
+
+def test_rows_that_do_not_split_evenly_fall_back_to_f_linear(threads):
+    threads(2)
+    x = torch.randn(1, 16)
+    odd = torch.randn(33, 16)
+    assert torch.equal(matmul(x, odd), F.linear(x, odd))
+    strided = torch.randn(16, 64).t()  # not contiguous: no row-split view of it
+    assert torch.equal(matmul(x, strided), F.linear(x, strided))
+
+
+@pytest.mark.parametrize("n_threads", [2, 4])
+def test_greedy_tokens_match_transformers_with_split_products(tmp_path, threads, n_threads):
+    threads(n_threads)
+    hf = make_hf_checkpoint(tmp_path, seed=3, num_key_value_heads=2)
+    ours = load_model(tmp_path, device="cpu", dtype="float32")
+    prompts = [[5, 9, 33, 70, 2, 11, 4], [8, 41, 6]]
+    for prompt in prompts:
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert generate_tokens(ours, [prompt], 24).tokens[0] == want
+    # and as one left-padded batch of unequal prompts, as generate runs several
+    assert generate_tokens(ours, prompts, 24).tokens == [generate_tokens(ours, [p], 24).tokens[0] for p in prompts]
+
+
+def test_compiled_decode_gives_the_eager_tokens(tmp_path):
+    make_hf_checkpoint(tmp_path, seed=4, num_key_value_heads=2)
+    eager = load_model(tmp_path, device="cpu", dtype="float32")
+    compiled = load_model(tmp_path, device="cpu", dtype="float32", compile=True)
+    prompts = [[5, 9, 33, 70, 2, 11, 4], [8, 41, 6]]  # unequal: the padded batch's mask
+    want = generate_tokens(eager, prompts, 20).tokens
+    first = generate_tokens(compiled, prompts, 20)
+    assert first.tokens == want
+    assert first.stats.compile_s > 0
+    graphs = counters["stats"]["unique_graphs"]
+    again = generate_tokens(compiled, prompts, 20)
+    assert again.tokens == want
+    assert counters["stats"]["unique_graphs"] == graphs  # the same shapes: compiled once
+    assert generate_tokens(compiled, prompts[:1], 20).tokens[0] == want[0]
