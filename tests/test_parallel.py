@@ -100,6 +100,8 @@ def two_ranks(tmp_path_factory):
         dict(name="random_gqa_head_dim_tied_llama3", model=str(tmp / "gqa"), prompts=rand, n=24),
         dict(name="random_gqa_bin", model=str(tmp / "bin"), prompts=rand, n=24),
         dict(name="broken_meta", model=str(broken_meta_mp2(tmp / "broken")), prompts=[ids], n=4),
+        dict(name="story_int8", model=story, quantize="int8", dtype="auto", prompts=[ids], n=30),
+        dict(name="story_compiled", model=story, compile=True, prompts=[ids], n=30),
     ]
     for c in cases:
         c["logits_tokens"] = probe if c["name"].startswith("random") else [1] + list(range(3, 40))
@@ -129,6 +131,21 @@ def test_two_ranks_give_the_single_process_tokens_and_logits(two_ranks, name):
         diff = (got["logits"] - want["logits"]).abs().max().item()
         assert diff < 1e-4, (name, rank, diff)
         assert got["params"] < want["params"]
+
+
+@pytest.mark.parametrize("name", ["story_int8", "story_compiled"])
+def test_two_ranks_run_int8_weights_and_the_compiled_step(two_ranks, name):
+    """int8: each rank quantizes its own slices (a row split by columns gets a scale per part), so
+    the ranks' model is not bit for bit the single process's; a trained model's tokens still agree."""
+    cases, ranks = two_ranks
+    want = single(cases[name])
+    for rank, results in enumerate(ranks):
+        got = results[name]
+        assert "error" not in got, got
+        assert got["local"] == (4, 2, 86)
+        assert got["tokens"] == want["tokens"], (name, rank)
+        if name == "story_compiled":
+            assert (got["logits"] - want["logits"]).abs().max().item() < 1e-4
 
 
 def test_two_ranks_on_the_hf_fixture_tell_the_known_story(two_ranks):

@@ -17,9 +17,9 @@ from xllama_cli.sampling import Sampling
 
 
 def run_case(case: dict) -> dict:
-    opts = {k: case[k] for k in ("attn", "groups", "rope", "rope_factor", "method") if k in case}
+    opts = {k: case[k] for k in ("attn", "groups", "rope", "rope_factor", "method", "quantize", "compile") if k in case}
     try:
-        model = load_model(case["model"], device="cpu", dtype="float32", **opts)
+        model = load_model(case["model"], device="cpu", dtype=case.get("dtype", "float32"), **opts)
     except XllamaError as e:
         return {"error": str(e)}
     prompts = case["prompts"]
