@@ -87,3 +87,13 @@ def test_compiled_decode_gives_the_eager_tokens(tmp_path):
     assert again.tokens == want
     assert counters["stats"]["unique_graphs"] == graphs  # the same shapes: compiled once
     assert generate_tokens(compiled, prompts[:1], 20).tokens[0] == want[0]
+
+
+def test_cuda_graph_mode_of_the_compiled_step_runs_on_the_cpu_too(tmp_path):
+    """CUDA compiles the step with mode="reduce-overhead" (CUDA graphs); CI has no GPU, so the same
+    call runs here, where inductor compiles it without graphs and must give the eager tokens."""
+    make_hf_checkpoint(tmp_path, seed=5, num_key_value_heads=4)
+    model = load_model(tmp_path, device="cpu", dtype="float32")
+    want = generate_tokens(model, [[3, 14, 15, 92, 6]], 12).tokens
+    model.compile_decode(mode="reduce-overhead")
+    assert generate_tokens(model, [[3, 14, 15, 92, 6]], 12).tokens == want

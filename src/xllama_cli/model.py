@@ -99,15 +99,16 @@ class Transformer(nn.Module):
             layer.self_attn.kv_cache = None
 
     # ---- decode ----
-    def compile_decode(self) -> None:
-        """Compile the one-token decode step with torch.compile (CUDA graphs on CUDA). Its shapes
-        are static: the cache slot is a tensor and attention spans the whole cache, masked."""
-        cuda = self.model.embed_tokens.weight.device.type == "cuda"
+    def compile_decode(self, mode: str | None = None) -> None:
+        """Compile the one-token decode step with torch.compile (default mode: CUDA graphs on CUDA,
+        "reduce-overhead"). Its shapes are static: the cache slot is a tensor and attention spans
+        the whole cache, masked."""
+        if mode is None and self.model.embed_tokens.weight.device.type == "cuda":
+            mode = "reduce-overhead"
         # every model shares Transformer.forward's code: allow a compiled graph for each of many
         # models (bench's group counts) and shapes (batch, cache length) before falling back to eager
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self.compiled_step = torch.compile(self.forward, mode="reduce-overhead" if cuda else None,
-                                           dynamic=False)
+        self.compiled_step = torch.compile(self.forward, mode=mode, dynamic=False)
 
     def step(self, tokens: torch.Tensor, start: int, pad: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, 1, vocab] for one new token per row [B, 1] written at cache slot `start`."""
