@@ -27,11 +27,12 @@ def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T -> [..., N], by the fastest path for the device and row count."""
     if not is_small(x):
         return F.linear(x, weight)
-    if torch.compiler.is_compiling():
-        # inductor fuses a multiply-and-sum into one vectorised, multi-threaded GEMV kernel, with
-        # the half-precision weights widened in registers and accumulated in float32
-        return (x.unsqueeze(-2).float() * weight.float()).sum(-1).to(x.dtype)
     n, k = weight.shape
+    if torch.compiler.is_compiling() and x.numel() == k:
+        # one row: inductor fuses a multiply-and-sum into one vectorised, multi-threaded GEMV
+        # kernel, widening half-precision weights in registers and accumulating in float32.
+        # (With several rows its kernel reads the weights once per row: the split product wins.)
+        return (x.unsqueeze(-2).float() * weight.float()).sum(-1).to(x.dtype)
     parts = torch.get_num_threads()
     if parts == 1 or n % parts or not weight.is_contiguous():
         return F.linear(x, weight)

@@ -28,8 +28,8 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ (weight * scales[:, None]).T for int8 weight [N, K], scales [N] in x's dtype."""
     if is_small(x):
-        if torch.compiler.is_compiling():
-            # as linear.matmul: inductor fuses the widening into one GEMV kernel
+        if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
+            # one row, as in linear.matmul: inductor fuses the widening into one GEMV kernel
             return ((x.unsqueeze(-2).float() * weight.float()).sum(-1) * scales.float()).to(x.dtype)
         if x.shape[-1] % 16 == 0:
             # ATen's int8 GEMV kernel for the CPU. It takes 2-D inputs, and with K not a multiple of
