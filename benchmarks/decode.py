@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from rich import box
 from rich.table import Table
 from torch import nn
 
@@ -178,6 +180,10 @@ def run(a: argparse.Namespace) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    load = os.getloadavg()[0]  # before our own work: what else keeps the CPUs busy
+    if load >= 1.0:
+        report.info(f"warning: load average {load:.1f} on {os.cpu_count()} CPUs before the run; other processes "
+                    "compete for cores and memory bandwidth, so the figures are unreliable")
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     with tempfile.TemporaryDirectory(prefix="xllama-decode-") as tmp:
@@ -237,7 +243,7 @@ def run(a: argparse.Namespace) -> int:
     show(rows, a, cfg, bandwidth, probe, len(probes), compile_s)
     if a.json:
         doc = {"xllama_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "machine": machine_info(device), "device": str(device), "dtype": a.dtype,
+               "machine": {**machine_info(device), "load_average_before": load}, "device": str(device), "dtype": a.dtype,
                "transformers": __import__("transformers").__version__,
                "model": {"source": str(a.model or "random"), "params": param_count(cfg), "config": cfg.to_hf(),
                          "init_std": None if a.model else INIT_STD, "seed": SEED},
@@ -257,12 +263,12 @@ def show(rows: list[dict], a: argparse.Namespace, cfg: ModelConfig, bandwidth: f
          compile_s: float | None) -> None:
     """The results table on stdout: one row per system and prompt length, then the ratios."""
     xl = "xllama" + (" int8" if a.quantize else "") + (" compiled" if a.compile else "")
-    table = Table(title=f"{param_count(cfg) / 1e6:.1f}M params, {a.dtype}, batch {a.batch}, {a.new_tokens} new "
+    table = Table(box=box.SIMPLE_HEAD, title=f"{param_count(cfg) / 1e6:.1f}M params, {a.dtype}, batch {a.batch}, {a.new_tokens} new "
                         f"tokens, {torch.get_num_threads()} threads; medians of {a.repeats} rounds",
                   caption=f"transformers {__import__('transformers').__version__}, sdpa. probe: copy of {probe >> 20} "
                           f"MiB, median of {n_probes}. ±: half the range over rounds; ratios: median of the "
                           "per-round ratios")
-    for col in ("prompt", "system", "prefill tok/s", "decode tok/s", "dec. GB/s", "of probe"):
+    for col in ("prompt", "system", "prefill tok/s", "decode tok/s", "GB/s", "of probe"):
         table.add_column(col, justify="left" if col == "system" else "right", no_wrap=True)
     for row in rows:
         for s in SYSTEMS:
