@@ -134,7 +134,8 @@ def parse_lengths(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                    help="default: float32, or bfloat16 with --quantize (int8 weights compute in it)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt-len", type=parse_lengths, default=[128], help="tokens; a list (128,1024) runs each")
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -150,6 +151,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.add_argument(f"--{flag}", type=int, default=default, help=argparse.SUPPRESS)
     ap.error = lambda message: (report.error(message), sys.exit(2))  # type: ignore[method-assign]
     a = ap.parse_args(argv)
+    a.dtype = a.dtype or ("bfloat16" if a.quantize else "float32")
     for name in ("batch", "new_tokens", "repeats", "threads"):
         if getattr(a, name) is not None and getattr(a, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
