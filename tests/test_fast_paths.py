@@ -3,6 +3,10 @@ products against F.linear, greedy tokens against transformers and against the ea
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,3 +101,13 @@ def test_cuda_graph_mode_of_the_compiled_step_runs_on_the_cpu_too(tmp_path):
     want = generate_tokens(model, [[3, 14, 15, 92, 6]], 12).tokens
     model.compile_decode(mode="reduce-overhead")
     assert generate_tokens(model, [[3, 14, 15, 92, 6]], 12).tokens == want
+
+
+def test_compile_without_a_cpp_compiler_is_one_clear_error(tmp_path):
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-m", "xllama_cli", "generate", "-n", "4", "--compile", "Once"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 2
+    err = run.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: --compile failed (") and "run without --compile" in err
+    assert "Traceback" not in run.stderr

@@ -10,6 +10,7 @@ from torch import nn
 
 from .attention import Attention
 from .config import ModelConfig
+from .errors import XllamaError
 from .kv_cache import KVCache
 from .linear import Linear
 from .rope import RotaryEmbedding
@@ -114,7 +115,12 @@ class Transformer(nn.Module):
         """Logits [B, 1, vocab] for one new token per row [B, 1] written at cache slot `start`."""
         if self.compiled_step is None:
             return self(tokens, start=start, pad=pad)
-        return self.compiled_step(tokens, start=torch.tensor(start, device=tokens.device), pad=pad)
+        try:
+            return self.compiled_step(tokens, start=torch.tensor(start, device=tokens.device), pad=pad)
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler for inductor's CPU kernels
+            inner = getattr(e, "inner_exception", None) or e
+            reason = (str(inner).strip().splitlines() or [type(inner).__name__])[0][:300]
+            raise XllamaError(f"--compile failed ({reason}); run without --compile") from None
 
     @property
     def cache_len(self) -> int:
