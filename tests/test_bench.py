@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_hf_checkpoint
+from xllama_cli.loading import for_inference
 from xllama_cli import bench, report
 from xllama_cli.cli import app
 from xllama_cli.config import ModelConfig
@@ -102,12 +103,13 @@ def test_weight_bytes_match_the_regrouped_model():
 
 
 def test_regrouped_model_equals_load_model_with_groups(tmp_path):
-    """bench's layouts come from layout.regroup_kv exactly as `generate --groups` loads them."""
+    """bench's layouts come from layout.regroup_kv exactly as `generate --groups` loads them, and
+    run on the same (packed) weights."""
     make_hf_checkpoint(tmp_path, seed=3, num_key_value_heads=8)
-    base = load_model(tmp_path, device="cpu", dtype="float32")
+    base = load_model(tmp_path, device="cpu", dtype="float32", pack=False)  # as bench loads it
     tokens = torch.tensor([[1, 5, 9, 17, 33]])
     for g in (1, 2, 4):
-        ours = bench.regrouped(base, g)(tokens)
+        ours = for_inference(bench.regrouped(base, g))(tokens)
         loaded = load_model(tmp_path, groups=g, device="cpu", dtype="float32")(tokens)
         torch.testing.assert_close(ours, loaded, rtol=0, atol=0)
 

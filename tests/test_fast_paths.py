@@ -1,5 +1,6 @@
-"""The decode speed paths (linear.matmul's split GEMV, the compiled decode step) change no result:
-products against F.linear, greedy tokens against transformers and against the eager model."""
+"""The decode speed paths (linear.matmul's split GEMV, oneDNN-packed weights, the compiled decode
+step) change no result: products against F.linear, greedy tokens against transformers and against
+the eager model."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ from torch._dynamo.utils import counters
 from conftest import make_hf_checkpoint
 from xllama_cli import load_model
 from xllama_cli.generation import generate_tokens
-from xllama_cli.linear import SMALL_ROWS, matmul
+from xllama_cli.linear import SMALL_ROWS, Linear, matmul, pack, packable, packed_linear
+from xllama_cli.quantize import Int8Linear
+
+needs_bf16_packing = pytest.mark.skipif(not packable(torch.empty(1, 1, dtype=torch.bfloat16)),
+                                        reason="oneDNN has no native bfloat16 on this CPU")
 
 
 @pytest.fixture
@@ -62,11 +67,45 @@ def test_rows_that_do_not_split_evenly_fall_back_to_f_linear(threads):
     assert torch.equal(matmul(x, strided), F.linear(x, strided))
 
 
+@pytest.mark.parametrize("rows", [1, 3, SMALL_ROWS + 1, 128])
+def test_packed_product_equals_f_linear(rows):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(200, 72, generator=g)
+    x = torch.randn(rows, 1, 72, generator=g)
+    got, want = packed_linear(x, pack(w)), F.linear(x, w)
+    assert got.shape == want.shape == (rows, 1, 200)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(packed_linear(x[:, 0], pack(w)), want[:, 0], rtol=1e-5, atol=1e-5)  # 2-D too
+
+
+@needs_bf16_packing
+def test_packed_bfloat16_product_equals_f_linear():
+    g = torch.Generator().manual_seed(7)
+    w, x = torch.randn(96, 64, generator=g).bfloat16(), torch.randn(5, 64, generator=g).bfloat16()
+    want = F.linear(x.float(), w.float())
+    assert torch.allclose(packed_linear(x, pack(w)).float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def test_load_model_packs_the_cpu_projections_for_inference_only(tmp_path):
+    make_hf_checkpoint(tmp_path, seed=6, num_key_value_heads=2, tie_word_embeddings=True)
+    linears = lambda m: [x for x in m.modules() if isinstance(x, Linear)]
+    packed = load_model(tmp_path, device="cpu", dtype="float32")
+    assert all(x.packed and x.weight.layout == torch._mkldnn for x in linears(packed) if x is not packed.lm_head)
+    # a tied head is the embedding table itself: packing it would hold the table twice
+    assert not packed.lm_head.packed and packed.lm_head.weight is packed.model.embed_tokens.weight
+    for plain in (load_model(tmp_path, device="cpu", dtype="float32", pack=False),  # to train, or to copy from
+                  load_model(tmp_path, device="cpu", dtype="float32", compile=True)):  # inductor's own products
+        assert not any(x.packed for x in linears(plain))
+    int8 = load_model(tmp_path, device="cpu", quantize="int8")
+    assert all(isinstance(x, Int8Linear) and not x.packed for x in linears(int8))
+
+
 @pytest.mark.parametrize("n_threads", [2, 4])
-def test_greedy_tokens_match_transformers_with_split_products(tmp_path, threads, n_threads):
+@pytest.mark.parametrize("packed", [True, False])
+def test_greedy_tokens_match_transformers_with_fast_products(tmp_path, threads, n_threads, packed):
     threads(n_threads)
     hf = make_hf_checkpoint(tmp_path, seed=3, num_key_value_heads=2)
-    ours = load_model(tmp_path, device="cpu", dtype="float32")
+    ours = load_model(tmp_path, device="cpu", dtype="float32", pack=packed)  # packed, or split products
     prompts = [[5, 9, 33, 70, 2, 11, 4], [8, 41, 6]]
     for prompt in prompts:
         with torch.no_grad():
@@ -97,10 +136,19 @@ def test_cuda_graph_mode_of_the_compiled_step_runs_on_the_cpu_too(tmp_path):
     """CUDA compiles the step with mode="reduce-overhead" (CUDA graphs); CI has no GPU, so the same
     call runs here, where inductor compiles it without graphs and must give the eager tokens."""
     make_hf_checkpoint(tmp_path, seed=5, num_key_value_heads=4)
-    model = load_model(tmp_path, device="cpu", dtype="float32")
+    model = load_model(tmp_path, device="cpu", dtype="float32", pack=False)  # CUDA's weights are plain
     want = generate_tokens(model, [[3, 14, 15, 92, 6]], 12).tokens
     model.compile_decode(mode="reduce-overhead")
     assert generate_tokens(model, [[3, 14, 15, 92, 6]], 12).tokens == want
+
+
+def test_a_packed_model_compiles_with_its_products_left_to_onednn(tmp_path):
+    """oneDNN's product is one custom op to torch.compile (its fake tensors hide the packed layout)."""
+    make_hf_checkpoint(tmp_path, seed=8, num_key_value_heads=2)
+    model = load_model(tmp_path, device="cpu", dtype="float32")
+    want = generate_tokens(model, [[3, 14, 15, 92, 6], [7, 7]], 12).tokens
+    model.compile_decode()
+    assert generate_tokens(model, [[3, 14, 15, 92, 6], [7, 7]], 12).tokens == want
 
 
 def test_compile_without_a_cpp_compiler_is_one_clear_error(tmp_path):

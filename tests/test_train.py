@@ -12,7 +12,7 @@ from xllama_cli.train import TrainConfig, lr_at, train
 
 def tiny_model(tmp_path):
     make_hf_checkpoint(tmp_path, num_key_value_heads=2, hidden_size=32, intermediate_size=48, num_attention_heads=4)
-    return load_model(tmp_path, device="cpu")
+    return load_model(tmp_path, device="cpu", pack=False)  # trained: plain weights
 
 
 def mean_loss(model, data: torch.Tensor) -> float:

@@ -28,8 +28,8 @@ from .config import ModelConfig
 from .errors import XllamaError
 from .generation import GenerationStats, context_length, generate_tokens
 from .layout import is_kv_param, regroup_kv, target_kv_heads
-from .loading import load_model, resolve_device, resolve_dtype
-from .quantize import check_quantize, quantize_model
+from .loading import for_inference, load_model, resolve_device, resolve_dtype
+from .quantize import check_quantize
 from .model import Transformer
 from .sampling import Sampling
 
@@ -559,7 +559,7 @@ def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype) -> BenchR
             result.notes.append(note)
             return result
         try:
-            base = (load_model(o.model, device=str(device), dtype=str(dtype).removeprefix("torch."))
+            base = (load_model(o.model, device=str(device), dtype=str(dtype).removeprefix("torch."), pack=False)
                     if o.model else random_model(cfg, device, dtype, o.seed))
         except Exception as e:
             if not is_out_of_memory(e):
@@ -652,13 +652,9 @@ def _run_row(base: Transformer, result: BenchResult, row: Row, prompts: list[lis
 
 
 def _prepare(base: Transformer, groups: int, result: BenchResult) -> Transformer:
-    """The model a group count runs: regrouped from the base, then quantized and compiled as asked."""
-    model = regrouped(base, groups)
-    if result.quantize:
-        quantize_model(model, result.quantize)
-    if result.compiled:
-        model.compile_decode()
-    return model
+    """The model a group count runs: regrouped from the base, then quantized, compiled or packed
+    as `xllama generate` would run it."""
+    return for_inference(regrouped(base, groups), result.quantize, result.compiled)
 
 
 def _one_run(model: Transformer, prompts: list[list[int]], output_len: int) -> GenerationStats:

@@ -4,6 +4,11 @@ Decoding a token multiplies a few rows (one per sequence) by every weight matrix
 the speed at which the weights stream from memory. ATen's CPU path for that product (a GEMV, or a
 GEMM with a handful of rows) runs on one thread and reads about half what the memory delivers;
 the same product as a batched multiply over the weight split by rows runs one part per thread.
+
+Faster still on the CPU, for every row count, is oneDNN's product over a weight reordered once into
+its blocked layout (`pack`, done at load time by `pack_model`): the weight streams in the order
+oneDNN's kernel reads it, spread over the threads, and bfloat16 uses the CPU's own bf16 dot-product
+instructions where it has them. A packed weight is opaque (no strides, no gradient): inference only.
 """
 
 from __future__ import annotations
@@ -21,6 +26,33 @@ SMALL_ROWS = 16
 def is_small(x: torch.Tensor) -> bool:
     """Whether x [..., K] has few enough rows for the weight-streaming paths (CPU only)."""
     return x.device.type == "cpu" and x.numel() <= SMALL_ROWS * x.shape[-1]
+
+
+def packable(weight: torch.Tensor) -> bool:
+    """Whether oneDNN can hold this weight in its blocked layout and compute in its dtype natively
+    (bfloat16 needs AVX-512 BF16 or AMX; elsewhere oneDNN emulates it, slower than ATen)."""
+    if weight.device.type != "cpu" or weight.dim() != 2 or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.float32:
+        return True
+    return weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] in oneDNN's blocked layout (an opaque tensor; `.to_dense()` gives it back)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+
+
+@torch.library.custom_op("xllama::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ weight.T for a weight from `pack`: oneDNN's kernel, one op to torch.compile
+    (inductor lowers oneDNN's linear only for weights it packed itself)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -49,12 +81,29 @@ class Linear(nn.Linear):
     """
 
     reduce: bool = False
+    packed: bool = False  # the weight is oneDNN's (`pack`); a flag, since torch.compile's fake tensors hide the layout
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        return matmul(x, self.weight)
+        return packed_linear(x, self.weight) if self.packed else matmul(x, self.weight)
+
+    def pack(self) -> None:
+        """Hold the weight as `pack` does, for inference (a packed weight takes no gradient)."""
+        self.weight = nn.Parameter(pack(self.weight), requires_grad=False)
+        self.packed = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.product(x)
         if self.reduce:
             dist.all_reduce(y)
         return y if self.bias is None else y + self.bias
+
+
+def pack_model(model: nn.Module) -> nn.Module:
+    """Pack every projection and the head whose weight `packable` accepts, one at a time (the
+    plain copy of one matrix at most exists beside the packed model). A tied head stays as it is:
+    packing it would hold the embedding table twice."""
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for m in list(model.modules()):
+        if type(m) is Linear and id(m.weight) not in tied and packable(m.weight):
+            m.pack()
+    return model

@@ -193,7 +193,7 @@ def uptrain(model_path: str, text_path: Path, out: Path, cfg: TrainConfig, *, ev
     data = encode_text(tokenizer, read_text(text_path))
     if eval_path is not None:
         read_text(eval_path)  # fail before training, not after
-    model = load_model(model_path, device=device, dtype="float32")
+    model = load_model(model_path, device=device, dtype="float32", pack=False)  # trained: plain weights
     src_dtype = next(t.dtype for _, t in model.checkpoint.tensors())
     if cfg.context > model.config.max_seq_len:
         raise XllamaError(f"--context {cfg.context} is longer than the model's {model.config.max_seq_len} positions")
