@@ -46,15 +46,15 @@ SEED = 0
 INIT_STD = 0.02
 
 
-def random_checkpoint(cfg: ModelConfig, folder: Path) -> None:
+def random_checkpoint(cfg: ModelConfig, folder: Path, dtype: torch.dtype = torch.float32) -> None:
     """Random weights (normal, std 0.02; norms 1) written as config.json + model.safetensors."""
     with torch.device("meta"):
         names = {n: p.shape for n, p in Transformer(cfg).named_parameters()}
     gen = torch.Generator().manual_seed(SEED)
-    state = {n: torch.ones(s) if n.endswith("norm.weight") else torch.empty(s).normal_(0, INIT_STD, generator=gen)
+    state = {n: (torch.ones(s) if n.endswith("norm.weight") else torch.empty(s).normal_(0, INIT_STD, generator=gen)).to(dtype)
              for n, s in names.items()}
     write_safetensors(folder / "model.safetensors", state)
-    (folder / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+    (folder / "config.json").write_text(json.dumps({**cfg.to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}, indent=2))
 
 
 def step_bytes(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, elsize: int, int8: bool) -> int:
@@ -196,7 +196,8 @@ def run(a: argparse.Namespace) -> int:
             raise XllamaError(f"--prompt-len {max(a.prompt_len)} + --new-tokens {a.new_tokens} exceed the "
                               f"model's context of {cfg.max_seq_len}")
         report.info("loading the model with xllama and with transformers")
-        ours = load_model(path, device=str(device), dtype=a.dtype, quantize=a.quantize, compile=a.compile)
+        ours = load_model(path, device=str(device), dtype=a.dtype, quantize=a.quantize, compile=a.compile,
+                          decode_batch=a.batch)
         compile_s = 0.0 if a.compile else None  # the warm-up run's compile_s, below
         hf = LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
         probe = bandwidth_probe_bytes(device)

@@ -89,15 +89,24 @@ def test_packed_bfloat16_product_equals_f_linear():
 def test_load_model_packs_the_cpu_projections_for_inference_only(tmp_path):
     make_hf_checkpoint(tmp_path, seed=6, num_key_value_heads=2, tie_word_embeddings=True)
     linears = lambda m: [x for x in m.modules() if isinstance(x, Linear)]
-    packed = load_model(tmp_path, device="cpu", dtype="float32")
-    assert all(x.packed and x.weight.layout == torch._mkldnn for x in linears(packed) if x is not packed.lm_head)
-    # a tied head is the embedding table itself: packing it would hold the table twice
-    assert not packed.lm_head.packed and packed.lm_head.weight is packed.model.embed_tokens.weight
-    for plain in (load_model(tmp_path, device="cpu", dtype="float32", pack=False),  # to train, or to copy from
-                  load_model(tmp_path, device="cpu", dtype="float32", compile=True)):  # inductor's own products
+    for decode_batch in (None, 2, 8):  # float32 for perplexity or several sequences: packed
+        packed = load_model(tmp_path, device="cpu", dtype="float32", decode_batch=decode_batch)
+        assert all(x.packed and x.weight.layout == torch._mkldnn for x in linears(packed) if x is not packed.lm_head)
+        # a tied head is the embedding table itself: packing it would hold the table twice
+        assert not packed.lm_head.packed and packed.lm_head.weight is packed.model.embed_tokens.weight
+    for plain in (load_model(tmp_path, device="cpu", dtype="float32"),  # one sequence: the split product is faster
+                  load_model(tmp_path, device="cpu", dtype="float32", decode_batch=None, pack=False),  # to train
+                  load_model(tmp_path, device="cpu", dtype="float32", decode_batch=8, compile=True)):  # inductor's
         assert not any(x.packed for x in linears(plain))
     int8 = load_model(tmp_path, device="cpu", quantize="int8")
     assert all(isinstance(x, Int8Linear) and not x.packed for x in linears(int8))
+
+
+@needs_bf16_packing
+def test_bfloat16_weights_are_packed_for_one_sequence_too(tmp_path):
+    make_hf_checkpoint(tmp_path, seed=6, num_key_value_heads=2)
+    model = load_model(tmp_path, device="cpu", dtype="bfloat16")
+    assert all(x.packed for x in model.modules() if isinstance(x, Linear))
 
 
 @pytest.mark.parametrize("n_threads", [2, 4])
@@ -105,7 +114,8 @@ def test_load_model_packs_the_cpu_projections_for_inference_only(tmp_path):
 def test_greedy_tokens_match_transformers_with_fast_products(tmp_path, threads, n_threads, packed):
     threads(n_threads)
     hf = make_hf_checkpoint(tmp_path, seed=3, num_key_value_heads=2)
-    ours = load_model(tmp_path, device="cpu", dtype="float32", pack=packed)  # packed, or split products
+    ours = load_model(tmp_path, device="cpu", dtype="float32", decode_batch=2 if packed else 1)  # or split products
+    assert ours.lm_head.packed == packed
     prompts = [[5, 9, 33, 70, 2, 11, 4], [8, 41, 6]]
     for prompt in prompts:
         with torch.no_grad():
@@ -145,7 +155,7 @@ def test_cuda_graph_mode_of_the_compiled_step_runs_on_the_cpu_too(tmp_path):
 def test_a_packed_model_compiles_with_its_products_left_to_onednn(tmp_path):
     """oneDNN's product is one custom op to torch.compile (its fake tensors hide the packed layout)."""
     make_hf_checkpoint(tmp_path, seed=8, num_key_value_heads=2)
-    model = load_model(tmp_path, device="cpu", dtype="float32")
+    model = load_model(tmp_path, device="cpu", dtype="float32", decode_batch=2)
     want = generate_tokens(model, [[3, 14, 15, 92, 6], [7, 7]], 12).tokens
     model.compile_decode()
     assert generate_tokens(model, [[3, 14, 15, 92, 6], [7, 7]], 12).tokens == want

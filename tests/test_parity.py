@@ -33,11 +33,11 @@ def pair(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     hf = make_hf_checkpoint(path, seed=len(request.param), **CASES[request.param])
     ours = load_model(path, device="cpu", dtype="float32")
-    return request.param, hf, ours
+    return request.param, hf, ours, path
 
 
 def test_full_sequence_logits_match_transformers(pair):
-    name, hf, ours = pair
+    name, hf, ours, _ = pair
     # 40 tokens: past max_position_embeddings for the dynamic case (16), so its scaling is active
     tokens = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -47,8 +47,23 @@ def test_full_sequence_logits_match_transformers(pair):
     assert (got - want).abs().max().item() < 1e-4, name
 
 
+def test_logits_and_greedy_tokens_match_transformers_with_packed_weights(pair):
+    """float32 weights are packed for oneDNN when several sequences decode together (or none, as
+    in perplexity); that model must agree with the reference just as closely."""
+    name, hf, _, path = pair
+    packed = load_model(path, device="cpu", dtype="float32", decode_batch=2)
+    assert packed.model.layers[0].mlp.down_proj.packed
+    tokens = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(tokens).logits
+        assert (packed(tokens) - want).abs().max().item() < 1e-4, name
+        greedy = hf.generate(tokens[:, :7], max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[:, 7:].tolist()
+    assert generate_tokens(packed, tokens[:, :7].tolist(), 24).tokens == greedy, name
+
+
 def test_greedy_generation_with_cache_matches_transformers(pair):
-    name, hf, ours = pair
+    name, hf, ours, _ = pair
     prompt = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = hf.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False,

@@ -654,7 +654,7 @@ def _run_row(base: Transformer, result: BenchResult, row: Row, prompts: list[lis
 def _prepare(base: Transformer, groups: int, result: BenchResult) -> Transformer:
     """The model a group count runs: regrouped from the base, then quantized, compiled or packed
     as `xllama generate` would run it."""
-    return for_inference(regrouped(base, groups), result.quantize, result.compiled)
+    return for_inference(regrouped(base, groups), result.quantize, result.compiled, decode_batch=result.batch)
 
 
 def _one_run(model: Transformer, prompts: list[list[int]], output_len: int) -> GenerationStats:

@@ -105,7 +105,7 @@ def generate(
     path = _model_path(model)
     tokenizer = load_tokenizer(path)
     m = load_model(path, attn=attn, groups=groups, rope=rope, rope_factor=rope_factor, device=device, dtype=dtype,
-                   quantize=quantize, compile=compile)
+                   quantize=quantize, compile=compile, decode_batch=len(texts))
     ids = [tokenizer.encode(t) for t in texts]
     sampling = Sampling(temperature, top_k, top_p, seed)
     if len(texts) == 1:  # one prompt: stream it token by token
@@ -165,7 +165,7 @@ def convert(
         tokenizer = load_tokenizer(src)
         rows = []
         for label, path in (("source", src), ("result", result.out)):
-            m = load_model(path, device=device)
+            m = load_model(path, device=device, decode_batch=None)  # perplexity: no decoding
             rows.append((label, Path(path).name, m.config.n_kv_heads,
                          evaluate_text(m, tokenizer, eval_text, context, stride, label=f"perplexity of {label}")))
             del m
@@ -198,7 +198,7 @@ def eval_(
     path = _model_path(model)
     tokenizer = load_tokenizer(path)
     m = load_model(path, attn=attn, groups=groups, rope=rope, rope_factor=rope_factor, device=device, dtype=dtype,
-                   quantize=quantize)
+                   quantize=quantize, decode_batch=None)  # perplexity: no decoding
     result = evaluate_text(m, tokenizer, text, context, stride)
     if as_json:
         report.write_json({"model": path, "text": str(text), "kv_heads": m.config.n_kv_heads, **result.as_dict()})

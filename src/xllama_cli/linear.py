@@ -28,13 +28,17 @@ def is_small(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.numel() <= SMALL_ROWS * x.shape[-1]
 
 
-def packable(weight: torch.Tensor) -> bool:
-    """Whether oneDNN can hold this weight in its blocked layout and compute in its dtype natively
-    (bfloat16 needs AVX-512 BF16 or AMX; elsewhere oneDNN emulates it, slower than ATen)."""
+def packable(weight: torch.Tensor, decode_batch: int | None = None) -> bool:
+    """Whether a packed weight (`pack`) is the faster one for this CPU, dtype and decode batch.
+
+    bfloat16: where oneDNN computes it natively (AVX-512 BF16 or AMX; elsewhere it emulates it,
+    slower than ATen). float32: unless the model decodes one sequence at a time (decode_batch 1),
+    where the split product (`matmul`) streams faster than oneDNN's; prefill and several rows are
+    faster packed (decode_batch None: no decoding, e.g. perplexity)."""
     if weight.device.type != "cpu" or weight.dim() != 2 or not torch.backends.mkldnn.is_available():
         return False
     if weight.dtype == torch.float32:
-        return True
+        return decode_batch != 1
     return weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
@@ -98,12 +102,12 @@ class Linear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-def pack_model(model: nn.Module) -> nn.Module:
-    """Pack every projection and the head whose weight `packable` accepts, one at a time (the
-    plain copy of one matrix at most exists beside the packed model). A tied head stays as it is:
+def pack_model(model: nn.Module, decode_batch: int | None = None) -> nn.Module:
+    """Pack every projection and the head for which `packable` says so, one at a time (the plain
+    copy of one matrix at most exists beside the packed model). A tied head stays as it is:
     packing it would hold the embedding table twice."""
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for m in list(model.modules()):
-        if type(m) is Linear and id(m.weight) not in tied and packable(m.weight):
+        if type(m) is Linear and id(m.weight) not in tied and packable(m.weight, decode_batch):
             m.pack()
     return model

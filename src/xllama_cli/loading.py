@@ -54,12 +54,14 @@ def target_config(ckpt: Checkpoint, attn: str | None = None, groups: int | None 
 def load_model(path: str | Path, *, attn: str | None = None, groups: int | None = None,
                rope: str | None = None, rope_factor: float | None = None,
                device: str = "auto", dtype: str = "auto", method: str = "mean",
-               quantize: str | None = None, compile: bool = False, pack: bool = True) -> Transformer:
+               quantize: str | None = None, compile: bool = False, pack: bool = True,
+               decode_batch: int | None = 1) -> Transformer:
     """Load a checkpoint folder (HF or Meta) as a Transformer; `model(tokens)` gives logits.
 
     quantize="int8": weight-only int8 projections and head (quantize.py), computing in bfloat16
     unless `dtype` says float16. compile: torch.compile the decode step (Transformer.compile_decode).
-    pack: on the CPU, hold the remaining projections in oneDNN's layout (linear.pack_model); pass
+    pack: on the CPU, hold the projections in oneDNN's layout where that is faster for `decode_batch`
+    sequences decoded together (None: no decoding, as in perplexity); see linear.packable. Pass
     False for a model to train or to take tensors from (`state_dict`). See `for_inference`.
 
     Started by torchrun, it returns this rank's part of the model (`model.tensor_parallel` set,
@@ -76,11 +78,11 @@ def load_model(path: str | Path, *, attn: str | None = None, groups: int | None 
     else:
         with agree_on_errors(tp):  # a rank that fails to read its slices stops them all, with its message
             model = _load(ckpt, cfg, tp.device, dt, method, tp)
-    return for_inference(model, quantize, compile, pack)
+    return for_inference(model, quantize, compile, pack, decode_batch)
 
 
 def for_inference(model: Transformer, quantize: str | None = None, compile: bool = False,
-                  pack: bool = True) -> Transformer:
+                  pack: bool = True, decode_batch: int | None = 1) -> Transformer:
     """Put a loaded model on its fastest inference path: int8 weights if asked, then either the
     compiled decode step or (without --compile) oneDNN-packed weights. The compiled step keeps
     the plain weights: inductor fuses its one-row products into kernels faster than oneDNN's."""
@@ -89,7 +91,7 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
     if compile:
         model.compile_decode()
     elif pack:
-        pack_model(model)
+        pack_model(model, decode_batch)
     return model
 
 
