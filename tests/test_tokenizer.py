@@ -46,3 +46,11 @@ def test_multibyte_characters_are_held_back_until_complete(tok):
 def test_decode_drops_bos_and_eos(tok):
     ids = tok.encode("Hi there", eos=True)
     assert tok.decode(ids) == "Hi there"
+
+
+def test_ids_past_the_tokenizer_stand_for_no_text(tok):
+    """A model's vocabulary may be padded past its tokenizer's pieces (32000 -> 32016, say): an id
+    there, should a model emit it, decodes to nothing instead of stopping generation."""
+    hello = tok.encode("Hello", bos=False)
+    assert stream(tok, [*hello, tok.vocab_size, tok.vocab_size + 15]) == stream(tok, hello)[:-1] + ["", "", ""]
+    assert tok.decode([*hello, tok.vocab_size + 3]) == "Hello"

@@ -102,18 +102,14 @@ def _safetensors_file(f: Path, select: Select | None = None) -> Iterator[tuple[s
     from safetensors import SafetensorError, safe_open
 
     try:
-        if select is None:
-            with safe_open(str(f), framework="pt", device="cpu") as sf:
-                for name in sf.keys():
-                    yield name, sf.get_tensor(name)
-            return
         with safe_open(str(f), framework="pt", device="cpu") as sf:
             names = list(sf.keys())
         for name in names:
-            # one mapping per tensor: the pages a rank touched (all of a tensor whose columns it
-            # splits) are let go once it has copied its part, instead of adding up over the file
+            # one mapping per tensor: the pages read of a tensor that is then copied (converted to
+            # another dtype, packed for oneDNN, or a rank's part of it) leave the resident memory
+            # with the tensor, instead of adding up over the file beside the copies
             with safe_open(str(f), framework="pt", device="cpu") as sf:
-                part = select(name)
+                part = select(name) if select else None
                 if part is None:
                     yield name, sf.get_tensor(name)
                 else:  # a view of the memory-mapped file: only the range's pages are read

@@ -107,7 +107,10 @@ def pack_model(model: nn.Module, decode_batch: int | None = None) -> nn.Module:
     copy of one matrix at most exists beside the packed model). A tied head stays as it is:
     packing it would hold the embedding table twice."""
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for m in list(model.modules()):
-        if type(m) is Linear and id(m.weight) not in tied and packable(m.weight, decode_batch):
-            m.pack()
+    targets = [m for m in model.modules()
+               if type(m) is Linear and id(m.weight) not in tied and packable(m.weight, decode_batch)]
+    # largest first (the head): its source and packed copy are resident together while few
+    # other packed matrices are, so the peak stays near the packed model's own size
+    for m in sorted(targets, key=lambda m: -m.weight.numel()):
+        m.pack()
     return model

@@ -60,7 +60,11 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # on the meta device (every load builds there) nothing is to be initialised, and normal_
+        # there runs torch's Python reference, whose import of torch._dynamo costs a second of start-up
+        meta = torch.get_default_device().type == "meta"
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.dim) if meta else None)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.rotary = RotaryEmbedding(cfg)

@@ -102,7 +102,11 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.rule = ROPE_REGISTRY[cfg.rope_type]
-        self.register_buffer("inv_freq", self.rule(cfg, 0), persistent=False)
+        # a few numbers, computed on the CPU also when the model is built on the meta device: there
+        # arithmetic runs torch's Python references, whose import of torch._dynamo takes a second
+        with torch.device("cpu"):
+            inv_freq = self.rule(cfg, 0)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq

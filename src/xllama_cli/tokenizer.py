@@ -35,10 +35,13 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.DecodeIds([i for i in ids if i not in (self.bos_id, *self.eos_ids)])
+        return self.sp.DecodeIds([i for i in ids if i not in (self.bos_id, *self.eos_ids) and 0 <= i < self.vocab_size])
 
     def piece_bytes(self, token_id: int) -> bytes:
-        """The bytes a token stands for, leading space included (what DecodeIds strips at the start)."""
+        """The bytes a token stands for, leading space included (what DecodeIds strips at the start).
+        An id past the tokenizer's pieces (a model's vocabulary padded beyond it) stands for none."""
+        if not 0 <= token_id < self.vocab_size:
+            return b""
         if self.sp.IsByte(token_id):
             return bytes([int(self.sp.IdToPiece(token_id)[1:-1], 16)])  # "<0xE2>"
         if self.sp.IsControl(token_id) or self.sp.IsUnknown(token_id):
