@@ -47,14 +47,22 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 
 
-@torch.library.custom_op("xllama::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ weight.T for a weight from `pack`: oneDNN's kernel, one op to torch.compile
-    (inductor lowers oneDNN's linear only for weights it packed itself)."""
+    """x [..., K] @ weight.T for a weight from `pack`, by oneDNN's kernel: called directly (a custom
+    op's dispatch costs more than a small product takes, and imports torch._dynamo at first use),
+    or under torch.compile as one custom op (inductor lowers oneDNN's linear only for weights it
+    packed itself)."""
+    if torch.compiler.is_compiling():
+        return _packed_linear_op(x, weight)
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
-@packed_linear.register_fake
+@torch.library.custom_op("xllama::packed_linear", mutates_args=())
+def _packed_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+@_packed_linear_op.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
