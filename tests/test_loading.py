@@ -56,3 +56,30 @@ def test_meta_mp2_tensors_equal_meta_single_shard():
     two = dict(x.load_model(fixture("stories260K-meta-mp2"), device="cpu", pack=False).state_dict())
     assert one.keys() == two.keys()
     assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def _fresh_python(code: str) -> str:
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip().splitlines()[-1]
+
+
+def test_help_answers_without_importing_torch():
+    code = ("import sys\nfrom xllama_cli.cli import main\nsys.argv = ['xllama', '--help']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)")
+    assert _fresh_python(code) == "False"
+
+
+def test_loading_and_generating_never_import_the_compiler(tmp_path):
+    """Importing torch._dynamo takes about a second before the first token; only --compile needs it
+    (building on the meta device, RoPE frequencies and packed products used to pull it in)."""
+    make_hf_checkpoint(tmp_path, num_key_value_heads=2)
+    code = (f"import sys\nfrom xllama_cli import load_model\nfrom xllama_cli.generation import generate_tokens\n"
+            f"for dtype, batch in (('float32', 1), ('float32', 2), ('bfloat16', 1)):\n"
+            f"    m = load_model({str(tmp_path)!r}, device='cpu', dtype=dtype, decode_batch=batch)\n"
+            f"    generate_tokens(m, [[1, 2, 3]] * batch, 3)\n"
+            f"print('torch._dynamo' in sys.modules)")
+    assert _fresh_python(code) == "False"
