@@ -169,3 +169,19 @@ def test_compile_without_a_cpp_compiler_is_one_clear_error(tmp_path):
     err = run.stderr.strip().splitlines()[-1]
     assert err.startswith("error: --compile failed (") and "run without --compile" in err
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("n_kv", [8, 2, 1])
+def test_decode_attention_equals_sdpa(n_kv):
+    from xllama_cli.attention import decode_attention
+
+    g = torch.Generator().manual_seed(n_kv)
+    q = torch.randn(3, 8, 1, 16, generator=g)
+    k, v = torch.randn(3, n_kv, 40, 16, generator=g), torch.randn(3, n_kv, 40, 16, generator=g)
+    mask = torch.rand(3, 1, 1, 40, generator=g) > 0.3
+    mask[..., 0] = True  # every row attends to something, as the model's masks guarantee
+    for m in (None, mask, mask[:1]):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=n_kv != 8)
+        assert torch.allclose(decode_attention(q, k, v, m), want, rtol=1e-5, atol=1e-6)
+        got = decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), m)
+        assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), want, atol=3e-2)
