@@ -96,6 +96,7 @@ def two_ranks(tmp_path_factory):
         dict(name="story_gqa2", model=story, attn="GQA", groups=2, prompts=[ids], n=30),
         dict(name="story_mqa", model=story, attn="MQA", prompts=[ids], n=30),
         dict(name="story_mha", model=story, attn="MHA", prompts=[ids], n=16),
+        dict(name="story_packed", model=story, decode_batch=2, prompts=[ids, ids[:5]], n=30),  # oneDNN's products
         dict(name="random_mqa_bias_dynamic", model=str(tmp / "mqa"), prompts=rand, n=24, sample=True),
         dict(name="random_gqa_head_dim_tied_llama3", model=str(tmp / "gqa"), prompts=rand, n=24),
         dict(name="random_gqa_bin", model=str(tmp / "bin"), prompts=rand, n=24),
@@ -114,7 +115,7 @@ def single(case: dict) -> dict:
 
 LOCAL = {  # (query heads, KV heads, FFN rows) on each of 2 ranks
     "story_hf": (4, 2, 86), "story_meta_mp2": (4, 2, 86), "story_gqa2": (4, 1, 86),
-    "story_mqa": (4, 1, 86), "story_mha": (4, 4, 86), "random_mqa_bias_dynamic": (4, 1, 48),
+    "story_mqa": (4, 1, 86), "story_mha": (4, 4, 86), "story_packed": (4, 2, 86), "random_mqa_bias_dynamic": (4, 1, 48),
     "random_gqa_head_dim_tied_llama3": (4, 1, 48), "random_gqa_bin": (4, 1, 48),
 }
 
@@ -131,6 +132,12 @@ def test_two_ranks_give_the_single_process_tokens_and_logits(two_ranks, name):
         diff = (got["logits"] - want["logits"]).abs().max().item()
         assert diff < 1e-4, (name, rank, diff)
         assert got["params"] < want["params"]
+
+
+def test_ranks_pack_their_own_slices(two_ranks):
+    _, ranks = two_ranks
+    assert all(results["story_packed"]["packed"] for results in ranks)
+    assert not any(results["story_hf"]["packed"] for results in ranks)  # float32, one sequence: split products
 
 
 @pytest.mark.parametrize("name", ["story_int8", "story_compiled"])

@@ -17,7 +17,8 @@ from xllama_cli.sampling import Sampling
 
 
 def run_case(case: dict) -> dict:
-    opts = {k: case[k] for k in ("attn", "groups", "rope", "rope_factor", "method", "quantize", "compile") if k in case}
+    opts = {k: case[k] for k in ("attn", "groups", "rope", "rope_factor", "method", "quantize", "compile", "decode_batch")
+            if k in case}
     try:
         model = load_model(case["model"], device="cpu", dtype=case.get("dtype", "float32"), **opts)
     except XllamaError as e:
@@ -26,6 +27,7 @@ def run_case(case: dict) -> dict:
     out = {
         "params": sum(p.numel() for p in model.parameters()),
         "local": (model.config.n_heads, model.config.n_kv_heads, model.config.hidden_dim),
+        "packed": model.model.layers[0].mlp.down_proj.packed,
         "tokens": generate_tokens(model, prompts, case["n"]).tokens,
     }
     if case.get("sample"):  # unseeded: each rank's own generator differs, only the broadcast keeps them together
