@@ -83,3 +83,58 @@ def test_loading_and_generating_never_import_the_compiler(tmp_path):
             f"    generate_tokens(m, [[1, 2, 3]] * batch, 3)\n"
             f"print('torch._dynamo' in sys.modules)")
     assert _fresh_python(code) == "False"
+
+
+def _rss_file() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
+
+
+def test_released_pages_of_a_mapped_tensor_leave_rss_and_read_back_the_same(tmp_path):
+    from xllama_cli.checkpoint import release_pages
+
+    want = torch.randn(4, 1 << 20)  # 16 MiB
+    torch.save({"w": want}, tmp_path / "w.bin")
+    t = torch.load(tmp_path / "w.bin", mmap=True, weights_only=True)["w"]
+    assert torch.equal(t, want)  # every page read: resident
+    before = _rss_file()
+    release_pages(t)
+    assert before - _rss_file() > 12 << 20
+    assert torch.equal(t, want)  # the mapping still reads the file
+
+
+def test_release_pages_leaves_memory_that_no_file_backs_alone():
+    from xllama_cli.checkpoint import release_pages
+
+    t = torch.randn(4, 1 << 20)
+    want = t.clone()
+    release_pages(t)  # MADV_DONTNEED here would zero it
+    assert torch.equal(t, want)
+
+
+def test_packed_load_of_a_bin_checkpoint_peaks_near_the_weights_size(tmp_path):
+    """A .bin file is one mapping that lives while any tensor of it does: without releasing the
+    pages each packed matrix read, they stayed resident beside the packed copies (1.75x)."""
+    from xllama_cli.config import ModelConfig
+    from xllama_cli.model import Transformer
+
+    cfg = ModelConfig(dim=512, n_layers=4, n_heads=8, n_kv_heads=8, hidden_dim=1536, vocab_size=512, max_seq_len=64)
+    for name, c in (("tiny", cfg.replace(n_layers=1)), ("model", cfg)):
+        torch.manual_seed(0)
+        state = {k: v.contiguous() for k, v in Transformer(c).state_dict().items()}
+        (tmp_path / name).mkdir()
+        torch.save(state, tmp_path / name / "pytorch_model.bin")
+        (tmp_path / name / "config.json").write_text(__import__("json").dumps(c.to_hf()))
+    size = (tmp_path / "model" / "pytorch_model.bin").stat().st_size
+    code = (f"from xllama_cli import load_model\n"
+            f"def status(key):\n"
+            f"    with open('/proc/self/status') as f:\n"
+            f"        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ':'))\n"
+            f"load_model({str(tmp_path / 'tiny')!r}, device='cpu', dtype='float32', decode_batch=None)  # warm-up\n"
+            f"base = status('VmRSS')\n"
+            f"open('/proc/self/clear_refs', 'w').write('5')\n"
+            f"m = load_model({str(tmp_path / 'model')!r}, device='cpu', dtype='float32', decode_batch=None)\n"
+            f"assert m.model.layers[0].mlp.up_proj.packed\n"
+            f"print(status('VmHWM') - base)")
+    peak = int(_fresh_python(code))
+    assert peak < 1.25 * size, (peak, size)

@@ -8,9 +8,12 @@ those bytes are read: safetensors slicing, or the overlapping Meta shards' memor
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import pickle
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -117,6 +120,39 @@ def _safetensors_file(f: Path, select: Select | None = None) -> Iterator[tuple[s
                     yield name, sf.get_slice(name)[(slice(None),) * dim + (slice(start, stop),)]
     except (SafetensorError, OSError, RuntimeError) as e:
         raise XllamaError(f"{f} is corrupt or truncated ({str(e).splitlines()[0]}); download it again") from None
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Let resident memory drop the pages of `t`, a tensor memory-mapped from a checkpoint file that
+    was copied (converted, packed, a rank's part) and is about to be dropped. A .bin or .pth file
+    is one mapping that lives as long as any of its tensors, so without this every page read stays
+    resident beside the copies. The pages stay in the page cache and the mapping stays valid
+    (touching them reads the file again); memory that is not a file's mapping is left alone."""
+    if t.device.type != "cpu" or t.layout != torch.strided or not t.is_contiguous() or sys.platform != "linux":
+        return
+    page = mmap.PAGESIZE
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    lo, hi = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+    if hi <= lo or not _file_mapped(lo, hi):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    libc.madvise(lo, hi - lo, 4)  # MADV_DONTNEED
+
+
+def _file_mapped(lo: int, hi: int) -> bool:
+    """Whether [lo, hi) lies inside one mapping of a file (not anonymous memory, whose pages
+    MADV_DONTNEED would zero)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                a, b = (int(x, 16) for x in fields[0].split("-"))
+                if a <= lo and hi <= b:
+                    return len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/")
+    except OSError:
+        pass
+    return False
 
 
 def _narrow(t: torch.Tensor, part: Part) -> torch.Tensor:

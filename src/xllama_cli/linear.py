@@ -18,6 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import release_pages
+
 # Up to this many rows (batch x new tokens) a product is bound by reading the weights; above it
 # (prefill) it is bound by arithmetic, where ATen's GEMM is already the fast path.
 SMALL_ROWS = 16
@@ -100,8 +102,10 @@ class Linear(nn.Linear):
 
     def pack(self) -> None:
         """Hold the weight as `pack` does, for inference (a packed weight takes no gradient)."""
-        self.weight = nn.Parameter(pack(self.weight), requires_grad=False)
+        plain = self.weight
+        self.weight = nn.Parameter(pack(plain), requires_grad=False)
         self.packed = True
+        release_pages(plain)  # a memory-mapped checkpoint's pages, read once by packing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.product(x)

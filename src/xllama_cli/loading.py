@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint, release_pages
 from .config import ModelConfig
 from .errors import XllamaError
 from .linear import pack_model
@@ -135,6 +135,8 @@ def _load(ckpt: Checkpoint, cfg: ModelConfig, dev: torch.device, dt: torch.dtype
             state[name] = t.to(device=dev, dtype=dt)
         else:  # the rank's own copy, so that no view keeps the mapped checkpoint file (and its pages) alive
             state[name] = t.to(device=dev, dtype=dt, copy=True, memory_format=torch.contiguous_format)
+        if state[name].device != t.device or state[name].data_ptr() != t.data_ptr():
+            release_pages(t)  # copied: the file's pages it read need not stay resident
     missing = sorted(set(expected) - set(state))
     if missing:
         raise XllamaError(f"{ckpt.path}: weights lack {len(missing)} tensors, e.g. {missing[0]!r}")
