@@ -54,7 +54,7 @@ def test_split_path_is_taken_for_few_rows_only(threads, monkeypatch):
     matmul(torch.randn(1, 32), w)
     assert calls == [1]
     big = torch.randn(SMALL_ROWS + 1, 32)
-    assert torch.equal(matmul(big, w), F.linear(big, w))  # prefill: ATen's GEMM itself
+    assert torch.allclose(matmul(big, w), F.linear(big, w), rtol=1e-5, atol=1e-5)  # prefill: oneDNN's GEMM
     assert calls == [1]
 
 
@@ -185,3 +185,11 @@ def test_decode_attention_equals_sdpa(n_kv):
         assert torch.allclose(decode_attention(q, k, v, m), want, rtol=1e-5, atol=1e-6)
         got = decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), m)
         assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), want, atol=3e-2)
+
+
+def test_many_row_products_keep_their_gradient_for_training():
+    """Prefill-sized products go to oneDNN at inference only: its op has no backward."""
+    w = torch.randn(64, 32, requires_grad=True)
+    x = torch.randn(SMALL_ROWS + 1, 32)
+    matmul(x, w).sum().backward()
+    assert torch.allclose(w.grad, x.sum(0).expand(64, 32), rtol=1e-5, atol=1e-5)
