@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from conftest import fixture, make_hf_checkpoint
@@ -124,7 +126,7 @@ def test_packed_load_of_a_bin_checkpoint_peaks_near_the_weights_size(tmp_path):
         state = {k: v.contiguous() for k, v in Transformer(c).state_dict().items()}
         (tmp_path / name).mkdir()
         torch.save(state, tmp_path / name / "pytorch_model.bin")
-        (tmp_path / name / "config.json").write_text(__import__("json").dumps(c.to_hf()))
+        (tmp_path / name / "config.json").write_text(json.dumps(c.to_hf()))
     size = (tmp_path / "model" / "pytorch_model.bin").stat().st_size
     code = (f"from xllama_cli import load_model\n"
             f"def status(key):\n"

@@ -9,6 +9,7 @@ those bytes are read: safetensors slicing, or the overlapping Meta shards' memor
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import mmap
 import pickle
@@ -133,11 +134,15 @@ def release_pages(t: torch.Tensor) -> None:
     page = mmap.PAGESIZE
     start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
     lo, hi = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
-    if hi <= lo or not _file_mapped(lo, hi):
-        return
+    if hi > lo and _file_mapped(lo, hi):
+        _madvise()(lo, hi - lo, 4)  # MADV_DONTNEED
+
+
+@functools.cache
+def _madvise() -> Callable[[int, int, int], int]:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    libc.madvise(lo, hi - lo, 4)  # MADV_DONTNEED
+    return libc.madvise
 
 
 def _file_mapped(lo: int, hi: int) -> bool:

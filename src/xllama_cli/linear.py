@@ -49,19 +49,22 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 
 
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ weight.T by oneDNN's kernel, for a packed (`pack`) or a plain dense weight."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
 def packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ weight.T for a weight from `pack`, by oneDNN's kernel: called directly (a custom
+    """x [..., K] @ weight.T for a weight from `pack`: `onednn_linear` called directly (a custom
     op's dispatch costs more than a small product takes, and imports torch._dynamo at first use),
     or under torch.compile as one custom op (inductor lowers oneDNN's linear only for weights it
     packed itself)."""
-    if torch.compiler.is_compiling():
-        return _packed_linear_op(x, weight)
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return _packed_linear_op(x, weight) if torch.compiler.is_compiling() else onednn_linear(x, weight)
 
 
 @torch.library.custom_op("xllama::packed_linear", mutates_args=())
 def _packed_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return onednn_linear(x, weight)
 
 
 @_packed_linear_op.register_fake
@@ -77,7 +80,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                 and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling()):
             # many rows (prefill) of a plain float32 weight: oneDNN's GEMM, which reorders the weight
             # as it goes, costs little against the arithmetic: 1.1-1.2x ATen's (F.linear) here
-            return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+            return onednn_linear(x, weight)
         return F.linear(x, weight)
     n, k = weight.shape
     if torch.compiler.is_compiling() and x.numel() == k:
