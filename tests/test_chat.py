@@ -18,7 +18,7 @@ from xllama_cli.chat import ChatSession, choose_template, format_plain
 from xllama_cli.cli import app
 from xllama_cli.generation import continuation_text, generate_tokens
 from xllama_cli.sampling import Sampling
-from xllama_cli.tokenizer import Tokenizer
+from xllama_cli.tokenizer import Tokenizer, load_tokenizer
 
 GREEDY = Sampling(temperature=0.0)
 
@@ -42,7 +42,7 @@ def meta_chat_ids(dialog: list[dict], sp) -> list[int]:
 
 @pytest.fixture(scope="module")
 def llama2_tok():
-    return Tokenizer(fixture("tokenizers/llama2-tokenizer.model"))
+    return load_tokenizer(fixture("tokenizers/llama2-tokenizer.model"))
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_template_is_llama2_for_an_inst_chat_template_or_a_chat_name_else_plain(
 def story_models():
     """The model a session uses, and a separate fresh one for reference answers."""
     path = fixture("stories260K-hf")
-    tok = Tokenizer(path / "tokenizer.model")
+    tok = load_tokenizer(path / "tokenizer.model")
     return load_model(path, device="cpu", dtype="float32"), load_model(path, device="cpu", dtype="float32"), tok
 
 
@@ -404,8 +404,8 @@ def test_ctrl_c_at_the_prompt_drops_the_line_and_ctrl_d_leaves(story_models, mon
 
 
 def test_the_chat_format_needs_no_torch():
-    code = ("import sys, xllama_cli as x; from xllama_cli.tokenizer import Tokenizer; "
-            f"t = Tokenizer({str(fixture('tokenizers/llama2-tokenizer.model'))!r}); "
+    code = ("import sys, xllama_cli as x; from xllama_cli.tokenizer import load_tokenizer; "
+            f"t = load_tokenizer({str(fixture('tokenizers/llama2-tokenizer.model'))!r}); "
             "print(x.format_llama2_chat([{'role': 'user', 'content': 'hi'}], t), 'torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "PYTHONPATH": str(ROOT / "src")})

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from conftest import fixture
-from xllama_cli.tokenizer import Tokenizer
+from xllama_cli.tokenizer import Tokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    return Tokenizer(fixture("tokenizers/llama2-tokenizer.model"))
+    return load_tokenizer(fixture("tokenizers/llama2-tokenizer.model"))
 
 
 def stream(tok: Tokenizer, ids: list[int]) -> list[str]:

@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 __all__ = ["load_model", "load_tokenizer", "generate", "ModelConfig", "Transformer", "XllamaError",
-           "format_llama2_chat", "ChatSession"]
+           "format_llama2_chat", "ChatSession", "render_chat_template"]
 
 
 def __getattr__(name: str):
@@ -32,4 +32,7 @@ def __getattr__(name: str):
     if name == "ChatSession":
         from .chat import ChatSession
         return ChatSession
+    if name == "render_chat_template":
+        from .chat_template import render_chat_template
+        return render_chat_template
     raise AttributeError(f"module 'xllama_cli' has no attribute {name!r}")

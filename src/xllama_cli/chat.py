@@ -1,14 +1,15 @@
 """Chat: Llama 2's chat format (token for token as Meta's reference encodes it), a plain template for
-base models, the template a checkpoint asks for, and a session that keeps the KV cache between turns."""
+base models, a checkpoint's own Jinja template, the choice among them, and a session that keeps the
+KV cache between turns."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from .chat_template import ChatTemplate, find_chat_template, read_template_source
 from .errors import XllamaError
 
 if TYPE_CHECKING:  # torch loads with the session, so the formats stay usable without it
@@ -80,46 +81,64 @@ def format_plain(dialog: list[Message], tokenizer: Tokenizer) -> list[int]:
     return tokenizer.encode(text, bos=True)
 
 
-TEMPLATES: dict[str, Callable[[list[Message], Tokenizer], list[int]]] = {
+Format = Callable[[list[Message], "Tokenizer"], list[int]]
+
+TEMPLATES: dict[str, Format] = {
     "llama2": format_llama2_chat,
     "plain": format_plain,
 }
+CHOICES = "auto, llama2, plain, or a .jinja file"
 
 
-def _has_inst_template(folder: Path) -> str | None:
-    """The file whose chat template uses [INST], if any."""
-    config = folder / "tokenizer_config.json"
-    if config.is_file():
-        try:
-            template = json.loads(config.read_text()).get("chat_template")
-        except (OSError, ValueError, AttributeError):
-            template = None
-        if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
-            template = " ".join(str(t.get("template", "")) for t in template if isinstance(t, dict))
-        if isinstance(template, str) and B_INST in template:
-            return config.name
-    jinja = folder / "chat_template.jinja"  # where newer transformers versions save it
-    try:
-        if jinja.is_file() and B_INST in jinja.read_text():
-            return jinja.name
-    except OSError:
-        pass
-    return None
+@dataclass(frozen=True)
+class JinjaFormat:
+    """A Jinja chat template as a chat format: the dialog is checked as the other formats check it,
+    and the answer's header follows the last user message."""
+
+    template: ChatTemplate
+
+    def __call__(self, dialog: list[Message], tokenizer: Tokenizer) -> list[int]:
+        _split_dialog(dialog)
+        return self.template.encode(dialog, tokenizer, add_generation_prompt=True)
+
+    def __str__(self) -> str:
+        return self.template.origin
 
 
-def choose_template(path: str | Path) -> tuple[str, str]:
-    """The template a checkpoint folder asks for, and why: llama2 when its tokenizer config has an
-    [INST] chat template or its folder or repo name contains 'chat', else plain."""
-    folder = Path(path).expanduser().resolve()
-    source = _has_inst_template(folder)
-    if source:
-        return "llama2", f"{source} has an [INST] chat template"
+def is_llama2_template(source: str) -> bool:
+    """Llama 2 chat's own template: [INST] turns with the <<SYS>> block (Mistral's [INST] has none)."""
+    return B_INST in source and "<<SYS>>" in source
+
+
+def choose_template(path: str | Path, choice: str = "auto") -> tuple[str | JinjaFormat, str]:
+    """The chat format for --template `choice` and a checkpoint, and why.
+
+    auto: the checkpoint's own chat template, except Llama 2's [INST] one, which keeps Meta's exact
+    encoding (llama2); without a template, llama2 when the folder or repo name contains 'chat', else
+    plain. A path to a .jinja file renders that template."""
+    from .download import resolve_model
+
+    if choice in TEMPLATES:
+        return choice, f"--template {choice}"
+    if choice != "auto":
+        file = Path(choice).expanduser()
+        if not (file.suffix == ".jinja" or file.is_file()):
+            raise XllamaError(f"unknown --template {choice!r}; choose one of: {CHOICES}")
+        if not file.is_file():
+            raise XllamaError(f"--template {choice}: no such file; give the path of a Jinja chat template")
+        return JinjaFormat(ChatTemplate(read_template_source(file), file.name).check()), f"--template {choice}"
+    folder = resolve_model(path).expanduser().resolve()
+    own = find_chat_template(folder) if folder.is_dir() else None
+    if own is not None:
+        if is_llama2_template(own.source):
+            return "llama2", f"{own.origin} is Llama 2's [INST] chat template"
+        return JinjaFormat(own.check()), "the checkpoint's own"
     # the folder's own name, and the repo name in a Hugging Face cache path (models--org--name/snapshots/<hash>)
     names = [folder.name] + [p.name for p in folder.parents if p.name.startswith("models--")]
     for name in names:
         if "chat" in name.lower():
             return "llama2", f"the name {name!r} contains 'chat'"
-    return "plain", "no [INST] chat template and no 'chat' in the model's name"
+    return "plain", "no chat template and no 'chat' in the model's name"
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -155,14 +174,14 @@ class ChatSession:
     the formatted dialog: a new turn runs only the tokens past the longest prefix the cache already
     holds (its own message, and the few tokens that close the previous answer)."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, template: str = "llama2",
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, template: str | Format = "llama2",
                  system: str | None = None, sampling: Sampling | None = None, max_new_tokens: int = 512,
                  context: int | None = None, notify: Callable[[str], None] | None = None) -> None:
         from .generation import context_length
         from .sampling import Sampling, make_generator
 
         sampling = sampling or Sampling()  # greedy
-        if template not in TEMPLATES:
+        if isinstance(template, str) and template not in TEMPLATES:
             raise XllamaError(f"unknown --template {template!r}; choose one of: {', '.join(TEMPLATES)}")
         limit = context_length(model)
         if context is not None and not 2 <= context <= limit:
@@ -170,7 +189,7 @@ class ChatSession:
         if max_new_tokens < 1:
             raise XllamaError("--max-new-tokens must be at least 1")
         self.model, self.tokenizer, self.template = model, tokenizer, template
-        self.format = TEMPLATES[template]
+        self.format = TEMPLATES[template] if isinstance(template, str) else template
         self.context = context or limit
         self.system = system.strip() if system and system.strip() else None
         self.sampling, self.max_new_tokens = sampling, max_new_tokens

@@ -269,7 +269,7 @@ def download(
 def chat(
     model: Optional[str] = ModelOpt,
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt (Llama 2 folds it into the first user message)."),
-    template: Optional[str] = typer.Option(None, "--template", help="llama2 (Meta's [INST] chat format) or plain (the turns joined as text, for base models). Default: llama2 when tokenizer_config.json has an [INST] chat template or the model's folder or repo name contains 'chat', else plain."),
+    template: Optional[str] = typer.Option(None, "--template", help="auto (the default): the checkpoint's own chat template (tokenizer_config.json, chat_template.jinja or chat_template.json), Llama 2's [INST] one as llama2; without one, llama2 when the model's folder or repo name contains 'chat', else plain. llama2: Meta's [INST] chat format, token for token. plain: the turns joined as text, for base models. FILE.jinja: that Jinja chat template."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", help="Most new tokens per answer (an answer also stops at EOS and at the context's end)."),
     context: Optional[int] = typer.Option(None, "--context", help="Most tokens the conversation may hold (default: the model's context); past it the oldest exchanges are dropped."),
     temperature: float = TemperatureOpt,
@@ -288,22 +288,20 @@ def chat(
     """Chat with a model in the terminal; without a terminal, each stdin line is one message and the answers go to stdout."""
     import sys
 
-    from .chat import TEMPLATES, ChatSession, choose_template
+    from .chat import ChatSession, choose_template
     from .loading import load_model
     from .repl import run
     from .sampling import Sampling
     from .tokenizer import load_tokenizer
 
     path = _model_path(model)
-    if template is None:
-        template, why = choose_template(path)
-        report.info(f"template: {template} ({why}; --template overrides)")
-    elif template not in TEMPLATES:
-        raise XllamaError(f"unknown --template {template!r}; choose one of: {', '.join(TEMPLATES)}")
+    chosen, why = choose_template(path, template or "auto")
+    if template in (None, "auto"):
+        report.info(f"template: {chosen} ({why}; --template overrides)")
     tokenizer = load_tokenizer(path)
     m = load_model(path, attn=attn, groups=groups, rope=rope, rope_factor=rope_factor, device=device, dtype=dtype,
                    quantize=quantize, compile=compile)
-    session = ChatSession(m, tokenizer, template, system, Sampling(temperature, top_k, top_p, seed),
+    session = ChatSession(m, tokenizer, chosen, system, Sampling(temperature, top_k, top_p, seed),
                           max_new_tokens, context, notify=report.info)
     run(session, sys.stdin)
 
