@@ -18,7 +18,7 @@ from xllama_cli.chat import ChatSession, choose_template, format_plain
 from xllama_cli.cli import app
 from xllama_cli.generation import continuation_text, generate_tokens
 from xllama_cli.sampling import Sampling
-from xllama_cli.tokenizer import Tokenizer, load_tokenizer
+from xllama_cli.tokenizer import load_tokenizer
 
 GREEDY = Sampling(temperature=0.0)
 
@@ -131,16 +131,37 @@ def test_plain_template_joins_the_turns_as_text_without_tags(llama2_tok):
 
 
 # ---- template choice ----
-def test_template_is_llama2_for_an_inst_chat_template_or_a_chat_name_else_plain(tmp_path):
-    tpl = tmp_path / "some-model"
-    tpl.mkdir()
-    (tpl / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": "{{ bos_token + '[INST] ' + message['content'] + ' [/INST]' }}"}))
-    assert choose_template(tpl)[0] == "llama2"
-    other = tmp_path / "base-model"
-    other.mkdir()
-    (other / "tokenizer_config.json").write_text(json.dumps({"chat_template": "<|im_start|>{{ m }}"}))
-    assert choose_template(other) == ("plain", "no [INST] chat template and no 'chat' in the model's name")
+# Llama-2-7b-chat-hf's chat_template, as its tokenizer_config.json ships it
+LLAMA2_HF_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_auto_template_is_llama2_for_llama2s_template_or_a_chat_name_the_checkpoints_own_else_plain(tmp_path):
+    from xllama_cli.chat import JinjaFormat
+
+    llama2 = tmp_path / "some-model"
+    llama2.mkdir()
+    (llama2 / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA2_HF_TEMPLATE}))
+    assert choose_template(llama2) == ("llama2", "the chat template in tokenizer_config.json is Llama 2's [INST] chat template")
+    own = tmp_path / "base-model"
+    own.mkdir()
+    (own / "tokenizer_config.json").write_text(json.dumps({"chat_template": "<|im_start|>{{ m }}"}))
+    template, why = choose_template(own)
+    assert isinstance(template, JinjaFormat) and template.template.source == "<|im_start|>{{ m }}"
+    assert why == "the checkpoint's own"
+    mistral = tmp_path / "mistral"  # [INST] without <<SYS>>: not Llama 2's format, so rendered as it is
+    mistral.mkdir()
+    (mistral / "chat_template.jinja").write_text("{{ bos_token }}{% for m in messages %}[INST]{{ m['content'] }}[/INST]{% endfor %}")
+    assert isinstance(choose_template(mistral)[0], JinjaFormat)
     named = tmp_path / "Llama-2-7b-Chat-hf"
     named.mkdir()
     assert choose_template(named)[0] == "llama2"
@@ -148,7 +169,25 @@ def test_template_is_llama2_for_an_inst_chat_template_or_a_chat_name_else_plain(
     snapshot.mkdir(parents=True)
     template, why = choose_template(snapshot)
     assert template == "llama2" and "models--meta-llama--Llama-2-7b-chat-hf" in why
-    assert choose_template(fixture("stories260K-hf"))[0] == "plain"
+    assert choose_template(fixture("stories260K-hf")) == ("plain", "no chat template and no 'chat' in the model's name")
+
+
+def test_explicit_template_choices_and_a_jinja_file(tmp_path):
+    from xllama_cli.chat import JinjaFormat
+
+    assert choose_template(tmp_path, "llama2")[0] == "llama2" and choose_template(tmp_path, "plain")[0] == "plain"
+    file = tmp_path / "mine.jinja"
+    file.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    template, _ = choose_template(tmp_path, str(file))
+    assert isinstance(template, JinjaFormat) and str(template) == "mine.jinja"
+    with pytest.raises(XllamaError, match="no such file"):
+        choose_template(tmp_path, str(tmp_path / "missing.jinja"))
+    with pytest.raises(XllamaError, match=r"unknown --template 'alpaca'; choose one of: auto, llama2, plain, or a \.jinja file"):
+        choose_template(tmp_path, "alpaca")
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}")
+    with pytest.raises(XllamaError, match=r"^bad.jinja is not a valid Jinja template: .*\(line 1\)$"):
+        choose_template(tmp_path, str(bad))
 
 
 # ---- the session: KV cache across turns ----
@@ -351,7 +390,8 @@ def test_template_flag_overrides_and_bad_values_are_errors():
     r = runner.invoke(app, chat_args("--template", "llama2", "-n", "2"), input="hi\n")
     assert r.exit_code == 0 and "template:" not in r.stderr
     r = runner.invoke(app, chat_args("--template", "alpaca"), input="hi\n")
-    assert r.exit_code == 2 and r.stderr.strip() == "error: unknown --template 'alpaca'; choose one of: llama2, plain"
+    assert r.exit_code == 2 and r.stderr.strip() == ("error: unknown --template 'alpaca'; choose one of: auto, llama2, "
+                                                     "plain, or a .jinja file")
     r = runner.invoke(app, chat_args("--context", "100000"), input="hi\n")
     assert r.exit_code == 2 and "--context 100000 is out of range" in r.stderr
 

@@ -519,15 +519,20 @@ def find_tokenizer_file(folder: Path) -> Path | None:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer of a checkpoint folder (or a Hugging Face repo id in the local cache), or of a
-    tokenizer.json / tokenizer.model file; special tokens come from the files beside it."""
+    """The tokenizer of a folder (a checkpoint, a Hugging Face repo id in the local cache, or just
+    tokenizer files), or of a tokenizer.json / tokenizer.model file; special tokens come from the
+    files beside it."""
     path = Path(path).expanduser()
     if path.is_file():
         return open_tokenizer_file(path, read_specials(path.parent))
-    from .checkpoint import open_checkpoint
+    if path.is_dir() and find_tokenizer_file(path) is not None:
+        folder = path
+    else:
+        from .checkpoint import open_checkpoint
 
-    folder = open_checkpoint(path).path  # the checks and messages every command gives for --model
+        folder = open_checkpoint(path).path  # the checks and messages every command gives for --model
     tok_path = find_tokenizer_file(folder)
     if tok_path is None:
-        raise XllamaError(f"no tokenizer.json or tokenizer.model in {str(path)!r} or tokenizer.model in its parent folder")
+        raise XllamaError(f"no tokenizer.json or tokenizer.model in {str(path)!r}, nor tokenizer.model in its "
+                          "parent folder")
     return open_tokenizer_file(tok_path, read_specials(folder))
