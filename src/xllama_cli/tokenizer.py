@@ -331,8 +331,8 @@ class TokenizersTokenizer(Tokenizer):
             text = path.read_text(encoding="utf-8")
             spec = json.loads(text)
             self.tok = HFTokenizer.from_str(text)
-        except (OSError, UnicodeDecodeError, ValueError, Exception) as e:  # tokenizers raises plain Exception
-            raise XllamaError(f"cannot read tokenizer {path}: {str(e).splitlines()[0] if str(e) else e}") from None
+        except Exception as e:  # OSError, bad UTF-8 or JSON, and the plain Exception tokenizers raises
+            raise XllamaError(f"cannot read tokenizer {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         decoder = self.tok.get_added_tokens_decoder()
         self.added = {t.content: i for i, t in decoder.items()}
