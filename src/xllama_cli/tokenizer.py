@@ -533,6 +533,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         folder = open_checkpoint(path).path  # the checks and messages every command gives for --model
     tok_path = find_tokenizer_file(folder)
     if tok_path is None:
-        raise XllamaError(f"no tokenizer.json or tokenizer.model in {str(path)!r}, nor tokenizer.model in its "
-                          "parent folder")
+        raise XllamaError(f"no tokenizer.model or tokenizer.json in {str(path)!r} (nor tokenizer.model in its "
+                          "parent folder); copy the checkpoint's tokenizer files there")
     return open_tokenizer_file(tok_path, read_specials(folder))
