@@ -150,6 +150,14 @@ class TurnStats:
                 f"answer {self.new_tokens} tokens, decode {decode_rate:.1f} tok/s")
 
 
+def check_settings(limit: int, context: int | None, max_new_tokens: int) -> None:
+    """A chat's --context and --max-new-tokens against the model's context of `limit` tokens."""
+    if context is not None and not 2 <= context <= limit:
+        raise XllamaError(f"--context {context} is out of range: it must be between 2 and the model's context, {limit}")
+    if max_new_tokens < 1:
+        raise XllamaError("--max-new-tokens must be at least 1")
+
+
 class ChatSession:
     """A conversation with one model. The KV cache lives across turns and always holds a prefix of
     the formatted dialog: a new turn runs only the tokens past the longest prefix the cache already
@@ -165,10 +173,7 @@ class ChatSession:
         if template not in TEMPLATES:
             raise XllamaError(f"unknown --template {template!r}; choose one of: {', '.join(TEMPLATES)}")
         limit = context_length(model)
-        if context is not None and not 2 <= context <= limit:
-            raise XllamaError(f"--context {context} is out of range: it must be between 2 and the model's context, {limit}")
-        if max_new_tokens < 1:
-            raise XllamaError("--max-new-tokens must be at least 1")
+        check_settings(limit, context, max_new_tokens)
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.format = TEMPLATES[template]
         self.context = context or limit
