@@ -12,7 +12,6 @@ cache from the start; a chat that outgrows its cache answers as before, compiled
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -220,16 +220,15 @@ class ChatSession:
                               f"{self.context}; shorten it")
         return tokens, dropped
 
-    def _reserve(self, prompt_tokens: int) -> None:
-        """Make the cache hold this turn: its prompt and the longest answer the context allows. The
-        cache grows with the conversation, keeping what it holds; one that is not this session's
-        (the first turn, or the model's cache was cleared or replaced) holds nothing of the dialog."""
+    def _reserve(self, tokens: int) -> None:
+        """Make room in the cache for `tokens` (this turn's prompt and answer). The cache grows with
+        the conversation, keeping what it holds; one that is not this session's (the first turn, or
+        the model's cache was cleared or replaced) holds nothing of the dialog."""
         from .kv_cache import cache_capacity
 
         if self.model.cache is not self._cache:
             self.cached = []
-        needed = min(prompt_tokens + self.max_new_tokens, self.context)
-        self.model.setup_cache(1, cache_capacity(needed, self.context))
+        self.model.setup_cache(1, cache_capacity(tokens, self.context))
         self._cache = self.model.cache
 
     def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
@@ -247,7 +246,8 @@ class ChatSession:
             self.turns = self.turns[2 * dropped:]
             self.notify(f"context full: dropped the {'oldest exchange' if dropped == 1 else f'{dropped} oldest exchanges'}"
                         f"{' (the system prompt stays)' if self.system else ''}")
-        self._reserve(len(tokens))
+        max_new = min(self.max_new_tokens, self.context - len(tokens))
+        self._reserve(len(tokens) + max_new)
         # the slots past `keep` are rewritten; the last prompt token always runs, for the answer's first logits
         keep = min(_common_prefix(self.cached, tokens), len(tokens) - 1)
         new = tokens[keep:]
@@ -271,7 +271,6 @@ class ChatSession:
             if on_text is not None:
                 on_text(stream.push(tok))
 
-        max_new = min(self.max_new_tokens, self.context - len(tokens))
         fed = 0
         t1 = time.perf_counter()
         try:
