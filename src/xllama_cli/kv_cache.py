@@ -14,7 +14,7 @@ def cache_capacity(tokens: int, limit: int) -> int:
 
     Powers of two make growth a doubling, so a conversation that grows to n tokens copies its
     cache O(log n) times, and a compiled step meets O(log n) cache shapes (one compile each);
-    the price is at most twice the slots the tokens need."""
+    the price, above the floor, is at most twice the slots the tokens need."""
     capacity = max(MIN_CAPACITY, 1 << max(tokens - 1, 0).bit_length())
     return max(tokens, min(capacity, limit))
 
