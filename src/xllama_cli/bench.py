@@ -28,6 +28,7 @@ from .config import ModelConfig
 from .errors import XllamaError
 from .writer import check_destination
 from .generation import GenerationStats, context_length, generate_tokens
+from .kv_cache import cache_capacity
 from .layout import is_kv_param, regroup_kv, target_kv_heads
 from .loading import for_inference, load_model, resolve_device, resolve_dtype
 from .quantize import check_quantize
@@ -412,7 +413,9 @@ def run_need_bytes(cfg: ModelConfig, groups: int, base_kv: int, input_len: int, 
                    batch: int, elsize: int, device: torch.device) -> int:
     """A rough upper estimate of the memory one group count needs beyond the base model."""
     kv_weights = 0 if groups == base_kv else 2 * cfg.n_layers * groups * cfg.head_dim * (cfg.dim + 1) * elsize
-    cache = batch * kv_cache_bytes_per_sample(cfg, groups, input_len + output_len, elsize)
+    # the slots generate_tokens allocates, which round the tokens up
+    slots = cache_capacity(input_len + output_len, context_length(cfg))
+    cache = batch * kv_cache_bytes_per_sample(cfg, groups, slots, elsize)
     T = input_len
     acts = batch * T * (6 * cfg.dim + 3 * cfg.hidden_dim + 2 * cfg.n_heads * cfg.head_dim) * elsize
     # CPU attention may hold the [B, H, T, T] scores; CUDA kernels (flash / memory-efficient) do not

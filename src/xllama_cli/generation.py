@@ -10,6 +10,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import XllamaError
+from .kv_cache import cache_capacity
 from .model import Transformer
 from .sampling import Sampling, make_generator, sample
 from .tokenizer import Tokenizer
@@ -87,7 +88,7 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
     if max_new_tokens == 0:
         return Generation([[] for _ in range(B)], stats)
 
-    model.setup_cache(B, longest + max_new_tokens)
+    model.setup_cache(B, cache_capacity(longest + max_new_tokens, ctx))
     try:
         t0 = time.perf_counter()
         logits = model(tokens, start=0, pad=pad, last_only=True)
