@@ -19,8 +19,16 @@ def fixture(name: str) -> Path:
     """A path under ../shared/fixtures, or skip the test when the folder is absent (a user's clone)."""
     path = FIXTURES / name
     if not path.exists():
-        pytest.skip(f"fixture {path} not present (tests read ../shared/fixtures)")
+        pytest.skip(f"{path} not present: ../shared/fixtures is the project's test data beside the checkout "
+                    "(see README, Set up)")
     return path
+
+
+def pytest_report_header(config) -> str:
+    if FIXTURES.is_dir():
+        return f"test data: {FIXTURES}"
+    return (f"test data: {FIXTURES} not found; the tests that read it (trained stories260K, real tokenizers "
+            "and chat templates, kept beside the checkout on the project's machines) will skip")
 
 
 def cli_fails(args: list[str], *needles: str) -> str:

@@ -228,8 +228,7 @@ def test_bad_options_give_one_error_line(tiny, args, message):
     assert message in _error_line(run("--config", tiny, *FAST, *args))
 
 
-def test_a_source_is_required_and_presets_are_named():
-    assert "--preset NAME" in _error_line(run())
+def test_presets_are_named_and_layers_need_a_random_model():
     assert "unknown --preset 'llama9'" in _error_line(run("--preset", "llama9"))
     assert "--layers must be at least 1" in _error_line(run("--preset", "small", "--layers", "0"))
 

@@ -26,7 +26,9 @@ import torch
 from . import __version__, report
 from .config import ModelConfig
 from .errors import XllamaError
+from .writer import check_destination
 from .generation import GenerationStats, context_length, generate_tokens
+from .kv_cache import cache_capacity
 from .layout import is_kv_param, regroup_kv, target_kv_heads
 from .loading import for_inference, load_model, resolve_device, resolve_dtype
 from .quantize import check_quantize
@@ -108,20 +110,18 @@ def config_from_file(path: Path, base: ModelConfig | None = None) -> ModelConfig
 
 def show_presets() -> None:
     """The --list-presets table: architectures, parameter counts and sizes."""
-    from rich.table import Table
-
-    table = Table(title="xllama bench presets", caption="random weights; params and sizes in the architecture's own "
-                  "KV layout; bench builds one MHA base (MHA base params) and regroups its K/V for each G")
-    for col in ("preset", "like", "layers", "dim", "heads", "KV heads", "FFN", "vocab", "params", "bf16", "fp32",
-                "MHA base"):
-        table.add_column(col, justify="left" if col in ("preset", "like") else "right", no_wrap=col == "preset")
-    for name, (desc, cfg) in PRESETS.items():
+    rows = []
+    for name, (_desc, cfg) in PRESETS.items():
         n = param_count(cfg)
-        n_mha = param_count(cfg.replace(n_kv_heads=cfg.n_heads))
-        table.add_row(name, desc, str(cfg.n_layers), str(cfg.dim), str(cfg.n_heads), str(cfg.n_kv_heads),
-                      str(cfg.hidden_dim), str(cfg.vocab_size), _count(n), _bytes(2 * n), _bytes(4 * n),
-                      _count(n_mha))
-    report.out.print(table)
+        rows.append([name, str(cfg.n_layers), str(cfg.dim), str(cfg.n_heads), str(cfg.n_kv_heads),
+                     str(cfg.hidden_dim), str(cfg.vocab_size), _count(n), _bytes(2 * n),
+                     _count(param_count(cfg.replace(n_kv_heads=cfg.n_heads)))])
+    report.table(["preset", "layers", "dim", "heads", "KV\nheads", "FFN", "vocab", "params", "bf16\nsize",
+                  "MHA base\nparams"], rows, title="xllama bench presets (random weights)",
+                 caption="sizes in the architecture's own KV layout (float32: twice bf16); bench builds one MHA "
+                         "base and regroups its K/V for each G")
+    for name, (desc, _cfg) in PRESETS.items():
+        report.write(f"  {name}: {desc}\n")
 
 
 # ---- settings and results ----
@@ -133,8 +133,8 @@ class BenchOptions:
     config: Path | None = None
     layers: int | None = None
     groups: str | None = None
-    input_len: int = 512
-    output_len: int = 128
+    input_len: int | None = None  # None: 512, or what the model's context leaves room for
+    output_len: int | None = None  # None: 128, or a quarter of a smaller context
     batch: int = 8
     repeats: int = 3
     device: str = "auto"
@@ -413,7 +413,9 @@ def run_need_bytes(cfg: ModelConfig, groups: int, base_kv: int, input_len: int, 
                    batch: int, elsize: int, device: torch.device) -> int:
     """A rough upper estimate of the memory one group count needs beyond the base model."""
     kv_weights = 0 if groups == base_kv else 2 * cfg.n_layers * groups * cfg.head_dim * (cfg.dim + 1) * elsize
-    cache = batch * kv_cache_bytes_per_sample(cfg, groups, input_len + output_len, elsize)
+    # the slots generate_tokens allocates, which round the tokens up
+    slots = cache_capacity(input_len + output_len, context_length(cfg))
+    cache = batch * kv_cache_bytes_per_sample(cfg, groups, slots, elsize)
     T = input_len
     acts = batch * T * (6 * cfg.dim + 3 * cfg.hidden_dim + 2 * cfg.n_heads * cfg.head_dim) * elsize
     # CPU attention may hold the [B, H, T, T] scores; CUDA kernels (flash / memory-efficient) do not
@@ -459,8 +461,8 @@ def parse_groups(text: str | None, n_heads: int, base_kv: int) -> list[int]:
 # ---- running ----
 def check_options(o: BenchOptions) -> None:
     """Everything that can be checked before any model is built."""
-    sources = [s for s in ("--model" if o.model else None, "--preset" if o.preset else None) if s]
-    if len(sources) > 1:
+    given = [s for s in ("--model" if o.model else None, "--preset" if o.preset else None) if s]
+    if len(given) > 1:
         raise XllamaError("give either --model or --preset, not both")
     if not o.model and not o.preset and o.config is None:
         raise XllamaError("nothing to measure: pass --model PATH, --preset NAME (see --list-presets) "
@@ -471,18 +473,19 @@ def check_options(o: BenchOptions) -> None:
         raise XllamaError(f"--layers must be at least 1, got {o.layers}")
     for flag, value, least in (("--input-len", o.input_len, 1), ("--output-len", o.output_len, 2),
                                ("--batch", o.batch, 1), ("--repeats", o.repeats, 1)):
-        if value < least:
+        if value is not None and value < least:
             why = " (one prefill token and at least one decode step)" if flag == "--output-len" else ""
             raise XllamaError(f"{flag} must be at least {least}{why}, got {value}")
+    sources = []
+    if o.model and (o.out is not None or o.plot is not None):
+        from .checkpoint import open_checkpoint
+        sources = open_checkpoint(o.model).sources
     for flag, path, suffixes in (("--out", o.out, OUT_SUFFIXES), ("--plot", o.plot, PLOT_SUFFIXES)):
         if path is None:
             continue
         if path.suffix.lower() not in suffixes:
             raise XllamaError(f"{flag} {path}: unknown file type; use {' or '.join(suffixes)}")
-        if path.exists() and not o.force:
-            raise XllamaError(f"{flag} {path} already exists; pass --force to overwrite it")
-        if not path.parent.is_dir():
-            raise XllamaError(f"{flag} {path}: folder {path.parent} does not exist")
+        check_destination(path, force=o.force, sources=sources, flag=flag, kind="file")
     if o.plot is not None:
         from .plotting import require_matplotlib
         require_matplotlib()
@@ -509,6 +512,19 @@ def run_command(o: BenchOptions) -> BenchResult:
     return result
 
 
+def fit_lengths(o: BenchOptions, context: int | None) -> BenchOptions:
+    """Options with the prompt and output lengths set: as asked, else 512 and 128, shrunk to fit a
+    smaller context (None: no limit); asked lengths the context cannot hold are refused."""
+    output_len = o.output_len if o.output_len is not None else (128 if context is None else
+                                                                 max(2, min(128, context // 4)))
+    input_len = o.input_len if o.input_len is not None else (512 if context is None else
+                                                              max(1, min(512, context - output_len)))
+    if context is not None and input_len + output_len > context:
+        raise XllamaError(f"--input-len {input_len} + --output-len {output_len} exceeds the model's "
+                          f"context of {context} tokens")
+    return dataclasses.replace(o, input_len=input_len, output_len=output_len)
+
+
 def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype) -> BenchResult:
     elsize = torch.empty((), dtype=dtype).element_size()
     weight_elsize = 1 if o.quantize else elsize  # int8 projections and head (their scales are not counted)
@@ -526,13 +542,12 @@ def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype) -> BenchR
         if o.layers is not None:
             changes["n_layers"] = o.layers
             source += f" (layers {o.layers})"
+        o = fit_lengths(o, None)
         # random weights have no trained length: let the context cover the requested tokens
         changes["max_seq_len"] = max(cfg.max_seq_len, o.input_len + o.output_len)
         cfg = cfg.replace(**changes)
+    o = fit_lengths(o, context_length(cfg))
     groups = parse_groups(o.groups, cfg.n_heads, cfg.n_kv_heads)
-    if o.input_len + o.output_len > context_length(cfg):
-        raise XllamaError(f"--input-len {o.input_len} + --output-len {o.output_len} exceeds the model's "
-                          f"context of {context_length(cfg)} tokens")
     params = param_count(cfg)
     result = BenchResult(source=source, config=cfg, params=params, device=device, dtype=dtype, groups=groups,
                          input_len=o.input_len, output_len=o.output_len, batch=o.batch, repeats=o.repeats,
@@ -672,36 +687,30 @@ def _mark(rows: list[Row], status: str, note: str) -> None:
 
 # ---- output ----
 def show(result: BenchResult) -> None:
-    """The rich table (stdout) and a terminal bar chart of time per sample."""
-    from rich.table import Table
-
+    """The table (stdout) and a terminal bar chart of time per sample."""
     dt = str(result.dtype).removeprefix("torch.") + (f" {result.quantize}" if result.quantize else "") \
         + (" compiled" if result.compiled else "")
-    table = Table(title=f"xllama bench: {result.source}, {_count(result.params)} params, {result.device} {dt}, "
-                        f"batch {result.batch}, input {result.input_len}, output {result.output_len}, "
-                        f"median of {result.repeats}",
-                  caption=f"memory bandwidth (tensor copy, {_bytes(result.bandwidth_bytes)}, median of "
-                          f"{len(result.bandwidth_runs)} probes): {result.bandwidth_gbs:.1f} GB/s. ±: half the range of the time per sample over the runs, "
-                          "as a share of the median. GB/s: (weights + KV cache) a decode step reads / its time")
-    cols = ("KV heads", "KV cache/sample", "prefill s", "decode ms/tok", "s/sample", "±", "decode tok/s",
-            "vs MHA", "GB/s", "of bw")
-    for c in cols:
-        table.add_column(c, justify="right")
+    rows = []
     for row in result.rows:
         f = result.figures(row)
         label = f"{row.groups} ({f['attention']})" if f["attention"] != "GQA" else str(row.groups)
         head = [label, _bytes(row.kv_cache_bytes_per_sample)]
         if not row.measured:
-            table.add_row(*head, f"[yellow]{row.status}[/]" + (f": {row.note}" if row.note else ""),
-                          *[""] * (len(cols) - 3))
+            rows.append([*head, row.status + (f": {row.note}" if row.note else ""), *[""] * 7])
             continue
-        table.add_row(*head, f"{f['prefill_s']:.3g}", f"{f['decode_s_per_token'] * 1e3:.3g}",
-                      f"{f['time_per_sample_s']:.3g}", f"{f['spread_pct'] / 2:.1f}%",
-                      f"{f['decode_tokens_per_s']:.1f}",
-                      "—" if f["speedup_vs_mha"] is None else f"{f['speedup_vs_mha']:.2f}x",
-                      f"{f['decode_gbs']:.1f}",
-                      "—" if f["bandwidth_fraction"] is None else f"{100 * f['bandwidth_fraction']:.0f}%")
-    report.out.print(table)
+        rows.append([*head, f"{f['prefill_s']:.3g}", f"{f['decode_s_per_token'] * 1e3:.3g}",
+                     f"{f['time_per_sample_s']:.3g}", f"{f['spread_pct'] / 2:.1f}%", f"{f['decode_tokens_per_s']:.1f}",
+                     "—" if f["speedup_vs_mha"] is None else f"{f['speedup_vs_mha']:.2f}x", f"{f['decode_gbs']:.1f}",
+                     "—" if f["bandwidth_fraction"] is None else f"{100 * f['bandwidth_fraction']:.0f}%"])
+    report.table(["KV\nheads", "KV cache\n/sample", "prefill\ns", "decode\nms/tok", "s/\nsample", "±",
+                  "decode\ntok/s", "vs\nMHA", "GB/s", "of\nbw"], rows,
+                 title=f"xllama bench: {result.source}, {_count(result.params)} params, {result.device} {dt}, "
+                       f"batch {result.batch}, input {result.input_len}, output {result.output_len}, "
+                       f"median of {result.repeats}",
+                 caption=f"memory bandwidth (tensor copy, {_bytes(result.bandwidth_bytes)}, median of "
+                         f"{len(result.bandwidth_runs)} probes): {result.bandwidth_gbs:.1f} GB/s. ±: half the range "
+                         "of the time per sample over the runs, as a share of the median. GB/s: (weights + KV "
+                         "cache) a decode step reads / its time")
     for row in result.rows:
         if row.note and row.measured:
             report.info(f"G={row.groups}: {row.note}")

@@ -13,6 +13,7 @@ from .chat_template import ChatTemplate, find_chat_template, read_template_sourc
 from .errors import XllamaError
 
 if TYPE_CHECKING:  # torch loads with the session, so the formats stay usable without it
+    from .kv_cache import KVCache
     from .model import Transformer
     from .sampling import Sampling
     from .tokenizer import Tokenizer
@@ -169,6 +170,14 @@ class TurnStats:
                 f"answer {self.new_tokens} tokens, decode {decode_rate:.1f} tok/s")
 
 
+def check_settings(limit: int, context: int | None, max_new_tokens: int) -> None:
+    """A chat's --context and --max-new-tokens against the model's context of `limit` tokens."""
+    if context is not None and not 2 <= context <= limit:
+        raise XllamaError(f"--context {context} is out of range: it must be between 2 and the model's context, {limit}")
+    if max_new_tokens < 1:
+        raise XllamaError("--max-new-tokens must be at least 1")
+
+
 class ChatSession:
     """A conversation with one model. The KV cache lives across turns and always holds a prefix of
     the formatted dialog: a new turn runs only the tokens past the longest prefix the cache already
@@ -184,10 +193,7 @@ class ChatSession:
         if isinstance(template, str) and template not in TEMPLATES:
             raise XllamaError(f"unknown --template {template!r}; choose one of: {', '.join(TEMPLATES)}")
         limit = context_length(model)
-        if context is not None and not 2 <= context <= limit:
-            raise XllamaError(f"--context {context} is out of range: it must be between 2 and the model's context, {limit}")
-        if max_new_tokens < 1:
-            raise XllamaError("--max-new-tokens must be at least 1")
+        check_settings(limit, context, max_new_tokens)
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.format = TEMPLATES[template] if isinstance(template, str) else template
         self.context = context or limit
@@ -198,6 +204,7 @@ class ChatSession:
         self.generator = make_generator(sampling, self.device)
         self.turns: list[Message] = []  # user and assistant messages in turn
         self.cached: list[int] = []  # the tokens whose keys and values the cache holds, slot by slot
+        self._cache: KVCache | None = None  # the model's cache when this session last filled it
         self.last = TurnStats()
         self.last_prefill: list[int] = []  # the tokens the last turn ran through the model
 
@@ -220,7 +227,7 @@ class ChatSession:
 
     def close(self) -> None:
         self.model.clear_cache()
-        self.cached = []
+        self.cached, self._cache = [], None
 
     def _fit(self, turns: list[Message]) -> tuple[list[int], int]:
         """The tokens of `turns`, the oldest exchanges dropped until they and an answer fit the context."""
@@ -237,6 +244,17 @@ class ChatSession:
                               f"{self.context}; shorten it")
         return tokens, dropped
 
+    def _reserve(self, tokens: int) -> None:
+        """Make room in the cache for `tokens` (this turn's prompt and answer). The cache grows with
+        the conversation, keeping what it holds; one that is not this session's (the first turn, or
+        the model's cache was cleared or replaced) holds nothing of the dialog."""
+        from .kv_cache import cache_capacity
+
+        if self.model.cache is not self._cache:
+            self.cached = []
+        self.model.setup_cache(1, cache_capacity(tokens, self.context))
+        self._cache = self.model.cache
+
     def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
         """Answer a user message: the answer streams through `on_text` and is returned. An exception
         while answering (Ctrl-C) keeps what was said so far in the dialog and the session usable."""
@@ -252,9 +270,8 @@ class ChatSession:
             self.turns = self.turns[2 * dropped:]
             self.notify(f"context full: dropped the {'oldest exchange' if dropped == 1 else f'{dropped} oldest exchanges'}"
                         f"{' (the system prompt stays)' if self.system else ''}")
-        if self.model.cache_len != self.context:  # first turn, or someone cleared the model's cache
-            self.model.setup_cache(1, self.context)
-            self.cached = []
+        max_new = min(self.max_new_tokens, self.context - len(tokens))
+        self._reserve(len(tokens) + max_new)
         # the slots past `keep` are rewritten; the last prompt token always runs, for the answer's first logits
         keep = min(_common_prefix(self.cached, tokens), len(tokens) - 1)
         new = tokens[keep:]
@@ -278,7 +295,6 @@ class ChatSession:
             if on_text is not None:
                 on_text(stream.push(tok))
 
-        max_new = min(self.max_new_tokens, self.context - len(tokens))
         fed = 0
         t1 = time.perf_counter()
         try:

@@ -43,6 +43,12 @@ class Checkpoint:
                 return p
         return None
 
+    @property
+    def sources(self) -> list[Path]:
+        """The folder and every file this checkpoint is read from: what no output may replace."""
+        tokenizer = self.tokenizer_path
+        return [self.path, *self.weight_files, *([tokenizer] if tokenizer else [])]
+
     def tensors(self, select: Select | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, tensor) pairs in the checkpoint's own K/V layout and dtype.
 

@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import report
-from .errors import XllamaError
+from .errors import XllamaError, read_utf8, require_utf8
 
 
 class _Group(TyperGroup):
@@ -89,25 +89,25 @@ def generate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line on stderr."),
 ) -> None:
     """Generate text from one or more prompts; the text streams to stdout as it is made."""
-    from .generation import continuation_text, generate_tokens
-    from .loading import load_model
+    from .checkpoint import open_checkpoint
+    from .generation import check_prompts, continuation_text, generate_tokens
+    from .loading import load_model, target_config
     from .sampling import Sampling
     from .tokenizer import load_tokenizer
 
-    texts = list(prompts or [])
+    sampling = Sampling(temperature, top_k, top_p, seed)
+    texts = [require_utf8(t, "the prompt") for t in prompts or []]
     if batch_file is not None:
-        try:
-            texts += [line for line in batch_file.read_text().splitlines() if line.strip()]
-        except OSError as e:
-            raise XllamaError(f"cannot read --batch-file {batch_file}: {e.strerror}") from None
+        texts += [line for line in read_utf8(batch_file, "--batch-file").splitlines() if line.strip()]
     if not texts:
         raise XllamaError("no prompt given; pass it as an argument or with --batch-file")
     path = _model_path(model)
     tokenizer = load_tokenizer(path)
+    ids = [tokenizer.encode(t) for t in texts]
+    # every check before the model loads and before anything reaches stdout
+    check_prompts(target_config(open_checkpoint(path), attn, groups, rope, rope_factor), ids, max_new_tokens)
     m = load_model(path, attn=attn, groups=groups, rope=rope, rope_factor=rope_factor, device=device, dtype=dtype,
                    quantize=quantize, compile=compile, decode_batch=len(texts))
-    ids = [tokenizer.encode(t) for t in texts]
-    sampling = Sampling(temperature, top_k, top_p, seed)
     if len(texts) == 1:  # one prompt: stream it token by token
         stream = tokenizer.stream()
         report.write(texts[0])
@@ -148,10 +148,13 @@ def convert(
     if out is None:
         raise XllamaError("no --out given; pass the destination folder with --out PATH")
     src = _model_path(src)
-    if eval_text is not None:
-        from .evaluate import read_text
+    if eval_text is not None:  # a bad text file or window fails before the conversion, not after it
+        from .checkpoint import open_checkpoint
+        from .evaluate import read_text, window_settings
+        from .generation import context_length
 
-        read_text(eval_text)  # a bad text file fails before the conversion, not after it
+        read_text(eval_text)
+        window_settings(context_length(open_checkpoint(src).config), context, stride)
     result = convert_checkpoint(src, out, attn=attn, groups=groups, method=method, seed=seed, dtype=dtype,
                                 shard_size=shard_size, force=force)
     how = f"{result.method}-pooled" if result.method else "kept" if result.kv_heads_after == result.kv_heads_before else "repeated"
@@ -188,14 +191,18 @@ def eval_(
     quantize: Optional[str] = QuantizeOpt,
 ) -> None:
     """Perplexity of a model on a text file (sliding windows that each start with BOS; every token scored once)."""
-    from .evaluate import evaluate_text, read_text
-    from .loading import load_model
+    from .checkpoint import open_checkpoint
+    from .evaluate import evaluate_text, read_text, window_settings
+    from .generation import context_length
+    from .loading import load_model, target_config
     from .tokenizer import load_tokenizer
 
     if text is None:
         raise XllamaError("no --text given; pass the text file to score with --text FILE")
     read_text(text)  # a bad file fails before the model loads
     path = _model_path(model)
+    window_settings(context_length(target_config(open_checkpoint(path), attn, groups, rope, rope_factor)),
+                    context, stride)
     tokenizer = load_tokenizer(path)
     m = load_model(path, attn=attn, groups=groups, rope=rope, rope_factor=rope_factor, device=device, dtype=dtype,
                    quantize=quantize, decode_batch=None)  # perplexity: no decoding
@@ -214,8 +221,8 @@ def bench(
     layers: Optional[int] = typer.Option(None, "--layers", help="Override the number of layers of --preset/--config (quick runs)."),
     list_presets: bool = typer.Option(False, "--list-presets", help="Show the presets with their parameter counts and sizes, and exit."),
     groups: Optional[str] = typer.Option(None, "--groups", "-g", help="Comma-separated KV group counts, e.g. 1,2,4,8. Default: every power of two from 1 that divides n_heads, plus n_heads (MHA)."),
-    input_len: int = typer.Option(512, "--input-len", help="Prompt tokens per sequence (prefilled in one pass)."),
-    output_len: int = typer.Option(128, "--output-len", help="New tokens per sequence (the first from the prefill, the rest one decode step each)."),
+    input_len: Optional[int] = typer.Option(None, "--input-len", help="Prompt tokens per sequence (prefilled in one pass). Default: 512, or what a smaller context leaves room for."),
+    output_len: Optional[int] = typer.Option(None, "--output-len", help="New tokens per sequence (the first from the prefill, the rest one decode step each). Default: 128, or a quarter of a smaller context."),
     batch: int = typer.Option(8, "--batch", "-b", help="Sequences generated together."),
     repeats: int = typer.Option(3, "--repeats", "-r", help="Timed runs per group count, after one warm-up run; medians are reported."),
     device: str = DeviceOpt,
@@ -224,7 +231,7 @@ def bench(
     compile: bool = CompileOpt,
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights and prompt token ids."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write every figure, the machine and the settings to FILE.json or FILE.csv."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw time per sample against groups to FILE.png or FILE.svg (needs: pip install 'xllama-cli[plot]')."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw time per sample against groups to FILE.png or FILE.svg (needs: pip install 'xllama-cli\\[plot]')."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite --out/--plot files that exist."),
 ) -> None:
     """Time prefill and decode against the number of KV groups (the GQA paper's figure 6)."""
@@ -233,6 +240,8 @@ def bench(
     if list_presets:
         benchmark.show_presets()
         return
+    if model is None and preset is None and config is None:
+        model = _model_path(None)
     result = benchmark.run_command(benchmark.BenchOptions(
         model=model, preset=preset, config=config, layers=layers, groups=groups, input_len=input_len,
         output_len=output_len, batch=batch, repeats=repeats, device=device, dtype=dtype, seed=seed,
@@ -288,21 +297,26 @@ def chat(
     """Chat with a model in the terminal; without a terminal, each stdin line is one message and the answers go to stdout."""
     import sys
 
-    from .chat import ChatSession, choose_template
-    from .loading import load_model
+    from .chat import ChatSession, check_settings, choose_template
+    from .checkpoint import open_checkpoint
+    from .generation import context_length
+    from .loading import load_model, target_config
     from .repl import run
     from .sampling import Sampling
     from .tokenizer import load_tokenizer
 
+    system = require_utf8(system, "--system") if system is not None else None
+    sampling = Sampling(temperature, top_k, top_p, seed)
     path = _model_path(model)
+    check_settings(context_length(target_config(open_checkpoint(path), attn, groups, rope, rope_factor)),
+                   context, max_new_tokens)
     chosen, why = choose_template(path, template or "auto")
     if template in (None, "auto"):
         report.info(f"template: {chosen} ({why}; --template overrides)")
     tokenizer = load_tokenizer(path)
     m = load_model(path, attn=attn, groups=groups, rope=rope, rope_factor=rope_factor, device=device, dtype=dtype,
                    quantize=quantize, compile=compile)
-    session = ChatSession(m, tokenizer, chosen, system, Sampling(temperature, top_k, top_p, seed),
-                          max_new_tokens, context, notify=report.info)
+    session = ChatSession(m, tokenizer, chosen, system, sampling, max_new_tokens, context, notify=report.info)
     run(session, sys.stdin)
 
 
@@ -333,10 +347,10 @@ def uptrain(
     if steps is not None and tokens is not None:
         raise XllamaError("give --steps or --tokens, not both")
     path = _model_path(model)
-    ctx = context or min(256, open_checkpoint(path).config.max_seq_len)
+    ctx = context if context is not None else min(256, open_checkpoint(path).config.max_seq_len)
+    if tokens is not None and (tokens < 1 or batch < 1 or ctx < 1):
+        raise XllamaError(f"--tokens {tokens}, --batch {batch} and --context {ctx} must be at least 1")
     n_steps = steps if steps is not None else (-(-tokens // (batch * ctx)) if tokens is not None else 300)
-    if n_steps <= 0 or batch <= 0 or ctx <= 1 or lr <= 0:
-        raise XllamaError("--steps/--tokens, --batch, --context and --lr must be positive")
     cfg = TrainConfig(steps=n_steps, lr=lr, batch=batch, context=ctx, seed=seed, save_every=save_every)
     r = run_uptrain(path, text, out, cfg, eval_path=eval_text, resume=resume, force=force, device=device, dtype=dtype)
     line = f"wrote {r.out}: {r.steps} steps, loss {r.first_loss:.3f} -> {r.last_loss:.3f}, {r.minutes:.1f} min"

@@ -21,7 +21,7 @@ from .errors import XllamaError
 from .layout import METHODS, is_kv_param, regroup_kv
 from .loading import DTYPES, target_config
 from .model import Transformer
-from .writer import HashedFiles, ShardWriter, atomic_dir, parse_size
+from .writer import HashedFiles, ShardWriter, atomic_dir, check_destination, parse_size
 
 DEFAULT_SHARD_SIZE = "5GB"
 # files that travel with the weights when present in an HF source folder
@@ -47,18 +47,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _resolve_out_dtype(dtype: str | None) -> torch.dtype | None:
+def resolve_out_dtype(dtype: str | None) -> torch.dtype | None:
+    """--dtype of a written checkpoint: None keeps each tensor's source dtype."""
     if dtype in (None, "", "source"):
         return None
     if dtype not in DTYPES:
         raise XllamaError(f"unknown --dtype {dtype!r}; choose {', '.join(DTYPES)} (default: the source's)")
     return DTYPES[dtype]
-
-
-def _check_paths(src: Path, out: Path) -> None:
-    src, out = src.resolve(), out.expanduser().resolve()
-    if out == src or out in src.parents:
-        raise XllamaError(f"--out {out} would replace the source {src}; choose another folder")
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -102,10 +97,10 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, attn: str | None = N
     if method not in METHODS:
         raise XllamaError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
     max_bytes = parse_size(shard_size)
-    out_dtype = _resolve_out_dtype(dtype)
+    out_dtype = resolve_out_dtype(dtype)
     src, out = Path(src).expanduser(), Path(out).expanduser()
     ckpt = open_checkpoint(src)
-    _check_paths(ckpt.path, out)
+    out = check_destination(out, force=force, sources=ckpt.sources)
     cfg = target_config(ckpt, attn, groups)
     src_kv, dst_kv = ckpt.config.n_kv_heads, cfg.n_kv_heads
     if method == "random" and seed is None:

@@ -1,5 +1,41 @@
-"""The one exception type for failures a user can fix."""
+"""The one exception type for failures a user can fix, and the checks of text a user gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 
 class XllamaError(Exception):
     """A user-facing failure: the CLI prints `error: <message>` on one line and exits with 2."""
+
+
+def require_utf8(text: str, what: str) -> str:
+    """`text` as given, if it came from valid UTF-8. Arguments and stdin reach Python with invalid
+    bytes kept as lone surrogates (surrogateescape), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = ord(text[e.start])
+        byte = f"byte 0x{bad - 0xDC00:02x}" if 0xDC80 <= bad <= 0xDCFF else f"U+{bad:04X}"
+        raise XllamaError(f"{what} is not valid UTF-8 ({byte} at character {e.start + 1}); "
+                          "save it as UTF-8 text") from None
+    return text
+
+
+def read_utf8(path: str | Path, what: str) -> str:
+    """The text of a file that must be UTF-8, or one error line saying why it cannot be read."""
+    path = Path(path).expanduser()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise XllamaError(f"{what} {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise XllamaError(f"{what} {str(path)!r} is a folder; pass a text file") from None
+    except OSError as e:
+        raise XllamaError(f"cannot read {what} {path}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise XllamaError(f"{what} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); "
+                          "save it as UTF-8") from None

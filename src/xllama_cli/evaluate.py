@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import report
-from .errors import XllamaError
+from .errors import XllamaError, read_utf8
 from .generation import context_length
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -55,11 +55,6 @@ def windows(n_tokens: int, context: int, stride: int) -> list[Window]:
     not overlap (llama.cpp's chunks); a smaller S gives each token after the first window at
     least C - 1 - S tokens of context besides BOS, at the cost of about (C - 1) / S times the work.
     """
-    if context < 2:
-        raise XllamaError(f"--context {context} is too small: a window needs BOS and at least one token")
-    if not 1 <= stride <= context - 1:
-        raise XllamaError(f"--stride {stride} must be between 1 and --context - 1 = {context - 1}, "
-                          "or tokens would go unscored")
     out: list[Window] = []
     begin, scored = 0, 0
     while scored < n_tokens:
@@ -68,6 +63,21 @@ def windows(n_tokens: int, context: int, stride: int) -> list[Window]:
         scored = end
         begin += stride
     return out
+
+
+def window_settings(limit: int, context: int | None = None, stride: int | None = None) -> tuple[int, int]:
+    """(context, stride) for a model of `limit` positions: defaults filled in, ranges checked."""
+    context = limit if context is None else context
+    if context < 2:
+        raise XllamaError(f"--context {context} is too small: a window needs BOS and at least one token")
+    if context > limit:
+        raise XllamaError(f"--context {context} is longer than the model's context, {limit} tokens; "
+                          f"choose at most {limit}")
+    stride = context // 2 if stride is None else stride
+    if not 1 <= stride <= context - 1:
+        raise XllamaError(f"--stride {stride} must be between 1 and --context - 1 = {context - 1}, "
+                          "or tokens would go unscored")
+    return context, stride
 
 
 @torch.inference_mode()
@@ -81,8 +91,7 @@ def perplexity(model: Transformer, tokens: list[int], bos_id: int, context: int 
         raise XllamaError("the text has no tokens to score")
     if bos_id is None or bos_id < 0:
         raise XllamaError("the tokenizer has no BOS token, which every window starts with")
-    context = context_length(model) if context is None else context
-    stride = context // 2 if stride is None else stride
+    context, stride = window_settings(context_length(model), context, stride)
     device = model.lm_head.weight.device
     text = torch.tensor(tokens, dtype=torch.long, device=device)
     bos = torch.tensor([bos_id], dtype=torch.long, device=device)
@@ -106,17 +115,7 @@ def perplexity(model: Transformer, tokens: list[int], bos_id: int, context: int 
 
 
 def read_text(path: str | Path) -> str:
-    path = Path(path).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise XllamaError(f"--text {str(path)!r} does not exist") from None
-    except IsADirectoryError:
-        raise XllamaError(f"--text {str(path)!r} is a folder; pass a text file") from None
-    except UnicodeDecodeError as e:
-        raise XllamaError(f"--text {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise XllamaError(f"cannot read --text {path}: {e.strerror}") from None
+    text = read_utf8(path, "--text")
     if not text.strip():
         raise XllamaError(f"--text {path} is empty")
     return text

@@ -10,6 +10,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import XllamaError
+from .kv_cache import cache_capacity
 from .model import Transformer
 from .sampling import Sampling, make_generator, sample
 from .tokenizer import Tokenizer
@@ -50,6 +51,19 @@ def context_length(model: Transformer | ModelConfig) -> int:
     return cfg.max_seq_len
 
 
+def check_prompts(model: Transformer | ModelConfig, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Refuse a request that cannot run, before anything of it is shown or computed."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise XllamaError(f"max new tokens {max_new_tokens} is out of range: it must be at least 1")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise XllamaError("every prompt needs at least one token")
+    ctx = context_length(model)
+    longest = max(len(p) for p in prompts)
+    if longest > ctx:
+        raise XllamaError(f"the prompt has {longest} tokens but the model's context is {ctx}; "
+                          "shorten it or extend the context with --rope linear|dynamic --rope-factor F")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -60,15 +74,11 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
                     sampling: Sampling = Sampling(), eos_ids: list[int] | None = None,
                     on_token: OnToken | None = None) -> Generation:
     """Generate for a batch of token-id prompts of any lengths (left-padded together)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise XllamaError("every prompt needs at least one token")
+    check_prompts(model, prompts, max_new_tokens)
     device = model.lm_head.weight.device
     ctx = context_length(model)
     longest = max(len(p) for p in prompts)
-    if longest > ctx:
-        raise XllamaError(f"the prompt has {longest} tokens but the model's context is {ctx}; "
-                          "shorten it or extend the context with --rope linear|dynamic --rope-factor F")
-    max_new_tokens = max(0, min(max_new_tokens, ctx - longest))
+    max_new_tokens = min(max_new_tokens, ctx - longest)
     B = len(prompts)
     pad_counts = [longest - len(p) for p in prompts]
     tokens = torch.tensor([[0] * n + p for n, p in zip(pad_counts, prompts)], device=device)
@@ -78,7 +88,7 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
     if max_new_tokens == 0:
         return Generation([[] for _ in range(B)], stats)
 
-    model.setup_cache(B, longest + max_new_tokens)
+    model.setup_cache(B, cache_capacity(longest + max_new_tokens, ctx))
     try:
         t0 = time.perf_counter()
         logits = model(tokens, start=0, pad=pad, last_only=True)

@@ -88,14 +88,25 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     # ---- KV cache ----
+    @property
+    def cache(self) -> KVCache | None:
+        """The first layer's cache: every layer's is set up, grown and cleared with it."""
+        return self.model.layers[0].self_attn.kv_cache
+
     def setup_cache(self, batch: int, max_len: int) -> None:
-        """Allocate a static cache for `batch` sequences of up to `max_len` tokens (a cache of
-        that size already there is kept: its old slots are overwritten or masked)."""
+        """Make room for `batch` sequences of `max_len` tokens. A cache for as many sequences is kept:
+        as it is when it has the room (its old slots are overwritten or masked), else grown to
+        `max_len` slots with its contents kept, so a conversation goes on where it was. Any other
+        cache is freed before the new one is allocated. Callers size `max_len` with
+        kv_cache.cache_capacity."""
         cfg, p = self.config, self.model.embed_tokens.weight  # the head may be int8
-        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        cache = self.model.layers[0].self_attn.kv_cache
-        if cache is not None and cache.k.shape == shape and cache.k.dtype == p.dtype:
+        cache = self.cache
+        if cache is not None and cache.k.shape[0] == batch and cache.k.dtype == p.dtype:
+            if cache.max_len < max_len:
+                for layer in self.model.layers:
+                    layer.self_attn.kv_cache.grow(max_len)
             return
+        self.clear_cache()
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, p.dtype, p.device)
 
@@ -128,8 +139,7 @@ class Transformer(nn.Module):
 
     @property
     def cache_len(self) -> int:
-        cache = self.model.layers[0].self_attn.kv_cache
-        return 0 if cache is None else cache.max_len
+        return 0 if self.cache is None else self.cache.max_len
 
     def forward(self, tokens: torch.Tensor, start: int | torch.Tensor | None = None,
                 pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import Iterable, TextIO
 
 from . import report
 from .chat import ChatSession
-from .errors import XllamaError
+from .errors import XllamaError, require_utf8
 
 HELP = """commands:
   /reset         forget the conversation (the system prompt stays)
@@ -68,6 +68,11 @@ def interactive(session: ChatSession) -> None:
             continue
         if not line.strip():
             continue
+        try:
+            require_utf8(line, "the message")
+        except XllamaError as e:  # said, and the session goes on
+            report.error(str(e))
+            continue
         if line.lstrip().startswith("/"):
             if not command(session, line):
                 return
@@ -86,8 +91,8 @@ def piped(session: ChatSession, lines: Iterable[str]) -> None:
     """Each non-empty line is one user message (or a /command); the answers go to stdout, one block
     a turn, blocks separated by an empty line; nothing else goes to stdout."""
     first = True
-    for raw in lines:
-        line = raw.rstrip("\r\n")
+    for number, raw in enumerate(lines, 1):
+        line = require_utf8(raw.rstrip("\r\n"), f"line {number} of the input")
         if not line.strip():
             continue
         if line.lstrip().startswith("/"):
@@ -102,6 +107,8 @@ def piped(session: ChatSession, lines: Iterable[str]) -> None:
 
 
 def run(session: ChatSession, stdin: TextIO) -> None:
+    if hasattr(stdin, "reconfigure"):  # bytes that are not UTF-8 reach require_utf8, not a traceback
+        stdin.reconfigure(errors="surrogateescape")
     try:
         if stdin.isatty():
             interactive(session)

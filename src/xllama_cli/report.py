@@ -91,19 +91,29 @@ def perplexity_summary(r) -> None:
           f"windows        {r.windows} (context {r.context}, stride {r.stride})\n")
 
 
-def perplexity_table(rows) -> None:
-    """(label, model name, KV heads, PerplexityResult) rows side by side, with the change against the first."""
+def table(columns: list[str], rows: list[list[str]], *, title: str | None = None, caption: str | None = None,
+          left: int = 1) -> None:
+    """A table on stdout that stays whole at 80 columns and in a pipe: one space between columns,
+    headers may break at their newlines, and a cell too wide is folded onto a second line, never cut
+    short with an ellipsis. The first `left` columns are left-aligned (labels), the rest right (figures)."""
     from rich import box
     from rich.table import Table
 
-    table = Table(box=box.SIMPLE_HEAD)
-    for col in ("", "model", "KV heads", "perplexity", "change", "tokens", "tok/s"):
-        table.add_column(col, justify="left" if col in ("", "model") else "right", no_wrap=True)
+    t = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, padding=(0, 0),
+              pad_edge=False, title_justify="left", caption_justify="left")
+    for i, col in enumerate(columns):
+        t.add_column(col, justify="left" if i < left else "right", overflow="fold")
+    for row in rows:
+        t.add_row(*row)
+    out.print(t)
+
+
+def perplexity_table(rows) -> None:
+    """(label, model name, KV heads, PerplexityResult) rows side by side, with the change against the first."""
     base = rows[0][3].perplexity
-    for label, name, kv, r in rows:
-        change = f"{(r.perplexity / base - 1) * 100:+.2f}%"
-        table.add_row(label, name, str(kv), f"{r.perplexity:.4f}", change, str(r.tokens_scored), f"{r.tokens_per_s:.0f}")
-    out.print(table)
+    table(["", "model", "KV heads", "perplexity", "change", "tokens", "tok/s"],
+          [[label, name, str(kv), f"{r.perplexity:.4f}", f"{(r.perplexity / base - 1) * 100:+.2f}%",
+            str(r.tokens_scored), f"{r.tokens_per_s:.0f}"] for label, name, kv, r in rows], left=2)
 
 def transfer_progress():
     """Byte progress bars on stderr, one task per file (downloads)."""

@@ -37,6 +37,22 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 0  # 0: no resumable state
 
+    def __post_init__(self) -> None:
+        for flag, value, low in (("--steps", self.steps, 1), ("--batch", self.batch, 1),
+                                 ("--context", self.context, 2), ("--save-every", self.save_every, 0),
+                                 ("warmup", self.warmup, 0), ("--seed", self.seed, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise XllamaError(f"{flag} {value} is out of range: it must be a whole number >= {low}")
+        finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)  # noqa: E731  (NaN: False)
+        for flag, value, ok, rule in (("--lr", self.lr, finite(self.lr) and self.lr > 0, "> 0"),
+                                      ("clip", self.clip, finite(self.clip) and self.clip > 0, "> 0"),
+                                      ("weight decay", self.weight_decay,
+                                       finite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
+                                      ("min lr ratio", self.min_lr_ratio,
+                                       finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "from 0 to 1")):
+            if not ok:
+                raise XllamaError(f"{flag} {value} is out of range: it must be a finite number {rule}")
+
     @property
     def warmup_steps(self) -> int:
         return self.warmup or max(1, self.steps // 20)
@@ -181,14 +197,15 @@ def uptrain(model_path: str, text_path: Path, out: Path, cfg: TrainConfig, *, ev
     and is removed once `out` is written.
     """
     from . import report
-    from .convert import save_model
+    from .checkpoint import open_checkpoint
+    from .convert import resolve_out_dtype, save_model
     from .evaluate import evaluate_text, read_text
-    from .loading import DTYPES, load_model
+    from .loading import load_model
     from .tokenizer import load_tokenizer
+    from .writer import check_destination
 
-    out = Path(out).expanduser().absolute()
-    if out.exists() and not force:
-        raise XllamaError(f"{out} already exists; choose another --out or pass --force to replace it")
+    out = check_destination(out, force=force, sources=open_checkpoint(model_path).sources)
+    out_dtype = resolve_out_dtype(dtype)
     tokenizer = load_tokenizer(model_path)
     data = encode_text(tokenizer, read_text(text_path))
     if eval_path is not None:
@@ -216,7 +233,6 @@ def uptrain(model_path: str, text_path: Path, out: Path, cfg: TrainConfig, *, ev
         result.perplexity_after = evaluate_text(model, tokenizer, eval_path, label="perplexity after").perplexity
     record = {"method": "uptrain", "text": str(Path(text_path).resolve()), "train_config": asdict(cfg),
               "perplexity_before": result.perplexity_before, "perplexity_after": result.perplexity_after}
-    save_model(model, model.checkpoint, out, record, force=force,
-               dtype=DTYPES[dtype] if dtype else src_dtype)
+    save_model(model, model.checkpoint, out, record, force=force, dtype=out_dtype or src_dtype)
     state_path.unlink(missing_ok=True)
     return result

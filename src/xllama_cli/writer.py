@@ -19,7 +19,7 @@ import signal
 import struct
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -42,6 +42,38 @@ def parse_size(text: str | int) -> int:
     if size <= 0:
         raise XllamaError(f"the size {text!r} must be positive")
     return size
+
+
+# ---- the one rule for what a command may write ----
+def check_destination(out: str | Path, *, force: bool, sources: Iterable[str | Path] = (),
+                      flag: str = "--out", kind: str = "folder") -> Path:
+    """`out` as an absolute path, if a command may write there; else one error line saying why.
+
+    Checked before any work, by every command that writes (folders: convert, uptrain, download
+    --out; files: bench --out/--plot): what exists is replaced only with `force`; never a source
+    (a checkpoint the command reads, its files as linked, e.g. in the Hugging Face cache), a folder
+    holding one, a path inside one, nor the working folder or a folder holding it, even with `force`.
+    """
+    out = Path(out).expanduser().absolute()
+    real = out.resolve()
+    for src in sources:
+        src = Path(src).expanduser().resolve()
+        if real == src or real in src.parents or src in real.parents:
+            raise XllamaError(f"{flag} {out} would replace the source {src} (or a folder holding it); "
+                              "choose a folder outside it")
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise XllamaError(f"{flag} {out} is the working folder or holds it; choose a new folder")
+    if kind == "file":
+        if out.is_dir():
+            raise XllamaError(f"{flag} {out} is a folder; name a file")
+        if not out.parent.is_dir():
+            raise XllamaError(f"{flag} {out}: folder {out.parent} does not exist")
+    elif out.exists() and not out.is_dir() and not force:
+        raise XllamaError(f"{flag} {out} is a file; choose a folder (or pass --force to replace it)")
+    if kind != "merge" and (out.exists() or out.is_symlink()) and not force:
+        raise XllamaError(f"{out} already exists; choose another {flag} or pass --force to replace it")
+    return out
 
 
 # ---- the atomic output folder ----
