@@ -57,6 +57,7 @@ class FakeHub:
         self.cut_once: dict[str, int] = {}         # name -> byte at which its next GET is dropped
         self.stall: dict[str, tuple[int, threading.Event]] = {}  # name -> (byte, event to wait for)
         self.corrupt: set[str] = set()             # names served with one byte flipped
+        self.no_ranges: set[str] = set()           # names served whole (200) whatever Range is asked for
         self.forged: dict[str, dict] = {}          # name -> headers that replace those of its resolve answers
         self.answer_anything: bytes | None = None  # served, 200, for a path that matches no route
         self.lock = threading.Lock()
@@ -131,7 +132,7 @@ def _handler(hub: FakeHub, origin: str):
             if name in hub.corrupt:
                 data = bytes([data[0] ^ 0xFF]) + data[1:]
             start = 0
-            m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+            m = None if name in hub.no_ranges else re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
             if m:
                 start = int(m.group(1))
                 if start >= len(data):
