@@ -416,10 +416,6 @@ def _nothing_outside(tmp_path: Path, out: bool, before: dict, after: dict) -> No
     assert all(after.get(k) == v for k, v in before.items()), "a file was removed or changed"
 
 
-def _snapshot_dir(tmp_path: Path) -> Path:
-    return _snapshot(tmp_path)
-
-
 def _out_dir(tmp_path: Path) -> Path:
     return tmp_path / "a" / "b" / "out"
 
@@ -435,7 +431,7 @@ HOSTILE_NAMES = {  # label -> the name, given the folder it would be joined to
 @pytest.mark.parametrize("out", [False, True], ids=["cache", "out"])
 @pytest.mark.parametrize("label", list(HOSTILE_NAMES))
 def test_a_file_name_that_leaves_the_target_is_refused_before_any_file_is_fetched(hub, tmp_path, label, out):
-    name = HOSTILE_NAMES[label](tmp_path, _out_dir(tmp_path) if out else _snapshot_dir(tmp_path))
+    name = HOSTILE_NAMES[label](tmp_path, _out_dir(tmp_path) if out else _snapshot(tmp_path))
     hub.repos["owner/tiny"].files[name] = b"the server's choice"
     hub.answer_anything = b"the server's choice"
     r, before, after = _hostile_run(hub, tmp_path, out, "--include", "*")
@@ -456,7 +452,10 @@ def test_a_hostile_name_is_refused_even_when_it_is_not_among_the_files_chosen(hu
     name = _escape(tmp_path, _out_dir(tmp_path))
     hub.repos["owner/tiny"].files[name] = b"the server's choice"
     r, before, after = _hostile_run(hub, tmp_path, True)
-    _assert_one_line_error(r, "owner/tiny", repr(name))
+    assert _assert_one_line_error(r) == (
+        f"error: owner/tiny on {hub.url}: the file list names {name!r}, which would not stay inside the target folder "
+        f"(it has an empty, '.' or '..' part); refusing it, as only a broken or hostile hub or mirror sends that "
+        f"(check HF_ENDPOINT)")
     assert after == before
 
 
@@ -491,7 +490,9 @@ def test_a_commit_id_that_is_not_a_hash_is_refused(hub, tmp_path, out):
     repo.commit = repo.refs["main"] = "../../../../escaped"
     hub.answer_anything = b"the server's choice"
     r, before, after = _hostile_run(hub, tmp_path, out)
-    _assert_one_line_error(r, "owner/tiny", "'../../../../escaped'", "HF_ENDPOINT")
+    assert _assert_one_line_error(r) == (
+        f"error: owner/tiny on {hub.url}: the revision is at commit '../../../../escaped', which is not 40 hex digits; "
+        f"refusing it, as only a broken or hostile hub or mirror sends that (check HF_ENDPOINT)")
     assert after == before
 
 
@@ -520,7 +521,8 @@ def test_a_forged_etag_or_commit_header_is_refused(hub, tmp_path, label, out):
 def test_a_revision_that_is_not_a_ref_name_is_refused_before_any_request(tmp_path):
     from conftest import cli_fails
 
-    cli_fails(["download", "owner/tiny", "--revision", "../../x"], "--revision", "'../../x'")
+    assert cli_fails(["download", "owner/tiny", "--revision", "../../x"]) == (
+        "error: --revision '../../x' is not a branch, tag or commit name (it has an empty, '.' or '..' part)")
 
 
 # ---- pure functions ----
