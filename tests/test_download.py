@@ -463,6 +463,7 @@ HOSTILE_IDS = {  # label -> (file, listing changes given the blobs folder)
     "sha256 with ../": ("model.safetensors", lambda tmp, blobs: {"lfs": {"sha256": _escape(tmp, blobs, "escaped")}}),
     "sha256 not hex": ("model.safetensors", lambda tmp, blobs: {"lfs": {"sha256": "z" * 64}}),
     "sha256 too short": ("model.safetensors", lambda tmp, blobs: {"lfs": {"sha256": "ab" * 20}}),
+    "sha256 missing": ("model.safetensors", lambda tmp, blobs: {"lfs": {"sha256": None}}),
     "blob id with ../": ("config.json", lambda tmp, blobs: {"blobId": _escape(tmp, blobs, "escaped")}),
     "blob id upper case": ("config.json", lambda tmp, blobs: {"blobId": "AB" * 20}),
     "negative size": ("config.json", lambda tmp, blobs: {"size": -5}),
@@ -566,7 +567,7 @@ def test_plain_relative_names_are_accepted(name):
     ("./x", "'.' or"), ("a//b", "empty, '.'"), ("a/", "empty, '.'"), ("/etc/passwd", "absolute"),
     ("..\\x", "backslash"), ("a\\b", "backslash"), ("\\\\host\\share", "backslash"), ("C:/x", "drive"),
     ("c:x", "drive"), ("a/D:", "drive"), ("a\nb", "control"), ("a\x00b", "control"), (None, "not text"),
-    (42, "not text")])
+    (42, "not text but int")])
 def test_names_that_would_leave_the_folder_are_refused(name, why):
     assert why in path_problem(name)
 

@@ -120,7 +120,7 @@ def path_problem(name: object) -> str | None:
     or '..' part, not absolute, no backslash or drive (separators and roots on Windows), no control
     character."""
     if not isinstance(name, str):
-        return f"it is a {type(name).__name__}, not text"
+        return f"it is not text but {type(name).__name__}"
     if not name:
         return "it is empty"
     if name.startswith("/"):
@@ -179,8 +179,9 @@ def _remote_files(info, repo_id: str) -> dict[str, RemoteFile]:
             raise _untrusted(repo_id, f"the file list names {name!r}, which would not stay inside the target folder "
                                       f"({why})")
         sha256, size = (lfs.sha256, lfs.size) if lfs else (None, s.size)
-        for kind, value, pattern in (("sha256", sha256, _HEX64), ("git blob id", s.blob_id, _HEX40)):
-            if value is not None and not (isinstance(value, str) and pattern.fullmatch(value)):
+        for kind, value, pattern, needed in (("sha256", sha256, _HEX64, lfs is not None),
+                                             ("git blob id", s.blob_id, _HEX40, False)):
+            if (value is not None or needed) and not (isinstance(value, str) and pattern.fullmatch(value)):
                 raise _untrusted(repo_id, f"the file list gives {name!r} the {kind} {value!r}, which is not "
                                           f"{64 if pattern is _HEX64 else 40} lowercase hex digits")
         if size is not None and (type(size) is not int or size < 0):
