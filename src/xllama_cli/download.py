@@ -304,7 +304,6 @@ def hub_errors(repo_id: str, revision: str, token_in_use: bool) -> Iterator[None
         raise XllamaError(unreachable.format(why=_first_line(e))) from None
 
 
-
 # ---- one file: huggingface_hub's http_get into a partial file that outlives the run ----
 def _hash_into(digest, file: BinaryIO) -> None:
     while chunk := file.read(CHUNK):
@@ -404,7 +403,7 @@ class _CacheTarget:
         from huggingface_hub import constants
         from huggingface_hub.file_download import repo_folder_name
 
-        # resolved as hf_hub_download resolves it, so that the paths it returns compare equal
+        # resolved as hf_hub_download resolves it: the folder printed is the one it lays out
         self.cache_dir = Path(constants.HF_HUB_CACHE).expanduser().resolve()
         self.storage = self.cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model")
         self.folder = self.storage / "snapshots" / commit
