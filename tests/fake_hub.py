@@ -1,6 +1,6 @@
 """A stand-in for the Hugging Face Hub on 127.0.0.1, for tests that download.
 
-It speaks what `HfApi.model_info` and `snapshot_download` use:
+It speaks what `HfApi.model_info`, `hf_hub_download` and `snapshot_download` use:
   GET  /api/models/{repo}/revision/{rev}      repo info (siblings with size, blobId, lfs.sha256)
   GET  /api/models/{repo}/tree/{rev}          file listing
   HEAD /{repo}/resolve/{rev}/{path}           X-Repo-Commit, ETag, X-Linked-Etag, X-Linked-Size
