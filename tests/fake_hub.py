@@ -1,6 +1,6 @@
 """A stand-in for the Hugging Face Hub on 127.0.0.1, for tests that download.
 
-It speaks what `HfApi.model_info` and `snapshot_download` use:
+It speaks what `HfApi.model_info`, `hf_hub_download` and `snapshot_download` use:
   GET  /api/models/{repo}/revision/{rev}      repo info (siblings with size, blobId, lfs.sha256)
   GET  /api/models/{repo}/tree/{rev}          file listing
   HEAD /{repo}/resolve/{rev}/{path}           X-Repo-Commit, ETag, X-Linked-Etag, X-Linked-Size
@@ -8,6 +8,10 @@ It speaks what `HfApi.model_info` and `snapshot_download` use:
 and, like the real hub, it redirects LFS files to a CDN on another origin (a second port here),
 so an Authorization header must not follow them there. Errors carry the hub's X-Error-Code.
 Counts every body byte it serves per file, and can drop or stall a download at a given byte.
+
+It can also play a hostile hub or mirror: list names and ids the client must not trust
+(`FakeRepo.listing`), answer with forged headers (`FakeHub.forged`), and serve content for any
+path at all (`FakeHub.answer_anything`), since a client may normalise `../` out of a URL.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class FakeRepo:
     access: str = "public"  # public | private (401 everywhere without the token) | gated (401/403 on files)
     token: str | None = None
     refs: dict[str, str] = field(default_factory=dict)
+    listing: dict[str, dict] = field(default_factory=dict)  # name -> fields that replace those listed for it
 
     def sha256(self, name: str) -> str:
         return hashlib.sha256(self.files[name]).hexdigest()
@@ -52,6 +57,9 @@ class FakeHub:
         self.cut_once: dict[str, int] = {}         # name -> byte at which its next GET is dropped
         self.stall: dict[str, tuple[int, threading.Event]] = {}  # name -> (byte, event to wait for)
         self.corrupt: set[str] = set()             # names served with one byte flipped
+        self.no_ranges: set[str] = set()           # names served whole (200) whatever Range is asked for
+        self.forged: dict[str, dict] = {}          # name -> headers that replace those of its resolve answers
+        self.answer_anything: bytes | None = None  # served, 200, for a path that matches no route
         self.lock = threading.Lock()
         self._servers: list[ThreadingHTTPServer] = []
 
@@ -124,7 +132,7 @@ def _handler(hub: FakeHub, origin: str):
             if name in hub.corrupt:
                 data = bytes([data[0] ^ 0xFF]) + data[1:]
             start = 0
-            m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+            m = None if name in hub.no_ranges else re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
             if m:
                 start = int(m.group(1))
                 if start >= len(data):
@@ -174,7 +182,14 @@ def _handler(hub: FakeHub, origin: str):
             m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
             if m:
                 return self._resolve(*m.groups())
+            if hub.answer_anything is not None:
+                return self._anything(path)
             self._error(404, "EntryNotFound", "no such route")
+
+        def _anything(self, path: str) -> None:
+            data = hub.answer_anything
+            commit = next(iter(hub.repos.values())).commit
+            self._file(path, data, {"X-Repo-Commit": commit, "ETag": f'"{git_blob_id(data)}"'})
 
         def _auth_ok(self, repo: FakeRepo) -> bool:
             return repo.token is not None and self.headers.get("Authorization") == f"Bearer {repo.token}"
@@ -210,7 +225,7 @@ def _handler(hub: FakeHub, origin: str):
                     if name in repo.lfs:
                         entry["oid"] = repo.pointer_id(name)
                         entry["lfs"] = {"oid": repo.sha256(name), "size": len(data), "pointerSize": 134}
-                    entries.append(entry)
+                    entries.append(_forge(entry, repo.listing.get(name, {}), tree=True))
                 folders = {n.rsplit("/", 1)[0] for n in repo.files if "/" in n}
                 entries += [{"type": "directory", "path": d, "size": 0, "oid": "0" * 40} for d in sorted(folders)]
                 return self._json(entries)
@@ -220,7 +235,7 @@ def _handler(hub: FakeHub, origin: str):
                 if name in repo.lfs:
                     s["blobId"] = repo.pointer_id(name)
                     s["lfs"] = {"size": len(data), "sha256": repo.sha256(name), "pointerSize": 134}
-                siblings.append(s)
+                siblings.append(_forge(s, repo.listing.get(name, {})))
             self._json({"_id": "x", "id": repo_id, "modelId": repo_id, "sha": commit, "private": repo.access == "private",
                         "gated": "manual" if repo.access == "gated" else False, "disabled": False, "downloads": 0,
                         "likes": 0, "tags": [], "lastModified": "2024-01-01T00:00:00.000Z", "siblings": siblings})
@@ -233,14 +248,14 @@ def _handler(hub: FakeHub, origin: str):
             if name not in repo.files:
                 self._send(404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit})
                 return
-            data = repo.files[name]
+            data, forged = repo.files[name], hub.forged.get(name, {})
             if name in repo.lfs:
                 sha = repo.sha256(name)
                 self._send(302, {"Location": f"{hub.cdn_url}/cdn/{sha}", "X-Repo-Commit": commit,
                                  "ETag": f'"{repo.pointer_id(name)}"', "X-Linked-Etag": f'"{sha}"',
-                                 "X-Linked-Size": len(data)})
+                                 "X-Linked-Size": len(data), **forged})
                 return
-            self._file(name, data, {"X-Repo-Commit": commit, "ETag": f'"{git_blob_id(data)}"'})
+            self._file(name, data, {"X-Repo-Commit": commit, "ETag": f'"{git_blob_id(data)}"', **forged})
 
         def _cdn(self, path: str) -> None:
             name = hub._cdn_name(path)
@@ -250,3 +265,16 @@ def _handler(hub: FakeHub, origin: str):
             self._file(name, repo.files[name], {"ETag": f'"{repo.sha256(name)}"'})
 
     return Handler
+
+
+def _forge(entry: dict, changes: dict, tree: bool = False) -> dict:
+    """A listing entry with a hostile hub's changes: `rfilename`, `size`, `blobId`, `lfs` (merged) for the
+    repo info; the same changes under the tree API's names (path, oid, lfs.oid) for the tree."""
+    names = {"rfilename": "path", "blobId": "oid", "sha256": "oid"} if tree else {}
+    out = dict(entry)
+    for key, value in changes.items():
+        if key == "lfs" and "lfs" in out:
+            out["lfs"] = dict(out["lfs"], **{names.get(k, k): v for k, v in value.items()})
+        else:
+            out[names.get(key, key)] = value
+    return out

@@ -7,6 +7,7 @@ so each run gets a fresh environment pointing at this test's server and cache.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 from conftest import ROOT, fixture, make_hf_checkpoint
 from fake_hub import FakeHub, FakeRepo
 from xllama_cli.cli import app
-from xllama_cli.download import is_repo_id, select_files
+from xllama_cli.download import is_repo_id, path_problem, select_files
 
 NEEDED = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
 NOT_NEEDED = ["README.md", ".gitattributes", "pytorch_model.bin", "flax_model.msgpack", "original/consolidated.00.pth",
@@ -194,30 +195,58 @@ def test_hf_hub_offline_refuses_to_download(tmp_path):
 
 
 # ---- resuming ----
-def test_a_connection_cut_mid_file_resumes_in_the_same_run(hub, tiny_repo_files, tmp_path):
-    size = len(tiny_repo_files["model.safetensors"])
-    hub.cut_once["model.safetensors"] = size // 3
+# huggingface_hub's http_get writes what it receives in blocks of DOWNLOAD_CHUNK_SIZE, so a cut loses
+# what came after the last whole block: these tests use weights of two blocks and a bit, cut inside
+# the second block, so that a block is on disk to continue from.
+@pytest.fixture
+def big_hub(tiny_repo_files):
+    from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
+
+    server = FakeHub().start()
+    files = dict(tiny_repo_files, **{"model.safetensors": os.urandom(2 * DOWNLOAD_CHUNK_SIZE + 12345)})
+    server.add("owner/tiny", FakeRepo(files, lfs=set(LFS)))
+    yield server, files["model.safetensors"], DOWNLOAD_CHUNK_SIZE + 777
+    server.stop()
+
+
+def _weight_ranges(hub) -> list[str | None]:
+    """The Range header of every GET of model.safetensors from the CDN, in order."""
+    return [h.get("range") for o, m, p, h in hub.requests
+            if o == "cdn" and m == "GET" and hub._cdn_name(p) == "model.safetensors"]
+
+
+def _range_start(header: str) -> int:
+    m = re.fullmatch(r"bytes=(\d+)-", header)
+    assert m, header
+    return int(m.group(1))
+
+
+def test_a_connection_cut_mid_file_resumes_in_the_same_run(big_hub, tmp_path):
+    hub, data, cut = big_hub
+    hub.cut_once["model.safetensors"] = cut
     r = xllama(_env(tmp_path, hub.url), "download", "owner/tiny")
     assert r.returncode == 0, r.stderr
-    assert hub.served["model.safetensors"] == size  # the rest only, not the file again
-    ranges = [h.get("range") for o, m, p, h in hub.requests if o == "cdn" and m == "GET" and hub._cdn_name(p) == "model.safetensors"]
-    assert ranges == [None, f"bytes={size // 3}-"]
-    assert (_snapshot(tmp_path) / "model.safetensors").read_bytes() == tiny_repo_files["model.safetensors"]
+    first, then = _weight_ranges(hub)
+    start = _range_start(then)
+    assert first is None and 0 < start <= cut  # continued from what was on disk, not from the start
+    assert hub.served["model.safetensors"] == cut + len(data) - start  # then the rest only
+    assert (_snapshot(tmp_path) / "model.safetensors").read_bytes() == data
 
 
-def test_an_interrupted_download_resumes_on_the_next_run_fetching_only_the_rest(hub, tiny_repo_files, tmp_path):
+def test_an_interrupted_download_resumes_on_the_next_run_fetching_only_the_rest(big_hub, tmp_path):
     import threading
 
-    size, cut = len(tiny_repo_files["model.safetensors"]), len(tiny_repo_files["model.safetensors"]) // 2
+    hub, data, cut = big_hub
     release = threading.Event()
     hub.stall["model.safetensors"] = (cut, release)
     env = _env(tmp_path, hub.url)
     proc = subprocess.Popen([sys.executable, "-m", "xllama_cli", "download", "owner/tiny"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:  # wait until the first half is on disk, then kill the download as a power cut would
+    partials = lambda: [p for p in (tmp_path / "hf").rglob("*.xllama-incomplete") if p.stat().st_size]  # noqa: E731
+    try:  # wait until part of the file is on disk, then kill the download as a power cut would
         deadline = time.time() + 60
-        while not any(p.is_file() and p.stat().st_size == cut for p in (tmp_path / "hf").rglob("*")):
-            assert time.time() < deadline and proc.poll() is None, "the download never reached the cut"
+        while not partials():
+            assert time.time() < deadline and proc.poll() is None, "the download never wrote a byte"
             time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -225,12 +254,27 @@ def test_an_interrupted_download_resumes_on_the_next_run_fetching_only_the_rest(
         del hub.stall["model.safetensors"]
         release.set()
     assert hub.served["model.safetensors"] == cut
+    kept = partials()[0].stat().st_size
+    assert 0 < kept <= cut
     assert not _snapshot(tmp_path).joinpath("model.safetensors").exists()
 
     r = xllama(env, "download", "owner/tiny")
     assert r.returncode == 0, r.stderr
-    assert hub.served["model.safetensors"] - cut == size - cut  # the second run fetched only the rest
-    assert (_snapshot(tmp_path) / "model.safetensors").read_bytes() == tiny_repo_files["model.safetensors"]
+    assert _weight_ranges(hub)[1:] == [f"bytes={kept}-"]
+    assert hub.served["model.safetensors"] - cut == len(data) - kept  # the second run fetched only the rest
+    assert (_snapshot(tmp_path) / "model.safetensors").read_bytes() == data
+    assert not list((tmp_path / "hf").rglob("*incomplete"))  # no partial file left behind
+
+
+def test_a_server_that_ignores_the_range_sends_the_whole_file_again_and_it_checks_out(big_hub, tmp_path):
+    hub, data, cut = big_hub
+    hub.cut_once["model.safetensors"] = cut
+    hub.no_ranges.add("model.safetensors")
+    r = xllama(_env(tmp_path, hub.url), "download", "owner/tiny")
+    assert r.returncode == 0, r.stderr
+    assert _range_start(_weight_ranges(hub)[1]) > 0  # asked for the rest, was given all of it
+    assert hub.served["model.safetensors"] == cut + len(data)
+    assert (_snapshot(tmp_path) / "model.safetensors").read_bytes() == data
 
 
 def test_a_corrupted_file_fails_its_sha256_and_is_not_kept(hub, tmp_path):
@@ -240,6 +284,21 @@ def test_a_corrupted_file_fails_its_sha256_and_is_not_kept(hub, tmp_path):
     assert not [p for p in (tmp_path / "hf").rglob("*") if p.is_file() and p.stat().st_size > 100_000]
     hub.corrupt.clear()  # the next run starts that file over and succeeds
     assert xllama(env, "download", "owner/tiny").returncode == 0
+
+
+def test_a_server_that_sends_more_than_the_listed_size_is_cut_off_and_nothing_is_kept(hub, tiny_repo_files, tmp_path):
+    size = len(tiny_repo_files["model.safetensors"])
+    hub.repos["owner/tiny"].listing["model.safetensors"] = {"size": size - 100, "lfs": {"size": size - 100}}
+    r = xllama(_env(tmp_path, hub.url), "download", "owner/tiny")
+    _assert_one_line_error(r, "model.safetensors", f"more than the {size - 100} bytes")
+    assert not [p for p in (tmp_path / "hf").rglob("*") if p.is_file() and p.stat().st_size > 100_000]
+
+
+def test_answers_that_disagree_with_the_file_list_stop_the_download(hub, tmp_path):
+    hub.forged["tokenizer.model"] = {"X-Linked-Etag": '"' + "a" * 64 + '"'}  # a hash, but not the one listed
+    r = xllama(_env(tmp_path, hub.url), "download", "owner/tiny")
+    _assert_one_line_error(r, "owner/tiny changed on the Hub during the download", "tokenizer.model")
+    assert not list((tmp_path / "hf").rglob("a" * 64 + "*"))  # nothing kept under the name the answer gave
 
 
 # ---- access and network errors ----
@@ -328,6 +387,145 @@ def test_a_malformed_repo_id_is_refused(tmp_path):
                            "not a Hugging Face repo id")
 
 
+# ---- a hostile hub or mirror (HF_ENDPOINT) ----
+# Each case lists (or answers with) a name or id that would put a file outside the target; the
+# download must stop with one line naming the repo and the bad value, write nothing outside the
+# target and remove nothing. An escape aims at tmp_path/escaped*, where a file of the user's waits.
+def _tree(root: Path) -> dict[str, bytes | str]:
+    """Every file and link under root, with its content (or a link's target)."""
+    return {str(p.relative_to(root)): (os.readlink(p) if p.is_symlink() else p.read_bytes())
+            for p in sorted(root.rglob("*")) if p.is_symlink() or p.is_file()}
+
+
+def _escape(tmp_path: Path, start: Path, what: str = "escaped.txt") -> str:
+    return os.path.relpath(tmp_path / what, start)
+
+
+def _hostile_run(hub, tmp_path: Path, out: bool, *args: str) -> tuple[subprocess.CompletedProcess, dict, dict]:
+    (tmp_path / "escaped.txt").write_bytes(b"the user's own file")
+    before = _tree(tmp_path)
+    target = ["--out", str(tmp_path / "a" / "b" / "out")] if out else []
+    r = xllama(_env(tmp_path, hub.url), "download", "owner/tiny", *args, *target)
+    return r, before, _tree(tmp_path)
+
+
+def _nothing_outside(tmp_path: Path, out: bool, before: dict, after: dict) -> None:
+    inside = "a/b/out/" if out else "hf/hub/"
+    new_or_changed = {k for k in after if before.get(k) != after[k]}
+    assert not {k for k in new_or_changed if not k.startswith(inside)}, new_or_changed
+    assert all(after.get(k) == v for k, v in before.items()), "a file was removed or changed"
+
+
+def _out_dir(tmp_path: Path) -> Path:
+    return tmp_path / "a" / "b" / "out"
+
+
+HOSTILE_NAMES = {  # label -> the name, given the folder it would be joined to
+    "parent": lambda tmp, base: _escape(tmp, base),
+    "inner parent": lambda tmp, base: "sub/" + _escape(tmp, base / "sub"),
+    "absolute": lambda tmp, base: str(tmp / "escaped.txt"),
+    "backslash": lambda tmp, base: _escape(tmp, base, "escaped.safetensors").replace("/", "\\"),
+}
+
+
+@pytest.mark.parametrize("out", [False, True], ids=["cache", "out"])
+@pytest.mark.parametrize("label", list(HOSTILE_NAMES))
+def test_a_file_name_that_leaves_the_target_is_refused_before_any_file_is_fetched(hub, tmp_path, label, out):
+    name = HOSTILE_NAMES[label](tmp_path, _out_dir(tmp_path) if out else _snapshot(tmp_path))
+    hub.repos["owner/tiny"].files[name] = b"the server's choice"
+    hub.answer_anything = b"the server's choice"
+    r, before, after = _hostile_run(hub, tmp_path, out, "--include", "*")
+    _assert_one_line_error(r, "owner/tiny", repr(name), "HF_ENDPOINT")
+    assert after == before  # nothing written at all, nothing removed
+    assert not hub.served and not [p for _, _, p, _ in hub.requests if not p.startswith("/api/")]
+
+
+@pytest.mark.parametrize("name", ["./config.json", "sub//config.json", "", "sub/.", "a\nb", "a\x00b", "c:/x", "sub/"])
+def test_odd_names_are_refused_too(hub, tmp_path, name):
+    hub.repos["owner/tiny"].files[name] = b"x"
+    r, before, after = _hostile_run(hub, tmp_path, False)
+    _assert_one_line_error(r, "owner/tiny", "HF_ENDPOINT")
+    assert after == before
+
+
+def test_a_hostile_name_is_refused_even_when_it_is_not_among_the_files_chosen(hub, tmp_path):
+    name = _escape(tmp_path, _out_dir(tmp_path))
+    hub.repos["owner/tiny"].files[name] = b"the server's choice"
+    r, before, after = _hostile_run(hub, tmp_path, True)
+    assert _assert_one_line_error(r) == (
+        f"error: owner/tiny on {hub.url}: the file list names {name!r}, which would not stay inside the target folder "
+        f"(it has an empty, '.' or '..' part); refusing it, as only a broken or hostile hub or mirror sends that "
+        f"(check HF_ENDPOINT)")
+    assert after == before
+
+
+HOSTILE_IDS = {  # label -> (file, listing changes given the blobs folder)
+    "sha256 with ../": ("model.safetensors", lambda tmp, blobs: {"lfs": {"sha256": _escape(tmp, blobs, "escaped")}}),
+    "sha256 not hex": ("model.safetensors", lambda tmp, blobs: {"lfs": {"sha256": "z" * 64}}),
+    "sha256 too short": ("model.safetensors", lambda tmp, blobs: {"lfs": {"sha256": "ab" * 20}}),
+    "sha256 missing": ("model.safetensors", lambda tmp, blobs: {"lfs": {"sha256": None}}),
+    "blob id with ../": ("config.json", lambda tmp, blobs: {"blobId": _escape(tmp, blobs, "escaped")}),
+    "blob id upper case": ("config.json", lambda tmp, blobs: {"blobId": "AB" * 20}),
+    "negative size": ("config.json", lambda tmp, blobs: {"size": -5}),
+    "size as text": ("model.safetensors", lambda tmp, blobs: {"lfs": {"size": "12"}}),
+}
+
+
+@pytest.mark.parametrize("out", [False, True], ids=["cache", "out"])
+@pytest.mark.parametrize("label", list(HOSTILE_IDS))
+def test_a_listed_blob_id_or_size_that_is_not_what_it_should_be_is_refused(hub, tmp_path, label, out):
+    name, changes = HOSTILE_IDS[label]
+    blobs = tmp_path / "hf" / "hub" / "models--owner--tiny" / "blobs"
+    changes = changes(tmp_path, blobs)
+    hub.repos["owner/tiny"].listing[name] = changes
+    r, before, after = _hostile_run(hub, tmp_path, out)
+    value = (changes.get("lfs") or changes).popitem()[1]
+    _assert_one_line_error(r, "owner/tiny", repr(name), repr(value), "HF_ENDPOINT")
+    assert after == before
+    assert not hub.served
+
+
+@pytest.mark.parametrize("out", [False, True], ids=["cache", "out"])
+def test_a_commit_id_that_is_not_a_hash_is_refused(hub, tmp_path, out):
+    repo = hub.repos["owner/tiny"]
+    repo.commit = repo.refs["main"] = "../../../../escaped"
+    hub.answer_anything = b"the server's choice"
+    r, before, after = _hostile_run(hub, tmp_path, out)
+    assert _assert_one_line_error(r) == (
+        f"error: owner/tiny on {hub.url}: the revision is at commit '../../../../escaped', which is not 40 hex digits; "
+        f"refusing it, as only a broken or hostile hub or mirror sends that (check HF_ENDPOINT)")
+    assert after == before
+
+
+FORGED = {  # label -> (file, headers of its resolve answers, given the blobs folder)
+    "ETag with ../": ("config.json", lambda tmp, blobs: {"ETag": f'"{_escape(tmp, blobs, "escaped")}"'}),
+    "X-Linked-Etag with ../": ("model.safetensors",
+                               lambda tmp, blobs: {"X-Linked-Etag": f'"{_escape(tmp, blobs, "escaped")}"'}),
+    "X-Repo-Commit with ../": ("tokenizer.model",
+                               lambda tmp, blobs: {"X-Repo-Commit": _escape(tmp, blobs.parent / "snapshots" / "x")}),
+}
+
+
+@pytest.mark.parametrize("out", [False, True], ids=["cache", "out"])
+@pytest.mark.parametrize("label", list(FORGED))
+def test_a_forged_etag_or_commit_header_is_refused(hub, tmp_path, label, out):
+    """huggingface_hub names cache files after these headers without checking them."""
+    name, headers = FORGED[label]
+    headers = headers(tmp_path, tmp_path / "hf" / "hub" / "models--owner--tiny" / "blobs")
+    hub.forged[name] = headers
+    r, before, after = _hostile_run(hub, tmp_path, out)
+    value = next(iter(headers.values())).strip('"')
+    _assert_one_line_error(r, "owner/tiny", repr(value), "HF_ENDPOINT")
+    _nothing_outside(tmp_path, out, before, after)
+
+
+def test_a_revision_that_is_not_a_ref_name_is_refused_before_any_request(tmp_path):
+    from conftest import cli_fails
+
+    assert cli_fails(["download", "owner/tiny", "--revision", "../../x"]) == (
+        "error: --revision '../../x' is not a branch, tag or commit name (it has an empty, '.' or '..' part)")
+
+
 # ---- pure functions ----
 def test_default_files_are_safetensors_config_and_tokenizer_only():
     repo = ["config.json", "generation_config.json", "model-00001-of-00002.safetensors",
@@ -356,6 +554,22 @@ def test_include_adds_and_exclude_removes():
     repo = ["config.json", "model.safetensors", "tokenizer.model", "original/params.json", "README.md"]
     assert select_files(repo, include=["original/", "*.md"], exclude=["tokenizer.*"]) == [
         "README.md", "config.json", "model.safetensors", "original/params.json"]
+
+
+@pytest.mark.parametrize("name", ["config.json", "original/params.json", "a b/c.json", "x..y", "..x", ".gitattributes",
+                                  "dir/.hidden", "refs/pr/1", "v1.0"])
+def test_plain_relative_names_are_accepted(name):
+    assert path_problem(name) is None
+
+
+@pytest.mark.parametrize("name,why", [
+    ("", "empty"), ("..", "'..' part"), ("../x", "'..' part"), ("a/../../x", "'..' part"), ("a/..", "'..' part"),
+    ("./x", "'.' or"), ("a//b", "empty, '.'"), ("a/", "empty, '.'"), ("/etc/passwd", "absolute"),
+    ("..\\x", "backslash"), ("a\\b", "backslash"), ("\\\\host\\share", "backslash"), ("C:/x", "drive"),
+    ("c:x", "drive"), ("a/D:", "drive"), ("a\nb", "control"), ("a\x00b", "control"), (None, "not text"),
+    (42, "not text but int")])
+def test_names_that_would_leave_the_folder_are_refused(name, why):
+    assert why in path_problem(name)
 
 
 @pytest.mark.parametrize("text,ok", [("meta-llama/Llama-2-7b-hf", True), ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", True),

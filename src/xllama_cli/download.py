@@ -1,25 +1,30 @@
 """Checkpoints from the Hugging Face Hub: `xllama download`, and repo ids given as `--model`.
 
-Every file is fetched by a resumable GET into a partial file that survives an interruption (the
-next run asks the server only for the rest), checked against the hub's size and hash (sha256 for
-LFS files, the git blob id for the others), and only then moved to where huggingface_hub keeps
-it. `snapshot_download` then lays out the cache or the `--out` folder from those files: it finds
-them in place and downloads nothing itself. (huggingface_hub >= 1.0 deletes its own partial
-files when a download fails, so it cannot resume across runs on its own.)
+huggingface_hub does the transfer: its `http_get` fetches each file (a Range request for what is
+missing, retries of dropped connections), and `hf_hub_download` lays out the cache or the `--out`
+folder around it. xllama adds what huggingface_hub lacks:
+- a partial file that outlives the process, so that the next run asks only for the rest
+  (huggingface_hub >= 1.0 downloads into a new temporary file each time and deletes it on failure);
+- a check of the content against the hub's sha256 (LFS files) or git blob id (huggingface_hub
+  checks the size only);
+- no trust in the server (HF_ENDPOINT may be a mirror, or hostile): every name, size, blob id and
+  commit id of the listing is checked before any file is asked for, and so are the ETag and commit
+  headers that hf_hub_download names cache files after (it checks file names, not those).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
-import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from pathlib import Path
-from typing import Iterable, Iterator
+from functools import partial
+from pathlib import Path, PureWindowsPath
+from typing import BinaryIO, Iterable, Iterator
 
 from . import report
 from .errors import XllamaError
@@ -32,10 +37,12 @@ TORCH_BIN = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
 META = ("params.json", "consolidated.*.pth")
 WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "consolidated.*.pth")
 
-RETRIES = 5          # tries in a row that bring no new byte before a run gives up on a file
-RETRY_WAIT_S = 1.0
 CHUNK = 1 << 20
 PARTIAL_SUFFIX = ".xllama-incomplete"
+_HEX40 = re.compile(r"[0-9a-f]{40}")  # a git blob or commit id
+_HEX64 = re.compile(r"[0-9a-f]{64}")  # a sha256
+# an ETag header as huggingface_hub reads it (it strips W/ and the quotes): a blob id or a sha256
+_ETAG = re.compile(r'(?:W/)?"?([0-9a-f]{40}|[0-9a-f]{64})"?')
 
 _REPO_ID = re.compile(r"(?!\.)[\w.-]+/(?!\.)[\w.-]+")
 
@@ -106,7 +113,37 @@ def select_files(files: Iterable[str], include: Iterable[str] = (), exclude: Ite
     return sorted(f for f in chosen if not _matches(f, exclude))
 
 
-# ---- the hub's view of a file ----
+# ---- what a server says, checked before it names a path ----
+def path_problem(name: object) -> str | None:
+    """Why `name` (a file name a hub listed, or a revision) would not stay inside the folder it is
+    joined to; None when it would. Only a relative POSIX path of plain parts passes: no empty, '.'
+    or '..' part, not absolute, no backslash or drive (separators and roots on Windows), no control
+    character."""
+    if not isinstance(name, str):
+        return f"it is not text but {type(name).__name__}"
+    if not name:
+        return "it is empty"
+    if name.startswith("/"):
+        return "it is an absolute path"
+    if "\\" in name:
+        return "it holds a backslash"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "it holds a control character"
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return "it has an empty, '.' or '..' part"
+    if any(PureWindowsPath(part).drive for part in parts):
+        return "it names a drive"
+    return None
+
+
+def _untrusted(repo_id: str, what: str) -> XllamaError:
+    from huggingface_hub import constants
+
+    return XllamaError(f"{repo_id} on {constants.ENDPOINT}: {what}; refusing it, as only a broken or hostile hub "
+                       f"or mirror sends that (check HF_ENDPOINT)")
+
+
 @dataclass(frozen=True)
 class RemoteFile:
     name: str
@@ -116,7 +153,7 @@ class RemoteFile:
 
     @property
     def etag(self) -> str | None:
-        """The name huggingface_hub gives the file's blob in its cache."""
+        """What the content must hash to, and the name huggingface_hub gives its blob in the cache."""
         return self.sha256 or self.blob_id
 
     def digest(self):
@@ -129,17 +166,90 @@ class RemoteFile:
             return h
         return None
 
-    def expected_digest(self) -> str | None:
-        return self.sha256 or self.blob_id
 
-
-def _remote_files(info) -> dict[str, RemoteFile]:
+def _remote_files(info, repo_id: str) -> dict[str, RemoteFile]:
+    """The hub's listing of repo_id, with every name, size and id in it checked, chosen or not."""
+    if not (isinstance(info.sha, str) and _HEX40.fullmatch(info.sha)):
+        raise _untrusted(repo_id, f"the revision is at commit {info.sha!r}, which is not 40 hex digits")
     out = {}
     for s in info.siblings or []:
-        lfs = s.lfs
-        size = lfs.size if lfs else s.size
-        out[s.rfilename] = RemoteFile(s.rfilename, size, lfs.sha256 if lfs else None, s.blob_id)
+        name, lfs = s.rfilename, s.lfs
+        why = path_problem(name)
+        if why:
+            raise _untrusted(repo_id, f"the file list names {name!r}, which would not stay inside the target folder "
+                                      f"({why})")
+        sha256, size = (lfs.sha256, lfs.size) if lfs else (None, s.size)
+        for kind, value, pattern, needed in (("sha256", sha256, _HEX64, lfs is not None),
+                                             ("git blob id", s.blob_id, _HEX40, False)):
+            if (value is not None or needed) and not (isinstance(value, str) and pattern.fullmatch(value)):
+                raise _untrusted(repo_id, f"the file list gives {name!r} the {kind} {value!r}, which is not "
+                                          f"{64 if pattern is _HEX64 else 40} lowercase hex digits")
+        if size is not None and (type(size) is not int or size < 0):
+            raise _untrusted(repo_id, f"the file list gives {name!r} the size {size!r}, which is not a number of bytes")
+        out[name] = RemoteFile(name, size, sha256, s.blob_id)
     return out
+
+
+def _model_info(repo_id: str, revision: str, token: str | None):
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi(token=token).model_info(repo_id, revision=revision, files_metadata=True)
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:  # a listing huggingface_hub cannot parse
+        raise _untrusted(repo_id, f"its repo listing cannot be read ({type(e).__name__}: {_first_line(e)})") from None
+
+
+@dataclass
+class _Listing:
+    """What the hub listed: what its later answers about a file must agree with."""
+    commit: str | None = None
+    files: dict[str, RemoteFile] = field(default_factory=dict)
+
+
+@contextmanager
+def _checked_answers(repo_id: str) -> Iterator[_Listing]:
+    """While the block runs, every HEAD answer's ETag and X-Repo-Commit are checked before huggingface_hub
+    reads them (hf_hub_download names the blob, its temporary file and the snapshot folder after them):
+    each must be a hash, and once the caller has filled in the listing, the very hash listed."""
+    from urllib.parse import unquote
+
+    from huggingface_hub.utils import set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
+    listing = _Listing()
+
+    def check(response) -> None:
+        if response.request.method != "HEAD":
+            return
+        # the file asked about: what follows the (quoted) revision in .../resolve/<revision>/<name>
+        path = response.request.url.raw_path.decode("ascii").split("?", 1)[0]
+        name = unquote(path.split("/resolve/", 1)[-1].split("/", 1)[-1])
+        header = response.headers.get("X-Linked-Etag") or response.headers.get("ETag")  # huggingface_hub's order
+        etag = _ETAG.fullmatch(header) if header is not None else None
+        if header is not None and etag is None:
+            raise _untrusted(repo_id, f"the answer for {name!r} has the ETag {header.strip(chr(34))!r}, which is not "
+                                      f"a blob id or sha256")
+        commit = response.headers.get("X-Repo-Commit")
+        if commit is not None and not _HEX40.fullmatch(commit):
+            raise _untrusted(repo_id, f"the answer for {name!r} has the X-Repo-Commit {commit!r}, which is not 40 "
+                                      f"hex digits")
+        f = listing.files.get(name)
+        for what, got, listed in (("ETag", etag and etag.group(1), f and f.etag), ("commit", commit, listing.commit)):
+            if got and listed and got != listed:
+                raise XllamaError(f"{repo_id} changed on the Hub during the download: the answer for {name} gives "
+                                  f"the {what} {got}, the file list {listed}; run the command again")
+
+    def checked_client():
+        client = default_client_factory()
+        client.event_hooks = dict(client.event_hooks, response=[*client.event_hooks["response"], check])
+        return client
+
+    # a factory, not a hook on today's session: huggingface_hub replaces its session after a connection error
+    set_client_factory(checked_client)
+    try:
+        yield listing
+    finally:
+        set_client_factory(default_client_factory)
 
 
 # ---- errors ----
@@ -194,83 +304,110 @@ def hub_errors(repo_id: str, revision: str, token_in_use: bool) -> Iterator[None
         raise XllamaError(unreachable.format(why=_first_line(e))) from None
 
 
-# ---- resumable, verified fetch of one file ----
-def _hash_file(path: Path, digest) -> None:
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
+# ---- one file: huggingface_hub's http_get into a partial file that outlives the run ----
+def _hash_into(digest, file: BinaryIO) -> None:
+    while chunk := file.read(CHUNK):
+        digest.update(chunk)
 
 
-def fetch(session, url: str, headers: dict[str, str], f: RemoteFile, partial: Path, final: Path, progress) -> int:
-    """GET url into `partial` (continuing what an earlier run left there), verify it, move it to `final`.
+class _Bar:
+    """The progress bar huggingface_hub asks for (tqdm's context manager and `update`), drawn as a rich task."""
 
-    Returns the bytes received in this call. A dropped connection is retried with a Range request
-    for the rest; after RETRIES tries without a new byte the partial file stays for the next run.
-    """
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    have = partial.stat().st_size if partial.exists() else 0
-    if f.size is not None and have > f.size:  # not a prefix of this file: start over
-        partial.unlink()
-        have = 0
-    digest = f.digest()
-    if have and digest is not None:
-        _hash_file(partial, digest)
-    task = progress.add_task(f.name, total=f.size, completed=have)
-    received, fruitless, net = 0, 0, _transport_errors()
-    while f.size is None or have < f.size:
-        before, error = have, None
-        # identity: byte offsets must be those of the file itself, never of a compressed stream
-        request_headers = dict(headers, **{"Accept-Encoding": "identity"}, **({"Range": f"bytes={have}-"} if have else {}))
-        try:
-            with session.stream("GET", url, headers=request_headers, follow_redirects=True) as r:
-                if r.status_code >= 400:
-                    r.read()  # the error's text is in the body
-                    from huggingface_hub.utils import hf_raise_for_status
+    def __init__(self, progress, name: str, *, total: float | None = None, initial: float = 0, **_) -> None:
+        self.progress, self.task = progress, progress.add_task(name, total=total, completed=initial)
 
-                    hf_raise_for_status(r)
-                if have and r.status_code != 206:  # the server ignored the Range: take it from the start
-                    have, digest = 0, f.digest()
-                with partial.open("ab" if have else "wb") as out:
-                    for chunk in r.iter_bytes():  # as it arrives: a fixed chunk size would hold bytes back
-                        out.write(chunk)
-                        out.flush()  # what is on disk is what a later run resumes from
-                        if digest is not None:
-                            digest.update(chunk)
-                        have += len(chunk)
-                        received += len(chunk)
-                        progress.update(task, completed=have)
-            if f.size is None:
-                break  # no size to aim for: the complete response is the file
-        except net as e:
-            error = e
-        fruitless = 0 if have > before else fruitless + 1
-        if f.size is not None and have < f.size and fruitless:
-            if fruitless > RETRIES:
-                why = _first_line(error) if error else "the server ended the response early"
-                raise XllamaError(f"download of {f.name} stopped at {have} of {f.size} bytes ({why}); run the same "
-                                  f"command again to resume") from None
-            time.sleep(RETRY_WAIT_S)
-    if f.size is not None and have != f.size:
-        partial.unlink()
-        raise XllamaError(f"{f.name}: the server sent {have} bytes, the hub lists {f.size}; run the command again")
-    if digest is not None and digest.hexdigest() != f.expected_digest():
-        partial.unlink()  # a corrupt file is no base to resume from
+    def __enter__(self) -> "_Bar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def update(self, n: float = 1) -> None:
+        self.progress.advance(self.task, n)
+
+
+class _Partial:
+    """The partial file as http_get writes it: hashed as it grows, and refusing bytes past the size the
+    hub listed (a server that kept sending would fill the disk)."""
+
+    def __init__(self, file: BinaryIO, f: RemoteFile) -> None:
+        self.file, self.f = file, f
+        self._rehash()
+
+    def _rehash(self) -> None:
+        """Hash what the file holds: what an earlier run left there, or what a truncate kept."""
+        self.digest = self.f.digest()
+        end = self.file.seek(0, os.SEEK_END)
+        if self.digest is not None:
+            self.file.seek(0)
+            _hash_into(self.digest, self.file)
+        self.file.seek(end)
+
+    def write(self, data: bytes) -> int:
+        if self.f.size is not None and self.file.tell() + len(data) > self.f.size:
+            raise XllamaError(f"{self.f.name}: the server sent more than the {self.f.size} bytes the hub lists; the "
+                              f"bad download was removed, run the command again")
+        if self.digest is not None:
+            self.digest.update(data)
+        return self.file.write(data)
+
+    def truncate(self, size: int | None = None) -> int:  # http_get starts over when a server ignores the Range
+        kept = self.file.truncate(size)
+        self._rehash()
+        return kept
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.file.seek(offset, whence)
+
+
+def fetch(url: str, headers: dict[str, str], f: RemoteFile, partial_path: Path, final: Path, bar) -> None:
+    """Bring `partial_path` up to the whole file (continuing what an earlier run left there), check it
+    against the hub's size and hash, and move it to `final`."""
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.file_download import http_get
+
+    partial_path.parent.mkdir(parents=True, exist_ok=True)
+    if partial_path.is_file() and (f.size is None or partial_path.stat().st_size > f.size):
+        partial_path.unlink()  # nothing to continue: no size to aim for, or not a prefix of this file
+    try:
+        # unbuffered: what http_get has written is on disk for a later run to continue
+        with partial_path.open("a+b", buffering=0) as file:
+            out = _Partial(file, f)
+            http_get(url, out, resume_size=out.tell(), headers=headers, expected_size=f.size,
+                     displayed_filename=f.name, tqdm_class=bar)
+    except XllamaError:
+        partial_path.unlink(missing_ok=True)
+        raise
+    except HfHubHTTPError:
+        raise  # refused or missing: hub_errors words it
+    except ValueError as e:  # a file past the size plain HTTP downloads allow
+        raise XllamaError(f"cannot download {f.name}: {_first_line(e)}") from None
+    except (*_transport_errors(), OSError) as e:
+        got = partial_path.stat().st_size if partial_path.is_file() else 0
+        raise XllamaError(f"download of {f.name} stopped at {got} of {f.size} bytes ({_first_line(e)}); run the same "
+                          f"command again to resume") from None
+    if out.digest is not None and out.digest.hexdigest() != f.etag:
+        partial_path.unlink()  # a corrupt file is no base to resume from
         kind = "sha256" if f.sha256 else "git blob id"
-        raise XllamaError(f"{f.name}: {kind} {digest.hexdigest()} does not match the hub's {f.expected_digest()}; "
+        raise XllamaError(f"{f.name}: {kind} {out.digest.hexdigest()} does not match the hub's {f.etag}; "
                           f"the bad download was removed, run the command again")
-    partial.replace(final)
-    return received
+    partial_path.replace(final)
 
 
 # ---- where files go: the HF cache (blobs named by etag) or an --out folder ----
 class _CacheTarget:
-    def __init__(self, repo_id: str) -> None:
+    def __init__(self, repo_id: str, commit: str) -> None:
         from huggingface_hub import constants
         from huggingface_hub.file_download import repo_folder_name
 
-        self.cache_dir = Path(constants.HF_HUB_CACHE)
+        # resolved as hf_hub_download resolves it: the folder printed is the one it lays out
+        self.cache_dir = Path(constants.HF_HUB_CACHE).expanduser().resolve()
         self.storage = self.cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model")
+        self.folder = self.storage / "snapshots" / commit
+        self.where = {"cache_dir": str(self.cache_dir)}
 
     def final(self, f: RemoteFile) -> Path:
         return self.storage / "blobs" / f.etag
@@ -283,12 +420,14 @@ class _CacheTarget:
         return p.is_file() and (f.size is None or p.stat().st_size == f.size)
 
     def finished(self, f: RemoteFile, commit: str) -> None:
-        pass  # snapshot_download links snapshots/<commit>/<name> to the blob
+        pass  # hf_hub_download links snapshots/<commit>/<name> to the blob
 
 
 class _FolderTarget:
     def __init__(self, out: Path, repo_id: str, force: bool) -> None:
         self.out, self.repo_id, self.force = out, repo_id, force
+        self.folder = out.resolve()  # as hf_hub_download resolves it
+        self.where = {"local_dir": str(self.folder)}
 
     def final(self, f: RemoteFile) -> Path:
         return self.out / f.name
@@ -309,8 +448,9 @@ class _FolderTarget:
             return True
         digest = f.digest()
         if size_ok and digest is not None:  # e.g. put there by hand: accept it if it is the same file
-            _hash_file(p, digest)
-            if digest.hexdigest() == f.expected_digest():
+            with p.open("rb") as file:
+                _hash_into(digest, file)
+            if digest.hexdigest() == f.etag:
                 return True
         if self.force or meta is not None:  # a file an earlier download put there (another revision): replace it
             return False
@@ -320,7 +460,7 @@ class _FolderTarget:
     def finished(self, f: RemoteFile, commit: str) -> None:
         from huggingface_hub._local_folder import write_download_metadata
 
-        # what snapshot_download reads to know the file is this commit's, without hashing it again
+        # what hf_hub_download reads to know the file is this commit's, without fetching or hashing it again
         write_download_metadata(self.out, f.name, commit, f.etag)
 
 
@@ -334,31 +474,24 @@ def _check_config(repo_id: str, config_path: Path) -> None:
                           f"(xllama runs model_type 'llama', or Meta's params.json layout)")
 
 
-def _quiet_tqdm():
-    from tqdm.auto import tqdm
-
-    class Quiet(tqdm):  # our own bars show the bytes; snapshot_download only links files here
-        def __init__(self, *args, **kwargs):
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-
-    return Quiet
-
-
 def download(repo_id: str, *, revision: str = "main", token: str | None = None, out: str | Path | None = None,
              include: Iterable[str] = (), exclude: Iterable[str] = (), force: bool = False) -> Path:
     """Fetch what xllama needs of repo_id (resumable, verified); returns the local folder that holds it."""
     if not is_repo_id(repo_id):
         raise XllamaError(f"{repo_id!r} is not a Hugging Face repo id (owner/name, e.g. meta-llama/Llama-2-7b-hf)")
-    from huggingface_hub import HfApi, constants, get_token, hf_hub_url, snapshot_download
-    from huggingface_hub.utils import build_hf_headers, get_session
+    why = path_problem(revision)  # huggingface_hub keeps refs/<revision> in the cache
+    if why:
+        raise XllamaError(f"--revision {revision!r} is not a branch, tag or commit name ({why})")
+    from huggingface_hub import constants, get_token, hf_hub_download, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
 
     token_in_use = bool(token or get_token())
-    with hub_errors(repo_id, revision, token_in_use):
+    with hub_errors(repo_id, revision, token_in_use), _checked_answers(repo_id) as listing:
         if constants.is_offline_mode():
             raise XllamaError(f"HF_HUB_OFFLINE is set, so nothing can be downloaded; unset it to download {repo_id}")
-        info = HfApi(token=token).model_info(repo_id, revision=revision, files_metadata=True)
-        remote = _remote_files(info)
+        info = _model_info(repo_id, revision, token)
+        remote = _remote_files(info, repo_id)
+        listing.commit, listing.files = info.sha, remote
         if "config.json" not in remote and "params.json" not in remote:
             raise XllamaError(f"{repo_id} holds no Llama checkpoint: no config.json and no params.json at "
                               f"revision {revision!r}")
@@ -366,28 +499,30 @@ def download(repo_id: str, *, revision: str = "main", token: str | None = None, 
         if not any(_matches(n, WEIGHTS) for n in names):
             raise XllamaError(f"{repo_id} has no weights xllama reads among the files chosen "
                               f"(*.safetensors, pytorch_model*.bin, consolidated.NN.pth); check --include/--exclude")
-        target = _FolderTarget(Path(out).expanduser(), repo_id, force) if out is not None else _CacheTarget(repo_id)
-        session, headers = get_session(), build_hf_headers(token=token)
+        target = (_FolderTarget(Path(out).expanduser(), repo_id, force) if out is not None
+                  else _CacheTarget(repo_id, info.sha))
+        # identity: byte offsets must be those of the file itself, never of a compressed stream
+        headers = dict(build_hf_headers(token=token), **{"Accept-Encoding": "identity"})
         ordered = sorted(names, key=lambda n: n != "config.json")  # learn the model type before the big files
         with report.transfer_progress() as progress:
             for name in ordered:
-                f = remote[name]
-                if f.etag is None:
-                    continue  # no metadata to name or check it by: snapshot_download fetches it
-                if target.complete(f):
-                    progress.add_task(f"{name} (already here)", total=f.size, completed=f.size)
-                else:
-                    url = hf_hub_url(repo_id, name, revision=info.sha)
-                    fetch(session, url, headers, f, target.partial(f), target.final(f), progress)
+                f, bar = remote[name], partial(_Bar, progress, name)
+                if f.etag is not None:  # else the hub gave nothing to check it by: hf_hub_download fetches it
+                    if target.complete(f):
+                        progress.add_task(f"{name} (already here)", total=f.size, completed=f.size)
+                    else:
+                        fetch(hf_hub_url(repo_id, name, revision=info.sha), headers, f, target.partial(f),
+                              target.final(f), bar)
                     target.finished(f, info.sha)
+                # finds the file checked here in place (its HEAD answer must agree with the listing) and
+                # lays out around it: the snapshot link and refs/<revision>, or the folder's metadata
+                placed = Path(hf_hub_download(repo_id, name, revision=revision, token=token, tqdm_class=bar,
+                                              **target.where))
                 if name == "config.json":
-                    _check_config(repo_id, target.final(f))
-        folder = Path(snapshot_download(
-            repo_id, revision=revision, token=token, allow_patterns=names, tqdm_class=_quiet_tqdm(),
-            **({"local_dir": str(target.out)} if out is not None else {"cache_dir": str(target.cache_dir)})))
+                    _check_config(repo_id, placed)
     for name in names:
-        f, p = remote[name], folder / name
+        f, p = remote[name], target.folder / name
         if not p.is_file() or (f.size is not None and p.stat().st_size != f.size):
             got = p.stat().st_size if p.is_file() else 0
             raise XllamaError(f"{p} is incomplete ({got} of {f.size} bytes); run the download again")
-    return folder
+    return target.folder
