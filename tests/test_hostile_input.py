@@ -71,6 +71,15 @@ def test_bench_files_follow_the_same_rule(tmp_path, demo_copy):
     assert tree(tmp_path / "models") == before
 
 
+def test_download_out_follows_the_same_rule_before_any_request(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: a request would fail otherwise
+    (tmp_path / "file").write_text("a user's file")
+    fails(["download", "owner/name", "--out", str(tmp_path / "file")], "is a file")
+    monkeypatch.chdir(tmp_path)
+    fails(["download", "owner/name", "--out", "."], "working folder")
+    assert (tmp_path / "file").read_text() == "a user's file"
+
+
 # ---- text that is not UTF-8 ----
 def test_prompt_with_bytes_that_are_not_utf8():
     # Python hands undecodable argv bytes over as lone surrogates (surrogateescape): b"\xff" -> "\udcff"
@@ -202,7 +211,6 @@ def test_every_runtime_import_is_declared():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     declared = {re.split(r"[<>=!~ ;\[]", d, maxsplit=1)[0].lower().replace("-", "_") for d in deps}
     optional = {"matplotlib"}  # the [plot] extra, imported only by plotting.py behind a clear error
-    provided_by = {"huggingface_hub": "huggingface_hub", "tqdm": "huggingface_hub"}  # hf's own progress bars
     stdlib = set(sys.stdlib_module_names)
     missing = set()
     for path in (ROOT / "src" / "xllama_cli").rglob("*.py"):
@@ -220,7 +228,7 @@ def test_every_runtime_import_is_declared():
                 top = name.split(".")[0]
                 if top in stdlib or top == "xllama_cli" or top in optional:
                     continue
-                if provided_by.get(top, top).lower() not in declared:
+                if top.lower() not in declared:
                     missing.add(f"{top} ({path.name})")
     assert not missing, f"imported but not in [project].dependencies: {sorted(missing)}"
 

@@ -482,6 +482,10 @@ def download(repo_id: str, *, revision: str = "main", token: str | None = None, 
     why = path_problem(revision)  # huggingface_hub keeps refs/<revision> in the cache
     if why:
         raise XllamaError(f"--revision {revision!r} is not a branch, tag or commit name ({why})")
+    if out is not None:  # the writers' rule; which files of a folder are replaced is decided per file below
+        from .writer import check_destination
+
+        out = check_destination(out, force=force, kind="merge")
     from huggingface_hub import constants, get_token, hf_hub_download, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
