@@ -30,9 +30,10 @@ from .writer import check_destination
 from .generation import GenerationStats, context_length, generate_tokens
 from .kv_cache import cache_capacity
 from .layout import is_kv_param, regroup_kv, target_kv_heads
-from .loading import for_inference, load_model, resolve_device, resolve_dtype
+from .loading import available_bytes, for_inference, load_model, resolve_device, resolve_dtype
 from .quantize import check_quantize
 from .model import Transformer
+from .report import human_bytes as _bytes, human_count as _count
 from .sampling import Sampling
 
 # ---- presets: architectures only; the weights are random ----
@@ -57,17 +58,9 @@ PRESETS: dict[str, tuple[str, ModelConfig]] = {
         max_seq_len=8192, rope_theta=500000.0, bos_id=128000, eos_id=[128001])),
 }
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
-POSITIVE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim")
 OUT_SUFFIXES = (".json", ".csv")
 PLOT_SUFFIXES = (".png", ".svg")
 WARMUP_RUNS = 1
-
-
-def param_count(cfg: ModelConfig) -> int:
-    """Exact parameter count of the architecture (built on the meta device, so no memory)."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    return sum(p.numel() for p in model.parameters())
 
 
 def preset_config(name: str) -> ModelConfig:
@@ -89,33 +82,28 @@ def config_from_file(path: Path, base: ModelConfig | None = None) -> ModelConfig
     if "hidden_size" in data or "num_attention_heads" in data:  # Hugging Face config.json
         if base is not None:
             raise XllamaError(f"--config {path} is a full Hugging Face config.json; drop --preset")
-        return ModelConfig.from_hf(data)
+        return ModelConfig.from_hf(data, source=f"--config {path}")
     unknown = sorted(set(data) - CONFIG_FIELDS)
     if unknown:
         raise XllamaError(f"--config {path}: unknown field {unknown[0]!r}; use Hugging Face config.json "
                           f"keys or these: {', '.join(sorted(CONFIG_FIELDS))}")
-    for name in POSITIVE_FIELDS:
-        value = data.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-            raise XllamaError(f"--config {path}: {name} must be a positive integer, got {value!r}")
     if base is None:
-        data.setdefault("head_dim", 0)
-        return ModelConfig(**data)
+        return ModelConfig.checked(data, f"--config {path}")
     if "n_heads" in data or "dim" in data:
         data.setdefault("head_dim", 0)  # recomputed from the new dim / n_heads
     if "n_heads" in data and "n_kv_heads" not in data:
         data["n_kv_heads"] = data["n_heads"]
-    return ModelConfig(**{**dataclasses.asdict(base), **data})
+    return ModelConfig.checked({**dataclasses.asdict(base), **data}, f"--config {path}")
 
 
 def show_presets() -> None:
     """The --list-presets table: architectures, parameter counts and sizes."""
     rows = []
     for name, (_desc, cfg) in PRESETS.items():
-        n = param_count(cfg)
+        n = cfg.n_params()
         rows.append([name, str(cfg.n_layers), str(cfg.dim), str(cfg.n_heads), str(cfg.n_kv_heads),
                      str(cfg.hidden_dim), str(cfg.vocab_size), _count(n), _bytes(2 * n),
-                     _count(param_count(cfg.replace(n_kv_heads=cfg.n_heads)))])
+                     _count(cfg.replace(n_kv_heads=cfg.n_heads).n_params())])
     report.table(["preset", "layers", "dim", "heads", "KV\nheads", "FFN", "vocab", "params", "bf16\nsize",
                   "MHA base\nparams"], rows, title="xllama bench presets (random weights)",
                  caption="sizes in the architecture's own KV layout (float32: twice bf16); bench builds one MHA "
@@ -262,33 +250,6 @@ class BenchResult:
 
 
 # ---- the machine ----
-def available_bytes(device: torch.device) -> int:
-    """Memory that new tensors on `device` can still take."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    avail = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if avail is None:
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            avail = 1 << 62  # unknown: let the allocator decide
-    try:  # a container's own limit, where there is one
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-            avail = min(avail, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return avail
-
-
 def machine_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "platform": platform.platform(), "machine": platform.machine(), "cpu": _cpu_name(),
@@ -387,7 +348,7 @@ def regrouped(base: Transformer, groups: int, method: str = "mean") -> Transform
 
 def weight_bytes_per_step(cfg: ModelConfig, groups: int, batch: int, elsize: int) -> int:
     """Bytes of weights one decode step reads: every parameter once, but only B rows of an untied embedding."""
-    n = param_count(cfg.replace(n_kv_heads=groups))
+    n = cfg.replace(n_kv_heads=groups).n_params()
     if not cfg.tie_embeddings:
         n -= (cfg.vocab_size - batch) * cfg.dim
     return n * elsize
@@ -548,7 +509,7 @@ def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype) -> BenchR
         cfg = cfg.replace(**changes)
     o = fit_lengths(o, context_length(cfg))
     groups = parse_groups(o.groups, cfg.n_heads, cfg.n_kv_heads)
-    params = param_count(cfg)
+    params = cfg.n_params()
     result = BenchResult(source=source, config=cfg, params=params, device=device, dtype=dtype, groups=groups,
                          input_len=o.input_len, output_len=o.output_len, batch=o.batch, repeats=o.repeats,
                          seed=o.seed, quantize=o.quantize, compiled=o.compile, machine=machine_info(device))
@@ -757,18 +718,3 @@ def write_results(result: BenchResult, path: Path) -> None:
     from .writer import atomic_write
 
     atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def _count(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(n)

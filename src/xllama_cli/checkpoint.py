@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, json_object, show_json
 from .errors import XllamaError
 
 # (dim, start, stop): rows (dim 0) or columns (dim 1) of a tensor, in HF layout
@@ -75,27 +75,60 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise XllamaError(f"cannot read {path}: {e}") from None
+    return json_object(data, str(path))
+
+
+def _checked(ckpt: Checkpoint, config_name: str) -> Checkpoint:
+    """`ckpt`, once its config is seen to fit in its weight files. Each parameter takes at least a
+    byte, so a config that describes more parameters than the files hold bytes does not match them:
+    refused here, before a model of that size is planned, built or given memory."""
+    n = ckpt.config.n_params()
+    held = sum(f.stat().st_size for f in ckpt.weight_files)
+    if n > held:
+        raise XllamaError(f"{ckpt.path / config_name} describes a model of {n:,} parameters, but its weight files "
+                          f"hold only {held:,} bytes; config and weights do not match")
+    return ckpt
 
 
 # ---- Hugging Face ----
 def _open_hf(path: Path) -> Checkpoint:
-    cfg = ModelConfig.from_hf(_read_json(path / "config.json"))
+    cfg = ModelConfig.from_hf(_read_json(path / "config.json"), source=str(path / "config.json"))
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.is_file():
-            shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
-            files = [path / s for s in shards]
+            files = [path / s for s in _index_shards(index)]
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise XllamaError(f"{index} names shards that are missing: {', '.join(missing)}")
-            return Checkpoint(path, "hf", cfg, files)
+            return _checked(Checkpoint(path, "hf", cfg, files), "config.json")
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     if not files:
         raise XllamaError(f"{path} has config.json but no weights (model.safetensors or pytorch_model.bin)")
-    return Checkpoint(path, "hf", cfg, files)
+    return _checked(Checkpoint(path, "hf", cfg, files), "config.json")
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard files an index names: plain relative paths inside the checkpoint folder."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise XllamaError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file, "
+                          f"got {show_json(weight_map)}")
+    shards = sorted({s for s in weight_map.values() if isinstance(s, str)})
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not _inside(shard):
+            raise XllamaError(f"{index}: weight_map[{show_json(name)}] must name a shard file inside the folder "
+                              f"(a relative path without '..'), got {show_json(shard)}")
+    return shards
+
+
+def _inside(name: str) -> bool:
+    """Whether a relative file name stays inside its folder, on any platform (names, not links,
+    are checked: a hub cache's shards are links to files elsewhere)."""
+    parts = re.split(r"[\\/]", name)
+    return bool(name) and not re.match(r"^([\\/]|[A-Za-z]:)", name) and ".." not in parts and parts[-1] not in ("", ".")
 
 
 def _hf_tensors(ckpt: Checkpoint, select: Select | None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -229,10 +262,12 @@ def _open_meta(path: Path) -> Checkpoint:
         hidden = first["layers.0.feed_forward.w1.weight"].shape[0] * len(files)
     except KeyError as e:
         raise XllamaError(f"{files[0]} lacks {e.args[0]!r}: not a Meta Llama checkpoint") from None
-    cfg = ModelConfig.from_meta(params, vocab_size=vocab, hidden_dim=hidden)
+    except (TypeError, AttributeError, IndexError):  # not a dict of tensors
+        raise XllamaError(f"{files[0]} does not hold a Meta Llama checkpoint's tensors") from None
+    cfg = ModelConfig.from_meta(params, vocab_size=vocab, hidden_dim=hidden, source=str(path / "params.json"))
     if "output.weight" not in first:
         cfg.tie_embeddings = True
-    return Checkpoint(path, "meta", cfg, files)
+    return _checked(Checkpoint(path, "meta", cfg, files), "params.json")
 
 
 def _meta_tensors(ckpt: Checkpoint, select: Select | None) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,10 +1,17 @@
-"""ModelConfig: the architecture of a Llama-family model, read from HF or Meta metadata."""
+"""ModelConfig: the architecture of a Llama-family model, read from HF or Meta metadata.
+
+Every value is checked against one table (RULES) before a ModelConfig is made, wherever it comes
+from (config.json, params.json, bench's --config, code), so a bad value is one clear error here
+and never a failure deep in the model.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from .errors import XllamaError
 
@@ -30,50 +37,71 @@ class ModelConfig:
     eos_id: list[int] = field(default_factory=lambda: [2])
 
     def __post_init__(self) -> None:
+        check_values({**self.values(), "head_dim": self.head_dim or None}, "model config")
         if not self.head_dim:
             self.head_dim = self.dim // self.n_heads
-        if self.n_heads <= 0 or self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
-            raise XllamaError(
-                f"n_kv_heads={self.n_kv_heads} must be positive and divide n_heads={self.n_heads}"
-            )
 
     @property
     def rope_type(self) -> str:
         return (self.rope_scaling or {}).get("rope_type", "rotary")
 
+    def values(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def checked(cls, values: Mapping[str, Any], source: str) -> "ModelConfig":
+        """A ModelConfig from some of its fields (the others: defaults), each checked first; errors
+        name `source`. head_dim 0 or absent: dim // n_heads."""
+        full = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+        full.update(values)
+        full["head_dim"] = full["head_dim"] or None
+        check_values(full, source)
+        return cls(**{**full, "head_dim": full["head_dim"] or 0})
+
+    def n_params(self) -> int:
+        """Exact parameter count of the architecture, from its sizes alone (nothing is built)."""
+        d, q, kv, f = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.hidden_dim
+        attn = d * (2 * q + 2 * kv) + (q + 2 * kv + d if self.attention_bias else 0)  # q, k, v, o
+        mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)  # gate, up, down
+        layer = attn + mlp + 2 * d  # and two RMSNorm weights
+        embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)  # tok_embeddings and lm_head
+        return embeddings + self.n_layers * layer + d  # the final norm
+
     # ---- Hugging Face config.json ----
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
-        if hf.get("model_type", "llama") not in ("llama", "mistral"):
-            raise XllamaError(f"model_type {hf.get('model_type')!r} is not a Llama-family model")
-        try:
-            n_heads = hf["num_attention_heads"]
-            eos = hf.get("eos_token_id", 2)
-            rope_params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-            rope_theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-            return cls(
-                dim=hf["hidden_size"],
-                n_layers=hf["num_hidden_layers"],
-                n_heads=n_heads,
-                n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-                vocab_size=hf["vocab_size"],
-                hidden_dim=hf["intermediate_size"],
-                head_dim=hf.get("head_dim") or 0,
-                norm_eps=hf.get("rms_norm_eps", 1e-6),
-                max_seq_len=hf.get("max_position_embeddings", 2048),
-                rope_theta=float(rope_theta),
-                rope_scaling=normalize_rope_scaling(rope_params),
-                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                attention_bias=bool(hf.get("attention_bias", False)),
-                mlp_bias=bool(hf.get("mlp_bias", False)),
-                bos_id=hf.get("bos_token_id", 1),
-                eos_id=list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]),
-            )
-        except KeyError as e:
-            raise XllamaError(f"config.json lacks the key {e.args[0]!r}") from None
+    def from_hf(cls, hf: Any, source: str = "config.json") -> "ModelConfig":
+        hf = json_object(hf, source)
+        model_type = hf.get("model_type", "llama")
+        if model_type not in ("llama", "mistral"):
+            raise XllamaError(f"{source}: model_type {show_json(model_type)} is not a Llama-family model "
+                              "(supported: llama, mistral)")
+        rope_key = "rope_parameters" if hf.get("rope_parameters") is not None else "rope_scaling"
+        rope_params = hf.get(rope_key)
+        if rope_params is not None and not isinstance(rope_params, dict):
+            raise XllamaError(f"{source}: {rope_key} must be an object such as "
+                              f'{{"rope_type": "linear", "factor": 2.0}} or null, got {show_json(rope_params)}')
+        rope_params = rope_params or {}
+        keys, data = dict(HF_KEYS), dict(hf)
+        if "rope_theta" not in hf and "rope_theta" in rope_params:  # transformers 5 keeps it there
+            keys["rope_theta"] = f"{rope_key}.rope_theta"
+            data[keys["rope_theta"]] = rope_params["rope_theta"]
+        values = _read(data, keys, HF_DEFAULTS, source)
+        values["rope_scaling"] = normalize_rope_scaling(rope_params, f"{source}: {rope_key}")
+        keys["rope_scaling"] = rope_key
+        check_values(values, source, keys)
+        eos = values["eos_id"]
+        values["eos_id"] = list(eos) if isinstance(eos, list) else ([] if eos is None else [eos])
+        return cls._derived(values)
+
+    @classmethod
+    def _derived(cls, values: dict[str, Any]) -> "ModelConfig":
+        """From checked values: derived fields filled in, numbers as floats."""
+        return cls(**{**values, "rope_theta": float(values["rope_theta"]), "head_dim": values.get("head_dim") or 0,
+                      "n_kv_heads": values["n_kv_heads"] or values["n_heads"]})
 
     def to_hf(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -101,39 +129,31 @@ class ModelConfig:
 
     # ---- Meta params.json ----
     @classmethod
-    def from_meta(cls, params: dict[str, Any], *, vocab_size: int, hidden_dim: int) -> "ModelConfig":
+    def from_meta(cls, params: Any, *, vocab_size: int, hidden_dim: int,
+                  source: str = "params.json") -> "ModelConfig":
         """Meta's params.json; vocab and FFN sizes come from the weights (params may say -1)."""
-        try:
-            n_heads = params["n_heads"]
-            scaling = None
-            if params.get("use_scaled_rope"):  # Llama 3.1 layout
-                scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-            return cls(
-                dim=params["dim"],
-                n_layers=params["n_layers"],
-                n_heads=n_heads,
-                n_kv_heads=params.get("n_kv_heads") or n_heads,
-                vocab_size=vocab_size,
-                hidden_dim=hidden_dim,
-                norm_eps=params.get("norm_eps", 1e-5),
-                max_seq_len=params.get("max_seq_len", 4096 if vocab_size == 32000 else 2048),
-                rope_theta=float(params.get("rope_theta", 10000.0)),
-                rope_scaling=scaling,
-            )
-        except KeyError as e:
-            raise XllamaError(f"params.json lacks the key {e.args[0]!r}") from None
+        params = json_object(params, source)
+        data = {**params, META_KEYS["vocab_size"]: vocab_size, META_KEYS["hidden_dim"]: hidden_dim}
+        defaults = {**META_DEFAULTS, "max_seq_len": 4096 if vocab_size == 32000 else 2048}
+        values = _read(data, META_KEYS, defaults, source)
+        scaled = params.get("use_scaled_rope", False)
+        if type(scaled) is not bool:
+            raise XllamaError(f"{source}: use_scaled_rope must be true or false, got {show_json(scaled)}")
+        # Llama 3.1's layout: its frequency bands are fixed, not in params.json
+        values["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192} if scaled else None
+        check_values(values, source, META_KEYS)
+        return cls._derived(values)
 
 
-def normalize_rope_scaling(params: dict[str, Any]) -> dict[str, Any] | None:
+def normalize_rope_scaling(params: dict[str, Any], where: str = "rope_scaling") -> dict[str, Any] | None:
     """HF's rope_scaling / rope_parameters -> our form, or None for plain rotary."""
     kind = params.get("rope_type", params.get("type", "default"))
     if kind in ("default", None):
         return None
-    kind = {"linear": "linear", "dynamic": "dynamic", "llama3": "llama3"}.get(kind)
-    if kind is None:
-        raise XllamaError(f"rope scaling type {params.get('rope_type', params.get('type'))!r} is not supported "
-                          "(supported: linear, dynamic, llama3)")
+    if kind not in ROPE_TYPES:
+        raise XllamaError(f"{where}: rope type {show_json(kind)} is not supported "
+                          f"(supported: default, {', '.join(ROPE_TYPES)})")
     out = {k: v for k, v in params.items() if k not in ("type", "rope_type", "rope_theta")}
     out["rope_type"] = kind
     return out
@@ -143,3 +163,153 @@ def denormalize_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] |
     if scaling is None:
         return None
     return dict(scaling)
+
+
+# ---- the rules every value meets ----
+@dataclass(frozen=True)
+class Rule:
+    allowed: str  # said in the error: "must be <allowed>"
+    ok: Callable[[Any], bool]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _ints(lo: int, hi: int, even: bool = False) -> Rule:
+    return Rule(f"an {'even ' if even else ''}integer from {lo} to {hi}",
+                lambda v: type(v) is int and lo <= v <= hi and not (even and v % 2))
+
+
+def _token_ids(v: Any) -> bool:
+    ids = v if isinstance(v, list) else [v]
+    return v is None or all(type(i) is int and i >= 0 for i in ids)
+
+
+POSITIVE = Rule("a finite number > 0", lambda v: _is_number(v) and math.isfinite(v) and v > 0)
+FLAG = Rule("true or false", lambda v: type(v) is bool)
+MAX_CONTEXT = 1 << 30
+# upper bounds far above any released Llama-family model: an absurd size is refused here, before
+# a model of it is built or its memory is asked for
+RULES: dict[str, Rule] = {
+    "dim": _ints(1, 1 << 17),
+    "n_layers": _ints(1, 1 << 12),
+    "n_heads": _ints(1, 1 << 12),
+    "n_kv_heads": _ints(1, 1 << 12),
+    "vocab_size": _ints(1, 1 << 22),
+    "hidden_dim": _ints(1, 1 << 20),
+    "head_dim": _ints(2, 1 << 12, even=True),  # RoPE rotates pairs of values
+    "norm_eps": POSITIVE,
+    "max_seq_len": _ints(1, MAX_CONTEXT),
+    "rope_theta": POSITIVE,
+    "tie_embeddings": FLAG,
+    "attention_bias": FLAG,
+    "mlp_bias": FLAG,
+    "bos_id": Rule("a token id (an integer >= 0) or null", lambda v: v is None or _token_ids(v) and type(v) is int),
+    "eos_id": Rule("a token id (an integer >= 0), a list of them, or null", _token_ids),
+}
+# fields that may be left out (or null): derived from others
+DERIVED = ("n_kv_heads", "head_dim")
+ROPE_TYPES = ("linear", "dynamic", "llama3")
+ROPE_RULES: dict[str, Rule] = {
+    "factor": POSITIVE,
+    "low_freq_factor": POSITIVE,
+    "high_freq_factor": POSITIVE,
+    "original_max_position_embeddings": _ints(1, MAX_CONTEXT),
+}
+ROPE_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+HF_KEYS = {
+    "dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size", "hidden_dim": "intermediate_size",
+    "head_dim": "head_dim", "norm_eps": "rms_norm_eps", "max_seq_len": "max_position_embeddings",
+    "rope_theta": "rope_theta", "tie_embeddings": "tie_word_embeddings", "attention_bias": "attention_bias",
+    "mlp_bias": "mlp_bias", "bos_id": "bos_token_id", "eos_id": "eos_token_id",
+}
+HF_DEFAULTS = {"n_kv_heads": None, "head_dim": None, "norm_eps": 1e-6, "max_seq_len": 2048, "rope_theta": 10000.0,
+               "tie_embeddings": False, "attention_bias": False, "mlp_bias": False, "bos_id": 1, "eos_id": 2}
+META_KEYS = {
+    "dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads", "n_kv_heads": "n_kv_heads",
+    "vocab_size": "the rows of tok_embeddings.weight", "hidden_dim": "the rows of feed_forward.w1.weight",
+    "norm_eps": "norm_eps", "max_seq_len": "max_seq_len", "rope_theta": "rope_theta",
+}
+META_DEFAULTS = {"n_kv_heads": None, "norm_eps": 1e-5, "rope_theta": 10000.0}
+
+
+def show_json(value: Any, limit: int = 40) -> str:
+    """A value as the JSON file spells it (null, true, "64", NaN), cut short to keep one line."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def json_object(data: Any, source: str) -> dict[str, Any]:
+    """`data` if it is a JSON object, else one error naming `source` and what it holds instead."""
+    if not isinstance(data, dict):
+        raise XllamaError(f"{source} must hold a JSON object ({{...}}), got {show_json(data)}")
+    return data
+
+
+def _read(data: dict[str, Any], keys: Mapping[str, str], defaults: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Field values from `data` (keyed by `keys`), unchecked; a derived field's null is its default."""
+    values = {}
+    for name, key in keys.items():
+        if key in data and not (data[key] is None and name in DERIVED):
+            values[name] = data[key]
+        elif name in defaults:
+            values[name] = defaults[name]
+        else:
+            raise XllamaError(f"{source} lacks the key {key!r}")
+    return values
+
+
+def check_values(values: Mapping[str, Any], source: str, keys: Mapping[str, str] | None = None) -> None:
+    """Every field that is given against RULES, then the rules between fields; one XllamaError
+    naming `source`, the key (`keys[field]`, else the field's name), the bad value and what is allowed.
+    A derived field (DERIVED) that is None is left to be derived."""
+    def key(name: str) -> str:
+        return (keys or {}).get(name, name)
+
+    for name, rule in RULES.items():
+        if name in values and not (values[name] is None and name in DERIVED) and not rule.ok(values[name]):
+            raise XllamaError(f"{source}: {key(name)} must be {rule.allowed}, got {show_json(values[name])}")
+    n_heads, n_kv = values["n_heads"], values.get("n_kv_heads") or values["n_heads"]
+    if n_heads % n_kv:
+        raise XllamaError(f"{source}: {key('n_kv_heads')} {n_kv} must divide {key('n_heads')} {n_heads}")
+    head_dim = values.get("head_dim") or values["dim"] // n_heads
+    if values.get("head_dim") is None and (head_dim < 2 or head_dim % 2):
+        raise XllamaError(f"{source}: {key('dim')} {values['dim']} / {key('n_heads')} {n_heads} gives a head size "
+                          f"of {head_dim}, but RoPE needs an even head size of at least 2; "
+                          f"fix the sizes or set {key('head_dim')}")
+    vocab = values["vocab_size"]
+    for name in ("bos_id", "eos_id"):
+        ids = values.get(name)
+        for i in ids if isinstance(ids, list) else [] if ids is None else [ids]:
+            if i >= vocab:
+                raise XllamaError(f"{source}: {key(name)} {i} is not a token of the vocabulary "
+                                  f"({key('vocab_size')} {vocab}: ids 0 to {vocab - 1})")
+    check_rope_scaling(values.get("rope_scaling"), head_dim, f"{source}: {key('rope_scaling')}")
+
+
+def check_rope_scaling(scaling: Any, head_dim: int, where: str) -> None:
+    """A normalized rope_scaling (or None): a known type, and each of its numbers in range."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict) or scaling.get("rope_type") not in ROPE_TYPES:
+        raise XllamaError(f"{where} must be null or an object with rope_type one of {', '.join(ROPE_TYPES)}, "
+                          f"got {show_json(scaling)}")
+    if "factor" not in scaling:
+        raise XllamaError(f"{where} of type {scaling['rope_type']} lacks the key 'factor' (a finite number > 0)")
+    for name, rule in ROPE_RULES.items():
+        if name in scaling and not rule.ok(scaling[name]):
+            raise XllamaError(f"{where}.{name} must be {rule.allowed}, got {show_json(scaling[name])}")
+    if scaling["rope_type"] == "llama3":
+        bands = {**ROPE_DEFAULTS, **scaling}
+        if bands["high_freq_factor"] <= bands["low_freq_factor"]:
+            raise XllamaError(f"{where}: high_freq_factor {bands['high_freq_factor']} must be greater than "
+                              f"low_freq_factor {bands['low_freq_factor']}")
+    if scaling["rope_type"] == "dynamic" and head_dim <= 2:
+        raise XllamaError(f"{where}: dynamic scaling needs a head size above 2 (its base grows as d / (d - 2)), "
+                          f"got {head_dim}")

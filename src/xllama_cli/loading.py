@@ -6,6 +6,7 @@ Under torchrun (WORLD_SIZE > 1) each rank builds and reads only its own part of 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from .linear import pack_model
 from .layout import is_kv_param, regroup_kv, target_kv_heads
 from .model import Transformer
 from .quantize import check_quantize, quantize_model
+from .report import human_bytes, human_count
 from .parallel import Shard, TensorParallel, agree_on_errors, make_row_parallel, plan_shard, setup
 from .rope import with_rope
 
@@ -74,11 +76,56 @@ def load_model(path: str | Path, *, attn: str | None = None, groups: int | None 
     check_quantize(quantize, dt)
     tp = setup(dev)
     if tp is None:
+        check_fits(cfg, dt, dev)
         model = _load(ckpt, cfg, dev, dt, method)
     else:
         with agree_on_errors(tp):  # a rank that fails to read its slices stops them all, with its message
+            check_fits(cfg, dt, tp.device, tp.world)
             model = _load(ckpt, cfg, tp.device, dt, method, tp)
     return for_inference(model, quantize, compile, pack, decode_batch)
+
+
+def check_fits(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, world: int = 1) -> None:
+    """Refuse, before anything is built, a model whose weights cannot fit in the memory `device`
+    has free. Under tensor parallelism a GPU holds its rank's 1/world part; ranks on the CPU
+    share one machine's memory."""
+    n = cfg.n_params()
+    if device.type != "cuda":
+        world = 1
+    need = n * dtype.itemsize // world
+    free = available_bytes(device)
+    if need > free:
+        dt = str(dtype).removeprefix("torch.")
+        raise XllamaError(f"the model's {human_count(n)} parameters ({n:,}) need {human_bytes(need)} in {dt}"
+                          f"{f' per rank of {world}' if world > 1 else ''}, but only {human_bytes(free)} is free "
+                          f"on {device}; use a smaller --dtype or a machine with more memory")
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory that new tensors on `device` can still take."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 1 << 62  # unknown: let the allocator decide
+    try:  # a container's own limit, where there is one
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return avail
 
 
 def for_inference(model: Transformer, quantize: str | None = None, compile: bool = False,

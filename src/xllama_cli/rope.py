@@ -71,11 +71,13 @@ SCALED = {"linear", "dynamic", "llama3"}
 
 def with_rope(cfg: ModelConfig, name: str | None, factor: float | None) -> ModelConfig:
     """Override the checkpoint's RoPE choice (`--rope NAME --rope-factor F`)."""
+    if factor is not None and not (math.isfinite(factor) and factor > 0):
+        raise XllamaError(f"rope factor must be a finite number > 0, got {factor}")
     if name is None:
         if factor is not None:
             if cfg.rope_scaling is None:
                 raise XllamaError("--rope-factor needs --rope linear|dynamic|llama3 (the checkpoint uses plain rotary)")
-            return cfg.replace(rope_scaling={**cfg.rope_scaling, "factor": factor})
+            return cfg.replace(rope_scaling={**cfg.rope_scaling, "factor": float(factor)})
         return cfg
     if name not in ROPE_REGISTRY:
         raise XllamaError(f"unknown --rope {name!r}; choose one of: {', '.join(ROPE_REGISTRY)}")
@@ -86,8 +88,6 @@ def with_rope(cfg: ModelConfig, name: str | None, factor: float | None) -> Model
         factor = old.get("factor") if old.get("rope_type") == name else None
     if factor is None:
         raise XllamaError(f"--rope {name} needs --rope-factor F (e.g. 2.0)")
-    if factor <= 0:
-        raise XllamaError(f"--rope-factor must be positive, got {factor}")
     scaling = {"rope_type": name, "factor": float(factor)}
     if name == "llama3":
         scaling.update(low_freq_factor=1.0, high_freq_factor=4.0,
