@@ -31,7 +31,7 @@ from torch import nn
 
 from xllama_cli import __version__, report
 from xllama_cli.bench import (bandwidth_probe_bytes, kv_read_bytes_per_step, machine_info, measure_bandwidth,
-                              param_count, weight_bytes_per_step)
+                              weight_bytes_per_step)
 from xllama_cli.checkpoint import open_checkpoint
 from xllama_cli.config import ModelConfig
 from xllama_cli.errors import XllamaError
@@ -189,7 +189,7 @@ def run(a: argparse.Namespace) -> int:
             path = Path(tmp)
             cfg = ModelConfig(dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads,
                               hidden_dim=a.ffn, vocab_size=a.vocab, max_seq_len=a.max_seq_len)
-            report.info(f"writing a random {param_count(cfg) / 1e6:.1f}M-parameter model to {path}")
+            report.info(f"writing a random {cfg.n_params() / 1e6:.1f}M-parameter model to {path}")
             random_checkpoint(cfg, path)
         cfg = open_checkpoint(path).config
         if max(a.prompt_len) + a.new_tokens > cfg.max_seq_len:
@@ -238,7 +238,7 @@ def run(a: argparse.Namespace) -> int:
         doc = {"xllama_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": {**machine_info(device), "load_average_before": load}, "device": str(device), "dtype": a.dtype,
                "transformers": __import__("transformers").__version__,
-               "model": {"source": str(a.model or "random"), "params": param_count(cfg), "config": cfg.to_hf(),
+               "model": {"source": str(a.model or "random"), "params": cfg.n_params(), "config": cfg.to_hf(),
                          "init_std": None if a.model else INIT_STD, "seed": SEED},
                "settings": {"batch": a.batch, "new_tokens": a.new_tokens, "decode_steps": a.new_tokens - 1,
                             "repeats": a.repeats, "warmup_runs": 1, "threads": torch.get_num_threads(),
@@ -256,7 +256,7 @@ def show(rows: list[dict], a: argparse.Namespace, cfg: ModelConfig, bandwidth: f
          compile_s: float | None) -> None:
     """The results table on stdout: one row per system and prompt length, then the ratios."""
     xl = "xllama" + (" int8" if a.quantize else "") + (" compiled" if a.compile else "")
-    table = Table(box=box.SIMPLE_HEAD, title=f"{param_count(cfg) / 1e6:.1f}M params, {a.dtype}, batch {a.batch}, {a.new_tokens} new "
+    table = Table(box=box.SIMPLE_HEAD, title=f"{cfg.n_params() / 1e6:.1f}M params, {a.dtype}, batch {a.batch}, {a.new_tokens} new "
                         f"tokens, {torch.get_num_threads()} threads; medians of {a.repeats} rounds",
                   caption=f"transformers {__import__('transformers').__version__}, sdpa. probe: copy of {probe >> 20} "
                           f"MiB, median of {n_probes}. ±: half the range over rounds; ratios: median of the "

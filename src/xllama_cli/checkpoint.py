@@ -8,6 +8,7 @@ those bytes are read: safetensors slicing, or the overlapping Meta shards' memor
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -82,15 +83,39 @@ def _read_json(path: Path) -> dict:
 
 
 def _checked(ckpt: Checkpoint, config_name: str) -> Checkpoint:
-    """`ckpt`, once its config is seen to fit in its weight files. Each parameter takes at least a
-    byte, so a config that describes more parameters than the files hold bytes does not match them:
-    refused here, before a model of that size is planned, built or given memory."""
+    """`ckpt`, once its config is seen to be possible for its weight files: each parameter takes
+    at least a byte, so a config that describes more parameters than the files have bytes is
+    refused here, before a model of its size is built or given memory. (A smaller mismatch is
+    found tensor by tensor while loading, with the tensor's name.)"""
+    for f in ckpt.weight_files:  # a file that cannot be read is that file's error, whatever the config says
+        if f.suffix == ".safetensors":
+            _safetensors_header(f)
+        else:  # memory-mapped: only the pickled index of tensors is read
+            _torch_load(f)
     n = ckpt.config.n_params()
     held = sum(f.stat().st_size for f in ckpt.weight_files)
     if n > held:
-        raise XllamaError(f"{ckpt.path / config_name} describes a model of {n:,} parameters, but its weight files "
-                          f"hold only {held:,} bytes; config and weights do not match")
+        raise XllamaError(f"{ckpt.path / config_name} describes a model of {n:,} parameters, more than its "
+                          f"weight files' {held:,} bytes can hold; config and weights do not match")
     return ckpt
+
+
+def _safetensors_header(f: Path) -> None:
+    from safetensors import safe_open
+
+    with _reading(f), safe_open(str(f), framework="pt", device="cpu"):  # reads the header only
+        pass
+
+
+@contextlib.contextmanager
+def _reading(f: Path) -> Iterator[None]:
+    """Reading a safetensors file: its failures as one error that says what to do."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise XllamaError(f"{f} is corrupt or truncated ({str(e).splitlines()[0]}); download it again") from None
 
 
 # ---- Hugging Face ----
@@ -142,9 +167,9 @@ def _hf_tensors(ckpt: Checkpoint, select: Select | None) -> Iterator[tuple[str, 
 
 
 def _safetensors_file(f: Path, select: Select | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
-    try:
+    with _reading(f):
         with safe_open(str(f), framework="pt", device="cpu") as sf:
             names = list(sf.keys())
         for name in names:
@@ -158,8 +183,6 @@ def _safetensors_file(f: Path, select: Select | None = None) -> Iterator[tuple[s
                 else:  # a view of the memory-mapped file: only the range's pages are read
                     dim, start, stop = part
                     yield name, sf.get_slice(name)[(slice(None),) * dim + (slice(start, stop),)]
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise XllamaError(f"{f} is corrupt or truncated ({str(e).splitlines()[0]}); download it again") from None
 
 
 def release_pages(t: torch.Tensor) -> None:
