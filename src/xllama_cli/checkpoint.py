@@ -77,8 +77,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise XllamaError(f"cannot read {path}: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise XllamaError(f"{path} is not valid JSON ({e}); fix it or download it again") from None
+    except OSError as e:
+        raise XllamaError(f"cannot read {path}: {e.strerror or e}") from None
     return json_object(data, str(path))
 
 

@@ -288,7 +288,8 @@ def check_values(values: Mapping[str, Any], source: str, keys: Mapping[str, str]
         ids = values.get(name)
         for i in ids if isinstance(ids, list) else [] if ids is None else [ids]:
             if i >= vocab:
-                raise XllamaError(f"{source}: {key(name)} {i} is not a token of the vocabulary "
+                which = f"{show_json(ids)}: token {i}" if isinstance(ids, list) else f"{i}"
+                raise XllamaError(f"{source}: {key(name)} {which} is not in the vocabulary "
                                   f"({key('vocab_size')} {vocab}: ids 0 to {vocab - 1})")
     check_rope_scaling(values.get("rope_scaling"), head_dim, f"{source}: {key('rope_scaling')}")
 
