@@ -54,7 +54,7 @@ ROPE_CASES: list[tuple[object, str]] = [
     *[(v, "") for v in ["linear", [1], 5, True]],
     ({"rope_type": "yarn", "factor": 2.0}, ""), ({"rope_type": 3, "factor": 2.0}, ""),
     ({"rope_type": "linear"}, "factor"), ({"type": "dynamic"}, "factor"),
-    *[({"rope_type": "linear", "factor": v}, "factor") for v in ["2", None, True, [2], NAN, INF, 0, -2.0]],
+    *[({"rope_type": "linear", "factor": v}, "factor") for v in ["2", None, True, [2], NAN, INF, 0, -2.0, 1e300]],
     *[({"rope_type": "dynamic", "factor": v}, "factor") for v in [NAN, -INF, 0]],
     *[({**LLAMA3, "factor": v}, "factor") for v in [INF, 0]],
     *[({**LLAMA3, "low_freq_factor": v}, "low_freq_factor") for v in ["1", 0, NAN]],
@@ -196,7 +196,7 @@ def test_a_shard_index_naming_a_file_outside_the_folder_reads_nothing_there(tmp_
 # ---- values from the command line that reach the model ----
 @pytest.mark.parametrize("args,needles", [
     *[(("--rope", rope, "--rope-factor", f), ("rope factor must be a finite number > 0", f"got {float(f)}"))
-      for rope in ("linear", "dynamic", "llama3") for f in ("nan", "inf", "-inf", "0", "-2")],
+      for rope in ("linear", "dynamic", "llama3") for f in ("nan", "inf", "-inf", "0", "-2", "1e300")],
     (("--groups", "0"), ("--groups 0", "valid group counts")), (("--groups", "-2"), ("--groups -2", "valid group counts")),
     (("--attn", "GQA", "--groups", "0"), ("--groups 0", "valid group counts")),
 ])
@@ -204,7 +204,7 @@ def test_bad_rope_factor_and_group_flags_are_one_error_line(args, needles):
     cli_fails(gen(fixture("stories260K-hf"), *args), *needles)
 
 
-@pytest.mark.parametrize("factor", ["nan", "inf", "0", "-1"])
+@pytest.mark.parametrize("factor", ["nan", "inf", "0", "-1", "1e300"])
 def test_rope_factor_over_the_checkpoints_own_scaling_is_checked(tmp_path, factor):
     config = {**hf_config(), "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
     folder = case_folder(tmp_path, "stories260K-hf", {"config.json": json.dumps(config)})
@@ -291,6 +291,6 @@ def test_every_rule_refuses_what_it_says_it_refuses():
 def test_programmatic_configs_are_checked_too():
     with pytest.raises(XllamaError, match="n_kv_heads 3 must divide n_heads 8"):
         ModelConfig(dim=64, n_heads=8, n_kv_heads=3)
-    with pytest.raises(XllamaError, match="rope_scaling.factor must be a finite number > 0, got NaN"):
+    with pytest.raises(XllamaError, match="rope_scaling.factor must be a finite number > 0 and at most 1048576, got NaN"):
         ModelConfig().replace(rope_scaling={"rope_type": "linear", "factor": math.nan})
 

@@ -212,7 +212,9 @@ RULES: dict[str, Rule] = {
 DERIVED = ("n_kv_heads", "head_dim")
 ROPE_TYPES = ("linear", "dynamic", "llama3")
 ROPE_RULES: dict[str, Rule] = {
-    "factor": POSITIVE,
+    # bounded: the context it gives (max_seq_len * factor) must stay a number
+    "factor": Rule("a finite number > 0 and at most 1048576",
+                   lambda v: POSITIVE.ok(v) and v <= 1 << 20),
     "low_freq_factor": POSITIVE,
     "high_freq_factor": POSITIVE,
     "original_max_position_embeddings": _ints(1, MAX_CONTEXT),
@@ -302,7 +304,8 @@ def check_rope_scaling(scaling: Any, head_dim: int, where: str) -> None:
         raise XllamaError(f"{where} must be null or an object with rope_type one of {', '.join(ROPE_TYPES)}, "
                           f"got {show_json(scaling)}")
     if "factor" not in scaling:
-        raise XllamaError(f"{where} of type {scaling['rope_type']} lacks the key 'factor' (a finite number > 0)")
+        raise XllamaError(f"{where} of type {scaling['rope_type']} lacks the key 'factor' "
+                          f"({ROPE_RULES['factor'].allowed})")
     for name, rule in ROPE_RULES.items():
         if name in scaling and not rule.ok(scaling[name]):
             raise XllamaError(f"{where}.{name} must be {rule.allowed}, got {show_json(scaling[name])}")

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import ROPE_RULES, ModelConfig
 from .errors import XllamaError
 
 InvFreqFn = Callable[[ModelConfig, int], torch.Tensor]
@@ -71,8 +71,8 @@ SCALED = {"linear", "dynamic", "llama3"}
 
 def with_rope(cfg: ModelConfig, name: str | None, factor: float | None) -> ModelConfig:
     """Override the checkpoint's RoPE choice (`--rope NAME --rope-factor F`)."""
-    if factor is not None and not (math.isfinite(factor) and factor > 0):
-        raise XllamaError(f"rope factor must be a finite number > 0, got {factor}")
+    if factor is not None and not ROPE_RULES["factor"].ok(factor):
+        raise XllamaError(f"rope factor must be {ROPE_RULES['factor'].allowed}, got {factor}")
     if name is None:
         if factor is not None:
             if cfg.rope_scaling is None:
