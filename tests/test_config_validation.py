@@ -249,11 +249,43 @@ def test_a_model_larger_than_free_memory_is_refused_with_the_sizes(tmp_path, nev
 
     monkeypatch.setattr(loading, "available_bytes", lambda device: 100_000)
     n = ModelConfig.from_hf(hf_config()).n_params()
-    err = cli_fails(gen(fixture("stories260K-hf"), "--dtype", "float32"), f"({n:,})", "float32",
+    err = cli_fails(gen(fixture("stories260K-hf"), "--dtype", "float32", "--device", "cpu"), f"({n:,})", "float32",
                     "97.7 KiB is free on cpu")
     assert f"need {n * 4 / 1024:.1f} KiB" in err, err
-    err = cli_fails(gen(fixture("stories260K-hf"), "--dtype", "bfloat16"), "bfloat16")
+    err = cli_fails(gen(fixture("stories260K-hf"), "--dtype", "bfloat16", "--device", "cpu"), "bfloat16")
     assert f"need {n * 2 / 1024:.1f} KiB" in err, err
+
+
+def sparse_safetensors(path: Path, rows: int, cols: int) -> None:
+    """A valid safetensors file of one float32 [rows, cols] tensor whose data is a hole in the
+    file: as large as a real checkpoint to every check, taking no disk (never read here)."""
+    header = json.dumps({"model.embed_tokens.weight": {"dtype": "F32", "shape": [rows, cols],
+                                                       "data_offsets": [0, rows * cols * 4]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + rows * cols * 4)
+
+
+def test_a_model_larger_than_this_machines_memory_is_refused_before_a_model_is_built(tmp_path, never_built):
+    """No stand-in for the memory: a config of four times the machine's memory in float32, over a
+    weight file of that size (sparse), is refused by the real free-memory figure."""
+    from xllama_cli.bench import _total_memory
+
+    dim = 1 << 16
+    vocab = -(-_total_memory() // dim)  # the embedding alone: as many parameters as the memory has bytes
+    if not RULES["vocab_size"].ok(vocab):
+        pytest.skip(f"a machine of {_total_memory():,} bytes needs a vocabulary above the largest allowed")
+    config = {**hf_config(), "hidden_size": dim, "vocab_size": vocab, "num_hidden_layers": 1,
+              "num_attention_heads": 128, "num_key_value_heads": 128, "intermediate_size": 64}
+    folder = case_folder(tmp_path, "stories260K-hf", {"config.json": json.dumps(config)})
+    (folder / "model.safetensors").unlink()
+    try:
+        sparse_safetensors(folder / "model.safetensors", vocab, dim)
+    except OSError as e:
+        pytest.skip(f"this filesystem takes no sparse file of {vocab * dim * 4:,} bytes: {e}")
+    n = ModelConfig.from_hf(config).n_params()
+    cli_fails(gen(folder, "--dtype", "float32", "--device", "cpu"), f"({n:,})", "float32", "is free on cpu")
 
 
 def test_free_memory_is_a_positive_number_of_bytes_below_the_machines_total():

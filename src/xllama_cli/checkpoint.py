@@ -15,6 +15,7 @@ import json
 import mmap
 import pickle
 import re
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,10 +104,22 @@ def _checked(ckpt: Checkpoint, config_name: str) -> Checkpoint:
 
 
 def _safetensors_header(f: Path) -> None:
-    from safetensors import safe_open
-
-    with _reading(f), safe_open(str(f), framework="pt", device="cpu"):  # reads the header only
-        pass
+    """A safetensors file's header and length, checked without mapping the file (a mapping larger
+    than the machine's memory fails, and that is for the memory check to say)."""
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                raise ValueError(f"a header of {n} bytes in a file of {size}")
+            header = json.loads(fh.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise XllamaError(f"{f} is corrupt or truncated (its header: {str(e).splitlines()[0]}); "
+                          "download it again") from None
+    if 8 + n + end != size:
+        raise XllamaError(f"{f} is corrupt or truncated (its header describes {8 + n + end:,} bytes, the file "
+                          f"has {size:,}); download it again")
 
 
 @contextlib.contextmanager
