@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .config import ModelConfig, json_object, show_json
+from .config import ModelConfig, read_json, show_json
 from .errors import XllamaError
 
 # (dim, start, stop): rows (dim 0) or columns (dim 1) of a tensor, in HF layout
@@ -73,16 +73,6 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if (path / "params.json").is_file():
         return _open_meta(path)
     raise XllamaError(f"{str(path)!r} holds no checkpoint: neither config.json (Hugging Face) nor params.json (Meta)")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise XllamaError(f"{path} is not valid JSON ({e}); fix it or download it again") from None
-    except OSError as e:
-        raise XllamaError(f"cannot read {path}: {e.strerror or e}") from None
-    return json_object(data, str(path))
 
 
 def _checked(ckpt: Checkpoint, config_name: str) -> Checkpoint:
@@ -135,7 +125,7 @@ def _reading(f: Path) -> Iterator[None]:
 
 # ---- Hugging Face ----
 def _open_hf(path: Path) -> Checkpoint:
-    cfg = ModelConfig.from_hf(_read_json(path / "config.json"), source=str(path / "config.json"))
+    cfg = ModelConfig.from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.is_file():
@@ -152,7 +142,7 @@ def _open_hf(path: Path) -> Checkpoint:
 
 def _index_shards(index: Path) -> list[str]:
     """The shard files an index names: plain relative paths inside the checkpoint folder."""
-    weight_map = _read_json(index).get("weight_map")
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise XllamaError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file, "
                           f"got {show_json(weight_map)}")
@@ -290,7 +280,7 @@ def _split_dim(name: str) -> int | None:
 
 
 def _open_meta(path: Path) -> Checkpoint:
-    params = _read_json(path / "params.json")
+    params = read_json(path / "params.json")
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise XllamaError(f"{path} has params.json but no consolidated.NN.pth weights")

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import XllamaError
@@ -245,6 +246,17 @@ def show_json(value: Any, limit: int = 40) -> str:
     except (TypeError, ValueError):
         text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A metadata file that must hold a JSON object, or one error line saying why it does not."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise XllamaError(f"{path} is not valid JSON ({e}); fix it or download it again") from None
+    except OSError as e:
+        raise XllamaError(f"cannot read {path}: {e.strerror or e}") from None
+    return json_object(data, str(path))
 
 
 def json_object(data: Any, source: str) -> dict[str, Any]:

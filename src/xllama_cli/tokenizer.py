@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
+from .config import read_json
 from .errors import XllamaError
 
 # ---- special tokens: what the checkpoint's files say ----
@@ -42,23 +43,13 @@ def _token_text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise XllamaError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise XllamaError(f"cannot read {path}: it holds a {type(data).__name__}, not a JSON object")
-    return data
-
-
 def read_specials(folder: Path) -> Specials:
     out = Specials()
     for name in SPECIAL_SOURCES:
         path = folder / name
         if not path.is_file():
             continue
-        data = _read_json(path)
+        data = read_json(path)
         by_text = name in ("tokenizer_config.json", "special_tokens_map.json")
         for role in ROLES:
             key = f"{role}_token" if by_text else f"{role}_token_id"
