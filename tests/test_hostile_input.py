@@ -240,3 +240,29 @@ def test_readme_python_example_runs_on_the_demo_model():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().startswith("[")
+
+
+def test_a_tokenizer_bigger_than_the_models_vocabulary_is_one_error_line(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    # the demo's weights cut to 100 embeddings, its 512-piece tokenizer kept
+    shutil.copytree(DEMO_MODEL, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    w = load_file(tmp_path / "m" / "model.safetensors")
+    w = {k: (v[:100] if k in ("model.embed_tokens.weight", "lm_head.weight") else v) for k, v in w.items()}
+    save_file(w, tmp_path / "m" / "model.safetensors")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "vocab_size": 100}))
+    (tmp_path / "t.txt").write_text(TEXT)
+    for args in (["generate", "-n", "2", "Once upon a time"], ["eval", "--text", str(tmp_path / "t.txt")]):
+        fails([args[0], "--model", str(tmp_path / "m"), *args[1:]], "the tokenizer does not belong to this model")
+
+
+def test_a_config_with_another_activation_is_refused(tmp_path):
+    import json
+
+    shutil.copytree(DEMO_MODEL, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
+    fails(["generate", "--model", str(tmp_path / "m"), "hi"], 'hidden_act "gelu" is not supported')

@@ -27,7 +27,7 @@ from xllama_cli.chat import ChatSession, format_plain
 from xllama_cli.generation import continuation_text, generate_tokens
 from xllama_cli.kv_cache import cache_capacity
 from xllama_cli.sampling import Sampling
-from xllama_cli.tokenizer import Tokenizer
+from xllama_cli.tokenizer import load_tokenizer
 
 MiB = 1 << 20
 LONG, SHORT = 131_072, 2_048
@@ -175,7 +175,7 @@ def chat_grows(model, ref, tok, max_new: int) -> list[int]:
 
 def test_a_chat_grows_its_cache_as_the_dialog_grows_and_answers_as_a_fresh_model():
     path = fixture("stories260K-hf")
-    tok = Tokenizer(path / "tokenizer.model")
+    tok = load_tokenizer(path / "tokenizer.model")
     model, ref = load_model(path, device="cpu", dtype="float32"), load_model(path, device="cpu", dtype="float32")
     lengths = chat_grows(model, ref, tok, max_new=100)
     assert lengths[0] == 256 and lengths[-1] == 512  # the story model's context caps it
@@ -183,7 +183,7 @@ def test_a_chat_grows_its_cache_as_the_dialog_grows_and_answers_as_a_fresh_model
 
 def test_a_compiled_chat_recompiles_for_the_grown_cache_and_answers_as_eager():
     path = fixture("stories260K-hf")
-    tok = Tokenizer(path / "tokenizer.model")
+    tok = load_tokenizer(path / "tokenizer.model")
     model = load_model(path, device="cpu", dtype="float32", compile=True)
     ref = load_model(path, device="cpu", dtype="float32")
     lengths = chat_grows(model, ref, tok, max_new=100)

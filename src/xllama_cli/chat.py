@@ -242,6 +242,9 @@ class ChatSession:
             raise XllamaError(f"this message takes {len(tokens)} tokens"
                               f"{' with the system prompt' if self.system else ''}, but the context holds "
                               f"{self.context}; shorten it")
+        from .generation import check_token_ids
+
+        check_token_ids(tokens, self.model)
         return tokens, dropped
 
     def _reserve(self, tokens: int) -> None:

@@ -80,6 +80,10 @@ class ModelConfig:
         if model_type not in ("llama", "mistral"):
             raise XllamaError(f"{source}: model_type {show_json(model_type)} is not a Llama-family model "
                               "(supported: llama, mistral)")
+        act = hf.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):  # the MLP is SwiGLU; another activation would load and be wrong
+            raise XllamaError(f"{source}: hidden_act {show_json(act)} is not supported (Llama-family models "
+                              'use "silu")')
         rope_key = "rope_parameters" if hf.get("rope_parameters") is not None else "rope_scaling"
         rope_params = hf.get(rope_key)
         if rope_params is not None and not isinstance(rope_params, dict):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import report
 from .errors import XllamaError, read_utf8
-from .generation import context_length
+from .generation import check_token_ids, context_length
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -91,6 +91,7 @@ def perplexity(model: Transformer, tokens: list[int], bos_id: int, context: int 
         raise XllamaError("the text has no tokens to score")
     if bos_id is None or bos_id < 0:
         raise XllamaError("the tokenizer has no BOS token, which every window starts with")
+    check_token_ids(tokens, model)
     context, stride = window_settings(context_length(model), context, stride)
     device = model.lm_head.weight.device
     text = torch.tensor(tokens, dtype=torch.long, device=device)

@@ -51,12 +51,23 @@ def context_length(model: Transformer | ModelConfig) -> int:
     return cfg.max_seq_len
 
 
+def check_token_ids(ids: list[int], model: Transformer | ModelConfig) -> None:
+    """Refuse ids the model has no embedding for: a tokenizer that does not belong to the model."""
+    cfg = model if isinstance(model, ModelConfig) else model.config
+    if ids and (max(ids) >= cfg.vocab_size or min(ids) < 0):
+        bad = max(ids) if max(ids) >= cfg.vocab_size else min(ids)
+        raise XllamaError(f"the text encodes to token id {bad}, but the model's vocabulary has {cfg.vocab_size} "
+                          "entries: the tokenizer does not belong to this model")
+
+
 def check_prompts(model: Transformer | ModelConfig, prompts: list[list[int]], max_new_tokens: int) -> None:
     """Refuse a request that cannot run, before anything of it is shown or computed."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise XllamaError(f"max new tokens {max_new_tokens} is out of range: it must be at least 1")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise XllamaError("every prompt needs at least one token")
+    for p in prompts:
+        check_token_ids(p, model)
     ctx = context_length(model)
     longest = max(len(p) for p in prompts)
     if longest > ctx:
