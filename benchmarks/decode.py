@@ -5,7 +5,7 @@
         [--threads N] [--quantize int8] [--compile]
 
 Builds the 220M-parameter Llama of issue 8 with random weights (or takes --model), saves it once
-as an HF folder, and loads that folder with `xllama_cli.load_model` and with transformers'
+as an HF folder, and loads that folder with `xllama_cli.loading.load` and with transformers'
 `LlamaForCausalLM` (sdpa). Both decode greedily with their KV cache, no EOS stop, on the same
 random prompt, interleaved (xllama, transformers, bandwidth probe; per round) after one warm-up
 each. Prints medians over the rounds: prefill and decode tok/s, the bytes a decode step must read
@@ -36,7 +36,7 @@ from xllama_cli.checkpoint import open_checkpoint
 from xllama_cli.config import ModelConfig
 from xllama_cli.errors import XllamaError
 from xllama_cli.generation import generate_tokens
-from xllama_cli.loading import load_model, resolve_device, resolve_dtype
+from xllama_cli.loading import Loaded, load, resolve_device, resolve_dtype
 from xllama_cli.model import Transformer
 from xllama_cli.sampling import Sampling
 from xllama_cli.writer import atomic_write, write_safetensors
@@ -68,9 +68,9 @@ def step_bytes(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, e
     return weights + kv_read_bytes_per_step(cfg, cfg.n_kv_heads, prompt_len, new_tokens, batch, elsize)
 
 
-def time_xllama(model: Transformer, prompts: torch.Tensor, n: int) -> tuple[float, float, list[list[int]]]:
+def time_xllama(ours: Loaded, prompts: torch.Tensor, n: int) -> tuple[float, float, list[list[int]]]:
     """xllama's own generation path; its stats split prefill (with the first token) and decode."""
-    g = generate_tokens(model, prompts.tolist(), n, Sampling(0.0), eos_ids=None)
+    g = generate_tokens(ours.model, prompts.tolist(), n, Sampling(0.0), eos_ids=None, step=ours.step)
     return g.stats.prefill_s, g.stats.decode_s, g.tokens
 
 
@@ -145,7 +145,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quantize", choices=("int8",), help="xllama only: weight-only int8")
-    ap.add_argument("--compile", action="store_true", help="xllama only: model.compile_decode()")
+    ap.add_argument("--compile", action="store_true", help="xllama only: the compiled decode step (generation.compile_decode)")
     for flag, default in (("dim", 1024), ("layers", 12), ("heads", 16), ("kv-heads", 16), ("ffn", 2816),
                           ("vocab", 32000), ("max-seq-len", 2048)):  # the random model's shape (tests shrink it)
         ap.add_argument(f"--{flag}", type=int, default=default, help=argparse.SUPPRESS)
@@ -196,8 +196,8 @@ def run(a: argparse.Namespace) -> int:
             raise XllamaError(f"--prompt-len {max(a.prompt_len)} + --new-tokens {a.new_tokens} exceed the "
                               f"model's context of {cfg.max_seq_len}")
         report.info("loading the model with xllama and with transformers")
-        ours = load_model(path, device=str(device), dtype=a.dtype, quantize=a.quantize, compile=a.compile,
-                          decode_batch=a.batch)
+        ours = load(path, device=str(device), dtype=a.dtype, quantize=a.quantize, compile=a.compile,
+                    decode_batch=a.batch)
         compile_s = 0.0 if a.compile else None  # the warm-up run's compile_s, below
         hf = LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
         probe = bandwidth_probe_bytes(device)

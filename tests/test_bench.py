@@ -109,7 +109,7 @@ def test_regrouped_model_equals_load_model_with_groups(tmp_path):
     base = load_model(tmp_path, device="cpu", dtype="float32", pack=False)  # as bench loads it
     tokens = torch.tensor([[1, 5, 9, 17, 33]])
     for g in (1, 2, 4):
-        ours = for_inference(bench.regrouped(base, g), decode_batch=None)(tokens)
+        ours = for_inference(bench.regrouped(base, g), decode_batch=None).model(tokens)
         loaded = load_model(tmp_path, groups=g, device="cpu", dtype="float32", decode_batch=None)(tokens)
         torch.testing.assert_close(ours, loaded, rtol=0, atol=0)
 

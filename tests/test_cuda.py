@@ -8,6 +8,7 @@ import torch
 
 from conftest import make_hf_checkpoint
 from xllama_cli import load_model
+from xllama_cli.loading import load
 from xllama_cli.cli import DEMO_MODEL
 from xllama_cli.evaluate import evaluate_text
 from xllama_cli.generation import generate_tokens
@@ -33,12 +34,12 @@ def test_float32_greedy_tokens_on_cuda_match_transformers(tmp_path):
 def test_compiled_step_with_cuda_graphs_gives_the_eager_tokens(tmp_path, dtype):
     make_hf_checkpoint(tmp_path, seed=4, num_key_value_heads=2)
     eager = load_model(tmp_path, device="cuda", dtype=dtype)
-    compiled = load_model(tmp_path, device="cuda", dtype=dtype, compile=True)
+    compiled = load(tmp_path, device="cuda", dtype=dtype, compile=True)
     want = generate_tokens(eager, PROMPTS, 20).tokens
-    first = generate_tokens(compiled, PROMPTS, 20)
+    first = generate_tokens(compiled.model, PROMPTS, 20, step=compiled.step)
     assert first.stats.compile_s > 0
     assert first.tokens == want
-    assert generate_tokens(compiled, PROMPTS, 20).tokens == want  # replayed graphs
+    assert generate_tokens(compiled.model, PROMPTS, 20, step=compiled.step).tokens == want  # replayed graphs
 
 
 def test_int8_product_on_cuda_equals_the_dequantised_product():

@@ -1,6 +1,6 @@
 """The decode speed paths (linear.matmul's split GEMV, oneDNN-packed weights, the compiled decode
 step) change no result: products against F.linear, greedy tokens against transformers and against
-the eager model."""
+the eager model. A private op that is missing or wrong here is not used."""
 
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from conftest import make_hf_checkpoint
-from xllama_cli import load_model
-from xllama_cli.generation import generate_tokens
-from xllama_cli.linear import SMALL_ROWS, Linear, matmul, pack, packable, packed_linear
+from torch import nn
+
+from xllama_cli import linear, load_model
+from xllama_cli.generation import compile_decode, generate_tokens
+from xllama_cli.linear import SMALL_ROWS, CpuLinear, matmul, pack, packable, packed_linear
+from xllama_cli.loading import load
 from xllama_cli.quantize import Int8Linear
 
 needs_bf16_packing = pytest.mark.skipif(not packable(torch.empty(1, 1, dtype=torch.bfloat16)),
@@ -88,25 +91,28 @@ def test_packed_bfloat16_product_equals_f_linear():
 
 def test_load_model_packs_the_cpu_projections_for_inference_only(tmp_path):
     make_hf_checkpoint(tmp_path, seed=6, num_key_value_heads=2, tie_word_embeddings=True)
-    linears = lambda m: [x for x in m.modules() if isinstance(x, Linear)]
+    linears = lambda m: [x for x in m.modules() if isinstance(x, nn.Linear)]
+    packed_ = lambda x: getattr(x, "packed", False)
     for decode_batch in (None, 2, 8):  # float32 for perplexity or several sequences: packed
         packed = load_model(tmp_path, device="cpu", dtype="float32", decode_batch=decode_batch)
         assert all(x.packed and x.weight.layout == torch._mkldnn for x in linears(packed) if x is not packed.lm_head)
         # a tied head is the embedding table itself: packing it would hold the table twice
         assert not packed.lm_head.packed and packed.lm_head.weight is packed.model.embed_tokens.weight
     for plain in (load_model(tmp_path, device="cpu", dtype="float32"),  # one sequence: the split product is faster
-                  load_model(tmp_path, device="cpu", dtype="float32", decode_batch=None, pack=False),  # to train
-                  load_model(tmp_path, device="cpu", dtype="float32", decode_batch=8, compile=True)):  # inductor's
-        assert not any(x.packed for x in linears(plain))
+                  load(tmp_path, device="cpu", dtype="float32", decode_batch=8, compile=True).model):  # inductor's
+        assert all(type(x) is CpuLinear and not x.packed for x in linears(plain))
+    # to train: the plain model, nn.Linear throughout
+    trained = load_model(tmp_path, device="cpu", dtype="float32", decode_batch=None, pack=False)
+    assert all(type(x) is nn.Linear for x in linears(trained))
     int8 = load_model(tmp_path, device="cpu", quantize="int8")
-    assert all(isinstance(x, Int8Linear) and not x.packed for x in linears(int8))
+    assert all(isinstance(x, Int8Linear) and not packed_(x) for x in linears(int8))
 
 
 @needs_bf16_packing
 def test_bfloat16_weights_are_packed_for_one_sequence_too(tmp_path):
     make_hf_checkpoint(tmp_path, seed=6, num_key_value_heads=2)
     model = load_model(tmp_path, device="cpu", dtype="bfloat16")
-    assert all(x.packed for x in model.modules() if isinstance(x, Linear))
+    assert all(x.packed for x in model.modules() if isinstance(x, nn.Linear))
 
 
 @pytest.mark.parametrize("n_threads", [2, 4])
@@ -129,17 +135,17 @@ def test_greedy_tokens_match_transformers_with_fast_products(tmp_path, threads, 
 def test_compiled_decode_gives_the_eager_tokens(tmp_path):
     make_hf_checkpoint(tmp_path, seed=4, num_key_value_heads=2)
     eager = load_model(tmp_path, device="cpu", dtype="float32")
-    compiled = load_model(tmp_path, device="cpu", dtype="float32", compile=True)
+    compiled = load(tmp_path, device="cpu", dtype="float32", compile=True)
     prompts = [[5, 9, 33, 70, 2, 11, 4], [8, 41, 6]]  # unequal: the padded batch's mask
     want = generate_tokens(eager, prompts, 20).tokens
-    first = generate_tokens(compiled, prompts, 20)
+    first = generate_tokens(compiled.model, prompts, 20, step=compiled.step)
     assert first.tokens == want
     assert first.stats.compile_s > 0
     graphs = counters["stats"]["unique_graphs"]
-    again = generate_tokens(compiled, prompts, 20)
+    again = generate_tokens(compiled.model, prompts, 20, step=compiled.step)
     assert again.tokens == want
     assert counters["stats"]["unique_graphs"] == graphs  # the same shapes: compiled once
-    assert generate_tokens(compiled, prompts[:1], 20).tokens[0] == want[0]
+    assert generate_tokens(compiled.model, prompts[:1], 20, step=compiled.step).tokens[0] == want[0]
 
 
 def test_cuda_graph_mode_of_the_compiled_step_runs_on_the_cpu_too(tmp_path):
@@ -148,8 +154,8 @@ def test_cuda_graph_mode_of_the_compiled_step_runs_on_the_cpu_too(tmp_path):
     make_hf_checkpoint(tmp_path, seed=5, num_key_value_heads=4)
     model = load_model(tmp_path, device="cpu", dtype="float32", pack=False)  # CUDA's weights are plain
     want = generate_tokens(model, [[3, 14, 15, 92, 6]], 12).tokens
-    model.compile_decode(mode="reduce-overhead")
-    assert generate_tokens(model, [[3, 14, 15, 92, 6]], 12).tokens == want
+    step = compile_decode(model, mode="reduce-overhead")
+    assert generate_tokens(model, [[3, 14, 15, 92, 6]], 12, step=step).tokens == want
 
 
 def test_a_packed_model_compiles_with_its_products_left_to_onednn(tmp_path):
@@ -157,8 +163,8 @@ def test_a_packed_model_compiles_with_its_products_left_to_onednn(tmp_path):
     make_hf_checkpoint(tmp_path, seed=8, num_key_value_heads=2)
     model = load_model(tmp_path, device="cpu", dtype="float32", decode_batch=2)
     want = generate_tokens(model, [[3, 14, 15, 92, 6], [7, 7]], 12).tokens
-    model.compile_decode()
-    assert generate_tokens(model, [[3, 14, 15, 92, 6], [7, 7]], 12).tokens == want
+    step = compile_decode(model)
+    assert generate_tokens(model, [[3, 14, 15, 92, 6], [7, 7]], 12, step=step).tokens == want
 
 
 def test_compile_without_a_cpp_compiler_is_one_clear_error(tmp_path):
@@ -193,3 +199,51 @@ def test_many_row_products_keep_their_gradient_for_training():
     x = torch.randn(SMALL_ROWS + 1, 32)
     matmul(x, w).sum().backward()
     assert torch.allclose(w.grad, x.sum(0).expand(64, 32), rtol=1e-5, atol=1e-5)
+
+
+# ---- private ops: tried once, checked against F.linear, not used when missing or wrong ----
+@pytest.fixture
+def fresh_probes(monkeypatch):
+    """Every private op tried anew in this test (a process keeps each answer once it has it)."""
+    monkeypatch.setattr(linear, "_PROBES", {})
+
+
+def test_a_onednn_op_that_gives_wrong_values_is_not_used(tmp_path, fresh_probes, monkeypatch):
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *args: real(*args) + 1)
+    assert not linear.onednn_works(torch.float32)
+    make_hf_checkpoint(tmp_path, seed=6, num_key_value_heads=2)
+    model = load_model(tmp_path, device="cpu", dtype="float32", decode_batch=8)  # packed, were the op right
+    assert not any(getattr(x, "packed", False) for x in model.modules())
+    plain = load_model(tmp_path, device="cpu", dtype="float32", pack=False)
+    tokens = torch.tensor([list(range(3, 3 + SMALL_ROWS + 4))])  # a prefill: oneDNN's GEMM, were the op right
+    with torch.no_grad():
+        assert torch.equal(model(tokens), plain(tokens))
+    x, w = torch.randn(SMALL_ROWS + 1, 32), torch.randn(64, 32)
+    assert torch.equal(matmul(x, w), F.linear(x, w))
+
+
+def test_a_onednn_op_that_fails_is_not_used(fresh_probes, monkeypatch):
+    def missing(*_args):
+        raise RuntimeError("No such operator mkldnn::_reorder_linear_weight")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", missing)
+    w = torch.randn(64, 32)
+    assert not packable(w, decode_batch=8) and not packable(w.bfloat16(), decode_batch=8)
+    model = linear.use_cpu_kernels(nn.Sequential(nn.Linear(32, 64)), decode_batch=8)
+    assert type(model[0]) is CpuLinear and not model[0].packed
+
+
+def test_bfloat16_is_not_packed_where_onednn_only_emulates_it(fresh_probes, monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert not packable(torch.randn(64, 32).bfloat16())
+
+
+def test_each_private_op_is_tried_once_per_process(fresh_probes, monkeypatch):
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *args: calls.append(1) or real(*args))
+    first = linear.onednn_works(torch.float32)
+    tried = len(calls)
+    assert tried > 0
+    assert linear.onednn_works(torch.float32) == first and len(calls) == tried

@@ -26,6 +26,7 @@ from xllama_cli import load_model
 from xllama_cli.chat import ChatSession, format_plain
 from xllama_cli.generation import continuation_text, generate_tokens
 from xllama_cli.kv_cache import cache_capacity
+from xllama_cli.loading import load
 from xllama_cli.sampling import Sampling
 from xllama_cli.tokenizer import load_tokenizer
 
@@ -142,7 +143,7 @@ def test_a_grown_cache_keeps_its_contents_and_gives_the_logits_of_a_big_one(tmp_
         for a, b in zip(small.model.layers, big.model.layers):
             assert torch.equal(a.self_attn.kv_cache.k[:, :, :30], b.self_attn.kv_cache.k[:, :, :30])
             assert torch.equal(a.self_attn.kv_cache.v[:, :, :30], b.self_attn.kv_cache.v[:, :, :30])
-        steps = [(small.step(t, 30 + i), big.step(t, 30 + i)) for i, t in enumerate(more[:, :5].T[:, :, None])]
+        steps = [(small(t, start=30 + i), big(t, start=30 + i)) for i, t in enumerate(more[:, :5].T[:, :, None])]
     assert all((a - b).abs().max() < 1e-6 for a, b in steps)
 
 
@@ -157,10 +158,10 @@ def test_a_cache_of_another_batch_is_replaced_not_grown(tmp_path):
     assert model.cache_len == 16
 
 
-def chat_grows(model, ref, tok, max_new: int) -> list[int]:
-    """Three turns of a greedy chat; each answer must be a fresh model's on the whole dialog.
-    Returns the session's cache length after each turn."""
-    session = ChatSession(model, tok, "plain", sampling=GREEDY, max_new_tokens=max_new)
+def chat_grows(model, ref, tok, max_new: int, step=None) -> list[int]:
+    """Three turns of a greedy chat (decoded by `step`, None: eagerly); each answer must be a fresh
+    model's on the whole dialog. Returns the session's cache length after each turn."""
+    session = ChatSession(model, tok, "plain", sampling=GREEDY, max_new_tokens=max_new, step=step)
     lengths = []
     for text in ("Once upon a time", "Lily had a ball", "The sun was hot"):
         answer = session.ask(text)
@@ -184,7 +185,7 @@ def test_a_chat_grows_its_cache_as_the_dialog_grows_and_answers_as_a_fresh_model
 def test_a_compiled_chat_recompiles_for_the_grown_cache_and_answers_as_eager():
     path = fixture("stories260K-hf")
     tok = load_tokenizer(path / "tokenizer.model")
-    model = load_model(path, device="cpu", dtype="float32", compile=True)
+    compiled = load(path, device="cpu", dtype="float32", compile=True)
     ref = load_model(path, device="cpu", dtype="float32")
-    lengths = chat_grows(model, ref, tok, max_new=100)
+    lengths = chat_grows(compiled.model, ref, tok, max_new=100, step=compiled.step)
     assert lengths[0] < lengths[-1]

@@ -19,12 +19,13 @@ import tp_worker
 from typer.testing import CliRunner
 
 from conftest import ROOT, STORY, fixture, make_hf_checkpoint
-from xllama_cli import checkpoint, load_model
+from xllama_cli import checkpoint
 from xllama_cli.checkpoint import open_checkpoint
 from xllama_cli.cli import app
 from xllama_cli.config import ModelConfig
 from xllama_cli.errors import XllamaError
 from xllama_cli.layout import divisors
+from xllama_cli.loading import load
 from xllama_cli.parallel import plan_shard
 from xllama_cli.tokenizer import load_tokenizer
 
@@ -283,6 +284,31 @@ def test_each_rank_reads_only_its_slices(folder, monkeypatch):
 
 
 def test_single_process_model_has_no_parallel_parts():
-    m = load_model(fixture("stories260K-hf"), device="cpu")
-    assert m.tensor_parallel is None
-    assert not any(layer.self_attn.o_proj.reduce or layer.mlp.down_proj.reduce for layer in m.model.layers)
+    loaded = load(fixture("stories260K-hf"), device="cpu")
+    assert loaded.tp is None
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in loaded.model.modules())
+
+
+def test_a_row_parallel_bias_is_added_once_after_the_all_reduce(monkeypatch):
+    """The hooks complete each rank's partial sums; o_proj's and down_proj's bias is added after
+    the sum, once, not by every rank's own product."""
+    import torch.distributed as dist
+
+    from xllama_cli.model import Transformer
+    from xllama_cli.parallel import TensorParallel, apply_tensor_parallel
+
+    cfg = ModelConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=24, vocab_size=32,
+                      attention_bias=True, mlp_bias=True)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    down_bias = mlp.down_proj.bias.detach().clone()
+    world = 2  # a stand-in all-reduce: this rank's partial sum, as if the other rank sent the same
+    monkeypatch.setattr(dist, "all_reduce", lambda t: t.mul_(world))
+    x = torch.randn(1, 3, 16)
+    with torch.no_grad():
+        want = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)) - down_bias
+    apply_tensor_parallel(model, TensorParallel(0, world, torch.device("cpu")))
+    assert attn.o_proj.bias is None and mlp.down_proj.bias is None
+    with torch.no_grad():
+        assert torch.allclose(mlp(x), want * world + down_bias, atol=1e-6)

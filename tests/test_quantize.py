@@ -15,7 +15,7 @@ from xllama_cli import load_model
 from xllama_cli.cli import DEMO_MODEL
 from xllama_cli.evaluate import evaluate_text
 from xllama_cli.generation import generate_tokens
-from xllama_cli.linear import SMALL_ROWS, Linear
+from xllama_cli.linear import SMALL_ROWS
 from xllama_cli.quantize import Int8Linear, int8_matmul, quantize_int8
 from xllama_cli.tokenizer import load_tokenizer
 
@@ -49,7 +49,7 @@ def test_int8_product_equals_the_dequantised_product(rows, dtype, k):
 def test_quantized_model_replaces_every_projection_and_the_head(tmp_path):
     make_hf_checkpoint(tmp_path, seed=1, num_key_value_heads=2, tie_word_embeddings=True, attention_bias=True)
     m = load_model(tmp_path, device="cpu", quantize="int8")
-    linears = [mod for mod in m.modules() if isinstance(mod, Linear)]
+    linears = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
     assert len(linears) == 2 * 7 + 1 and all(isinstance(mod, Int8Linear) for mod in linears)
     assert m.model.embed_tokens.weight.dtype == torch.bfloat16  # a lookup table: left as it is
     assert m.lm_head.weight.dtype == torch.int8  # the tied head gets its own int8 copy
@@ -93,3 +93,20 @@ def test_cli_refuses_unknown_method_and_float32_compute():
     cli_fails(["eval", "--model", str(DEMO_MODEL), "--quantize", "int8", "--dtype", "float32",
                "--text", str(DEMO_MODEL / "heldout.txt")],
               "--quantize int8 computes in bfloat16 or float16")
+
+
+@pytest.mark.parametrize("broken", ["wrong", "missing"])
+def test_an_int8_kernel_that_is_wrong_or_missing_is_not_used(monkeypatch, broken):
+    from xllama_cli import linear
+    from xllama_cli.quantize import int8_kernel_works
+
+    monkeypatch.setattr(linear, "_PROBES", {})  # tried anew here
+    if broken == "wrong":
+        monkeypatch.setattr(torch, "_weight_int8pack_mm",
+                            lambda x, w, s: torch.full((x.shape[0], w.shape[0]), float("nan"), dtype=x.dtype))
+    else:
+        monkeypatch.delattr(torch, "_weight_int8pack_mm")
+    assert not int8_kernel_works(torch.bfloat16)
+    q, scales = quantize_int8(torch.randn(96, 64))
+    x, s = torch.randn(1, 64).bfloat16(), scales.bfloat16()
+    assert torch.equal(int8_matmul(x, q, s), F.linear(x, q.bfloat16()) * s)  # widened instead

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from xllama_cli import load_model
 from xllama_cli.errors import XllamaError
 from xllama_cli.generation import generate_tokens
+from xllama_cli.loading import load
 from xllama_cli.sampling import Sampling
 
 
@@ -20,18 +20,19 @@ def run_case(case: dict) -> dict:
     opts = {k: case[k] for k in ("attn", "groups", "rope", "rope_factor", "method", "quantize", "compile", "decode_batch")
             if k in case}
     try:
-        model = load_model(case["model"], device="cpu", dtype=case.get("dtype", "float32"), **opts)
+        loaded = load(case["model"], device="cpu", dtype=case.get("dtype", "float32"), **opts)
     except XllamaError as e:
         return {"error": str(e)}
+    model, engine = loaded.model, {"step": loaded.step, "tp": loaded.tp}
     prompts = case["prompts"]
     out = {
         "params": sum(p.numel() for p in model.parameters()),
         "local": (model.config.n_heads, model.config.n_kv_heads, model.config.hidden_dim),
-        "packed": model.model.layers[0].mlp.down_proj.packed,
-        "tokens": generate_tokens(model, prompts, case["n"]).tokens,
+        "packed": getattr(model.model.layers[0].mlp.down_proj, "packed", False),
+        "tokens": generate_tokens(model, prompts, case["n"], **engine).tokens,
     }
     if case.get("sample"):  # unseeded: each rank's own generator differs, only the broadcast keeps them together
-        out["sampled"] = generate_tokens(model, prompts, 12, Sampling(temperature=1.0)).tokens
+        out["sampled"] = generate_tokens(model, prompts, 12, Sampling(temperature=1.0), **engine).tokens
     with torch.no_grad():
         out["logits"] = model(torch.tensor([case["logits_tokens"]]))
     return out

@@ -8,7 +8,6 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .linear import Linear
 from .rope import apply_rope
 
 
@@ -17,10 +16,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         bias = cfg.attention_bias
-        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
-        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
-        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
-        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=bias)
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=bias)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -49,9 +48,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """Attention of one new token per row, q [B, H, 1, D] over k, v [B, n_kv, S, D], as two batched
     products with the softmax in float32; mask: bool [B|1, 1, 1, S] or None (every slot).
 
-    On the CPU, ATen's flash-attention kernel spends 2-3x longer on one half-precision query (1 ms
-    against 0.3 ms over 1152 cached slots, 8.4 ms against 2.9 ms at batch 8): it is built for long
-    queries. (In float32 it is as fast as this.) The query heads of a group share their K/V head as
+    On the CPU, ATen's flash-attention kernel is several times slower on one half-precision query:
+    it is built for long queries. (In float32 it is as fast as this; benchmarks/decode.py measures
+    both.) The query heads of a group share their K/V head as
     the columns of one product; the scores are k @ q.T, so that the cache, a slice of a longer
     buffer, is the product's untransposed operand and is read in place rather than copied."""
     B, H, _, D = q.shape

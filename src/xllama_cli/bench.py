@@ -30,7 +30,7 @@ from .writer import check_destination
 from .generation import GenerationStats, context_length, generate_tokens
 from .kv_cache import cache_capacity
 from .layout import is_kv_param, regroup_kv, target_kv_heads
-from .loading import available_bytes, for_inference, load_model, resolve_device, resolve_dtype
+from .loading import Loaded, available_bytes, for_inference, load_model, resolve_device, resolve_dtype
 from .quantize import check_quantize
 from .model import Transformer
 from .report import human_bytes as _bytes, human_count as _count
@@ -563,7 +563,7 @@ def _time_groups(base: Transformer, result: BenchResult) -> None:
     device, elsize = result.device, base.lm_head.weight.element_size()
     runs_per_row = WARMUP_RUNS + result.repeats
     done = {row.groups: 0 for row in result.rows}
-    kept: dict[int, Transformer] = {}  # compiled models, one per group count
+    kept: dict[int, Loaded] = {}  # compiled models, one per group count
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
                TimeElapsedColumn())
     with Progress(*columns, console=report.err, transient=False) as progress:
@@ -602,7 +602,7 @@ def _fits(base: Transformer, result: BenchResult, row: Row, elsize: int) -> bool
 
 
 def _run_row(base: Transformer, result: BenchResult, row: Row, prompts: list[list[int]],
-             kept: dict[int, Transformer], timed: bool) -> None:
+             kept: dict[int, Loaded], timed: bool) -> None:
     """One run of one group count; an allocation failure marks the row `out of memory`."""
     model = None
     try:
@@ -627,15 +627,16 @@ def _run_row(base: Transformer, result: BenchResult, row: Row, prompts: list[lis
             torch.cuda.empty_cache()
 
 
-def _prepare(base: Transformer, groups: int, result: BenchResult) -> Transformer:
+def _prepare(base: Transformer, groups: int, result: BenchResult) -> Loaded:
     """The model a group count runs: regrouped from the base, then quantized, compiled or packed
     as `xllama generate` would run it."""
     return for_inference(regrouped(base, groups), result.quantize, result.compiled, decode_batch=result.batch)
 
 
-def _one_run(model: Transformer, prompts: list[list[int]], output_len: int) -> GenerationStats:
+def _one_run(ready: Loaded, prompts: list[list[int]], output_len: int) -> GenerationStats:
     """One generate_tokens call: greedy, and no EOS, so every sequence makes all output_len tokens."""
-    result = generate_tokens(model, prompts, output_len, Sampling(temperature=0.0), eos_ids=[])
+    result = generate_tokens(ready.model, prompts, output_len, Sampling(temperature=0.0), eos_ids=[],
+                             step=ready.step)
     if result.stats.new_tokens != len(prompts) * output_len:
         raise RuntimeError(f"bench: expected {len(prompts) * output_len} new tokens, got {result.stats.new_tokens}")
     return result.stats

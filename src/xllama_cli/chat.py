@@ -13,8 +13,10 @@ from .chat_template import ChatTemplate, find_chat_template, read_template_sourc
 from .errors import XllamaError
 
 if TYPE_CHECKING:  # torch loads with the session, so the formats stay usable without it
+    from .generation import Step
     from .kv_cache import KVCache
     from .model import Transformer
+    from .parallel import TensorParallel
     from .sampling import Sampling
     from .tokenizer import Tokenizer
 
@@ -185,7 +187,8 @@ class ChatSession:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, template: str | Format = "llama2",
                  system: str | None = None, sampling: Sampling | None = None, max_new_tokens: int = 512,
-                 context: int | None = None, notify: Callable[[str], None] | None = None) -> None:
+                 context: int | None = None, notify: Callable[[str], None] | None = None, *,
+                 step: Step | None = None, tp: TensorParallel | None = None) -> None:
         from .generation import context_length
         from .sampling import Sampling, make_generator
 
@@ -195,6 +198,7 @@ class ChatSession:
         limit = context_length(model)
         check_settings(limit, context, max_new_tokens)
         self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.step, self.tp = step, tp  # the decode step and tensor-parallel group (generation.decode)
         self.format = TEMPLATES[template] if isinstance(template, str) else template
         self.context = context or limit
         self.system = system.strip() if system and system.strip() else None
@@ -263,7 +267,7 @@ class ChatSession:
         while answering (Ctrl-C) keeps what was said so far in the dialog and the session usable."""
         import torch
 
-        from .generation import _sync, continuation_text, decode, next_token
+        from .generation import continuation_text, decode, prefill
 
         if not text.strip():
             raise XllamaError("the message is empty")
@@ -282,9 +286,8 @@ class ChatSession:
         stats = TurnStats(prefill_tokens=len(new))
         with torch.inference_mode():
             t0 = time.perf_counter()
-            logits = self.model(torch.tensor([new], device=self.device), start=keep, last_only=True)
-            first = next_token(self.model, logits, self.sampling, self.generator)
-            _sync(self.device)
+            first = prefill(self.model, torch.tensor([new], device=self.device), keep, self.sampling,
+                            self.generator, tp=self.tp)
             stats.prefill_s = time.perf_counter() - t0
         self.cached = tokens
         self.last_prefill = new
@@ -302,8 +305,7 @@ class ChatSession:
         t1 = time.perf_counter()
         try:
             _, fed = decode(self.model, first, len(tokens), max_new, self.sampling, self.generator,
-                            self.tokenizer.eos_ids, on_token)
-            _sync(self.device)
+                            self.tokenizer.eos_ids, on_token, step=self.step, tp=self.tp)
             if on_text is not None:
                 on_text(stream.flush())
         except BaseException:

@@ -60,10 +60,8 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """A checkpoint folder, or a Hugging Face repo id already downloaded to the local cache."""
-    from .download import resolve_model
-
-    path = resolve_model(path)
+    """A checkpoint folder (a repo id is resolved to its folder above: download.resolve_model)."""
+    path = Path(path).expanduser()
     if not path.exists():
         raise XllamaError(f"model folder {str(path)!r} does not exist")
     if not path.is_dir():

@@ -9,17 +9,23 @@ import typer
 from typer.core import TyperGroup
 
 from . import report
-from .errors import XllamaError, read_utf8, require_utf8
+from .errors import SettingError, XllamaError, read_utf8, require_utf8
+
+# the library's settings, as this command line calls them (errors.SettingError)
+FLAGS = {"attn": "--attn", "groups": "--groups", "method": "--method", "rope": "--rope",
+         "rope_factor": "--rope-factor", "quantize": "--quantize", "dtype": "--dtype", "device": "--device",
+         "compile": "--compile"}
 
 
 class _Group(TyperGroup):
-    """Turns an XllamaError anywhere below into one `error:` line and exit code 2."""
+    """Turns an XllamaError anywhere below into one `error:` line and exit code 2, the settings it
+    names worded as this command line's flags."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except XllamaError as e:
-            report.error(str(e))
+            report.error(e.worded(FLAGS) if isinstance(e, SettingError) else str(e))
             raise typer.Exit(2) from None
 
 
@@ -59,9 +65,13 @@ DEMO_MODEL = Path(__file__).parent / "demo"
 
 
 def _model_path(model: Optional[str]) -> str:
-    """--model as given, or the built-in demo model when none is given (said once on stderr)."""
+    """--model as given (a repo id: its folder in the local Hugging Face cache), or the built-in
+    demo model when none is given (said once on stderr)."""
     if model is not None:
-        return model
+        from .download import resolve_model
+
+        folder = resolve_model(model)
+        return model if folder == Path(model).expanduser() else str(folder)
     if not (DEMO_MODEL / "config.json").is_file():
         raise XllamaError("no --model given and the built-in demo model is not installed; pass --model PATH")
     report.info(f"no --model given: using the built-in demo model ({DEMO_MODEL})")
@@ -91,7 +101,7 @@ def generate(
     """Generate text from one or more prompts; the text streams to stdout as it is made."""
     from .checkpoint import open_checkpoint
     from .generation import check_prompts, continuation_text, generate_tokens
-    from .loading import load_model, target_config
+    from .loading import load, target_config
     from .sampling import Sampling
     from .tokenizer import load_tokenizer
 
@@ -106,16 +116,16 @@ def generate(
     ids = [tokenizer.encode(t) for t in texts]
     # every check before the model loads and before anything reaches stdout
     check_prompts(target_config(open_checkpoint(path), attn, groups, rope, rope_factor), ids, max_new_tokens)
-    m = load_model(path, attn=attn, groups=groups, rope=rope, rope_factor=rope_factor, device=device, dtype=dtype,
-                   quantize=quantize, compile=compile, decode_batch=len(texts))
+    m = load(path, attn=attn, groups=groups, rope=rope, rope_factor=rope_factor, device=device, dtype=dtype,
+             quantize=quantize, compile=compile, decode_batch=len(texts))
     if len(texts) == 1:  # one prompt: stream it token by token
         stream = tokenizer.stream()
         report.write(texts[0])
-        result = generate_tokens(m, ids, max_new_tokens, sampling, tokenizer.eos_ids,
-                                 on_token=lambda _row, tok: report.write(stream.push(tok)))
+        result = generate_tokens(m.model, ids, max_new_tokens, sampling, tokenizer.eos_ids,
+                                 on_token=lambda _row, tok: report.write(stream.push(tok)), step=m.step, tp=m.tp)
         report.write(stream.flush() + "\n")
     else:  # a batch: each text when all are done, in order
-        result = generate_tokens(m, ids, max_new_tokens, sampling, tokenizer.eos_ids)
+        result = generate_tokens(m.model, ids, max_new_tokens, sampling, tokenizer.eos_ids, step=m.step, tp=m.tp)
         for i, (text, new) in enumerate(zip(texts, result.tokens)):
             report.write(("\n" if i else "") + text + continuation_text(tokenizer, new) + "\n")
     if not quiet:
@@ -240,8 +250,8 @@ def bench(
     if list_presets:
         benchmark.show_presets()
         return
-    if model is None and preset is None and config is None:
-        model = _model_path(None)
+    if model is not None or (preset is None and config is None):
+        model = _model_path(model)
     result = benchmark.run_command(benchmark.BenchOptions(
         model=model, preset=preset, config=config, layers=layers, groups=groups, input_len=input_len,
         output_len=output_len, batch=batch, repeats=repeats, device=device, dtype=dtype, seed=seed,
@@ -300,7 +310,7 @@ def chat(
     from .chat import ChatSession, check_settings, choose_template
     from .checkpoint import open_checkpoint
     from .generation import context_length
-    from .loading import load_model, target_config
+    from .loading import load, target_config
     from .repl import run
     from .sampling import Sampling
     from .tokenizer import load_tokenizer
@@ -314,9 +324,10 @@ def chat(
     if template in (None, "auto"):
         report.info(f"template: {chosen} ({why}; --template overrides)")
     tokenizer = load_tokenizer(path)
-    m = load_model(path, attn=attn, groups=groups, rope=rope, rope_factor=rope_factor, device=device, dtype=dtype,
-                   quantize=quantize, compile=compile)
-    session = ChatSession(m, tokenizer, chosen, system, sampling, max_new_tokens, context, notify=report.info)
+    m = load(path, attn=attn, groups=groups, rope=rope, rope_factor=rope_factor, device=device, dtype=dtype,
+             quantize=quantize, compile=compile)
+    session = ChatSession(m.model, tokenizer, chosen, system, sampling, max_new_tokens, context, notify=report.info,
+                          step=m.step, tp=m.tp)
     run(session, sys.stdin)
 
 

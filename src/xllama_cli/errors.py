@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from typing import Mapping
 
 
 class XllamaError(Exception):
     """A user-facing failure: the CLI prints `error: <message>` on one line and exits with 2."""
+
+
+class SettingError(XllamaError):
+    """A setting's value the library cannot serve. Its text names settings as `{attn}`, `{groups}`,
+    ... (keys of PLAIN): str() words them plainly, and an interface words them as its own options
+    (`worded`: the CLI's flags), so the library's text knows nothing of the command line."""
+
+    PLAIN = {"attn": "attention layout", "groups": "KV group count", "method": "pooling method",
+             "rope": "RoPE rule", "rope_factor": "RoPE factor", "quantize": "quantization",
+             "dtype": "dtype", "device": "device", "compile": "compilation"}
+
+    def __init__(self, template: str, **values: object) -> None:
+        self.template, self.values = template, values
+        super().__init__(self.worded(self.PLAIN))
+
+    def worded(self, names: Mapping[str, str]) -> str:
+        """The message with each setting called by `names` (plain words where it has none)."""
+        return self.template.format_map({**self.PLAIN, **names, **self.values})
+
+    def __reduce__(self):  # pickled whole (multiprocessing), not as the one-argument Exception
+        return partial(type(self), self.template, **self.values), ()
 
 
 def require_utf8(text: str, what: str) -> str:

@@ -1,21 +1,33 @@
-"""Generation: prefill the prompts in one forward pass, then decode one token per step."""
+"""Generation: prefill the prompts in one forward pass, then decode one token per step.
+
+As in gpt-fast's generate.py, three small functions make every token: `prefill`, one decode
+`Step` per token (the model's eager forward, or the step `compile_decode` makes), and `decode`,
+the loop over steps; generate, chat, eval and bench are their clients. Under tensor parallelism
+they are given the TensorParallel (parallel.py), whose `broadcast` makes every rank take rank 0's
+sampled tokens.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
 from .config import ModelConfig
-from .errors import XllamaError
+from .errors import SettingError, XllamaError
 from .kv_cache import cache_capacity
 from .model import Transformer
 from .sampling import Sampling, make_generator, sample
 from .tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from .parallel import TensorParallel
+
 OnToken = Callable[[int, int], None]  # (row, token id)
+# One decode step: (tokens [B, 1], cache slot, left padding [B] or None) -> logits [B, 1, vocab]
+Step = Callable[[torch.Tensor, int, Optional[torch.Tensor]], torch.Tensor]
 
 
 @dataclass
@@ -71,8 +83,9 @@ def check_prompts(model: Transformer | ModelConfig, prompts: list[list[int]], ma
     ctx = context_length(model)
     longest = max(len(p) for p in prompts)
     if longest > ctx:
-        raise XllamaError(f"the prompt has {longest} tokens but the model's context is {ctx}; "
-                          "shorten it or extend the context with --rope linear|dynamic --rope-factor F")
+        raise SettingError("the prompt has {longest} tokens but the model's context is {ctx}; "
+                           "shorten it or extend the context with {rope} linear|dynamic {rope_factor} F",
+                           longest=longest, ctx=ctx)
 
 
 def _sync(device: torch.device) -> None:
@@ -80,11 +93,56 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def eager_step(model: Transformer) -> Step:
+    """The decode step as the model's own forward."""
+    return lambda tokens, start, pad=None: model(tokens, start=start, pad=pad)
+
+
+def compile_decode(model: Transformer, mode: str | None = None) -> Step:
+    """The one-token decode step compiled with torch.compile (default mode: CUDA graphs on CUDA,
+    "reduce-overhead"). Its shapes are static: the cache slot is a tensor and attention spans
+    the whole cache, masked. Compiling happens at the step's first call; a compiler that cannot
+    run (e.g. no C++ compiler for inductor's CPU kernels) is a SettingError then."""
+    if mode is None and model.model.embed_tokens.weight.device.type == "cuda":
+        mode = "reduce-overhead"
+    # every model shares Transformer.forward's code: allow a compiled graph for each of many
+    # models (bench's group counts) and shapes (batch, cache length) before falling back to eager
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    compiled = torch.compile(model.forward, mode=mode, dynamic=False)
+
+    def step(tokens: torch.Tensor, start: int, pad: torch.Tensor | None = None) -> torch.Tensor:
+        try:
+            return compiled(tokens, start=torch.tensor(start, device=tokens.device), pad=pad)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            inner = getattr(e, "inner_exception", None) or e
+            reason = (str(inner).strip().splitlines() or [type(inner).__name__])[0][:300]
+            raise SettingError("{compile} failed ({reason}); run without {compile}", reason=reason) from None
+
+    return step
+
+
+@torch.inference_mode()
+def prefill(model: Transformer, tokens: torch.Tensor, start: int, sampling: Sampling,
+            generator: torch.Generator | None, pad: torch.Tensor | None = None,
+            tp: TensorParallel | None = None) -> torch.Tensor:
+    """Run tokens [B, T] through the model into cache slots start.. (the cache set up to hold them)
+    and sample each row's next token [B] from the last position. Returns once the device is done,
+    so that the call can be timed."""
+    logits = model(tokens, start=start, pad=pad, last_only=True)
+    nxt = next_token(logits, sampling, generator, tp)
+    _sync(nxt.device)
+    return nxt
+
+
 @torch.inference_mode()
 def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
                     sampling: Sampling = Sampling(), eos_ids: list[int] | None = None,
-                    on_token: OnToken | None = None) -> Generation:
-    """Generate for a batch of token-id prompts of any lengths (left-padded together)."""
+                    on_token: OnToken | None = None, *, step: Step | None = None,
+                    tp: TensorParallel | None = None) -> Generation:
+    """Generate for a batch of token-id prompts of any lengths (left-padded together).
+
+    step: the decode step (`compile_decode`'s); None: the model's eager forward.
+    tp: this rank's group under tensor parallelism, so that every rank samples rank 0's tokens."""
     check_prompts(model, prompts, max_new_tokens)
     device = model.lm_head.weight.device
     ctx = context_length(model)
@@ -102,16 +160,14 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
     model.setup_cache(B, cache_capacity(longest + max_new_tokens, ctx))
     try:
         t0 = time.perf_counter()
-        logits = model(tokens, start=0, pad=pad, last_only=True)
-        nxt = next_token(model, logits, sampling, gen)
-        _sync(device)
+        nxt = prefill(model, tokens, 0, sampling, gen, pad, tp)
         stats.prefill_s = time.perf_counter() - t0
-        if model.compiled_step is not None and max_new_tokens > 1:
-            stats.compile_s = warm_up_step(model, nxt, longest, pad)
+        if step is not None and max_new_tokens > 1:
+            stats.compile_s = warm_up_step(step, nxt, longest, pad)
         t1 = time.perf_counter()
-        out, fed = decode(model, nxt, longest, max_new_tokens, sampling, gen, eos_ids, on_token, pad)
+        out, fed = decode(model, nxt, longest, max_new_tokens, sampling, gen, eos_ids, on_token, pad,
+                          step=step, tp=tp)
         stats.decode_tokens = fed * B
-        _sync(device)
         stats.decode_s = time.perf_counter() - t1
     finally:
         model.clear_cache()
@@ -119,24 +175,23 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
     return Generation(out, stats)
 
 
-def warm_up_step(model: Transformer, first: torch.Tensor, start: int, pad: torch.Tensor | None) -> float:
+def warm_up_step(step: Step, first: torch.Tensor, start: int, pad: torch.Tensor | None) -> float:
     """Run the compiled decode step on the token decode feeds first, at the slot it goes to, so that
     compiling (and CUDA graph recording, which takes a few calls) is timed apart from decode.
     Decode then writes the same keys and values into that slot again: nothing changes."""
     t0 = time.perf_counter()
     for _ in range(3):
-        model.step(first[:, None], start, pad)
+        step(first[:, None], start, pad)
     _sync(first.device)
     return time.perf_counter() - t0
 
 
 @torch.inference_mode()
-def next_token(model: Transformer, logits: torch.Tensor, sampling: Sampling,
-               generator: torch.Generator | None) -> torch.Tensor:
-    """Sample from the last position's logits [B, T, V]; under tensor parallelism every rank takes
-    rank 0's choice, so the ranks never drift apart."""
+def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
+               tp: TensorParallel | None = None) -> torch.Tensor:
+    """Sample from the last position's logits [B, T, V]; under tensor parallelism (`tp`) every
+    rank takes rank 0's choice, so the ranks never drift apart."""
     nxt = sample(logits[:, -1], sampling, generator)
-    tp = getattr(model, "tensor_parallel", None)
     if tp is not None:
         tp.broadcast(nxt)
     return nxt
@@ -144,28 +199,31 @@ def next_token(model: Transformer, logits: torch.Tensor, sampling: Sampling,
 
 def decode(model: Transformer, first: torch.Tensor, start: int, max_new_tokens: int,
            sampling: Sampling, generator: torch.Generator | None, eos_ids: list[int] | None,
-           on_token: OnToken | None = None, pad: torch.Tensor | None = None) -> tuple[list[list[int]], int]:
+           on_token: OnToken | None = None, pad: torch.Tensor | None = None, *, step: Step | None = None,
+           tp: TensorParallel | None = None) -> tuple[list[list[int]], int]:
     """The decode loop over a filled cache: `first` [B] was sampled from the logits of slot start-1;
     each chosen token is fed back into slot start, start+1, ... until every row has made EOS or
-    max_new_tokens tokens. Returns each row's new tokens (EOS excluded) and how many slots it filled."""
+    max_new_tokens tokens. Returns each row's new tokens (EOS excluded) and how many slots it filled,
+    once the device is done (the last tokens are read back). step, tp: as in generate_tokens."""
+    step = step or eager_step(model)
     B = first.shape[0]
     eos = torch.tensor(eos_ids or [], device=first.device)
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=first.device)
     nxt, fed = first, 0
-    for step in range(max_new_tokens):
+    for i in range(max_new_tokens):
         done |= torch.isin(nxt, eos)
         ids = nxt.tolist()  # also the point where the device is waited for
         for row, (tok, finished) in enumerate(zip(ids, done.tolist())):
-            if not finished and len(out[row]) == step:
+            if not finished and len(out[row]) == i:
                 out[row].append(tok)
                 if on_token is not None:
                     on_token(row, tok)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if bool(done.all()) or i == max_new_tokens - 1:
             break
-        logits = model.step(nxt[:, None], start + step, pad)
+        logits = step(nxt[:, None], start + i, pad)
         fed += 1
-        nxt = next_token(model, logits, sampling, generator)
+        nxt = next_token(logits, sampling, generator, tp)
     return out, fed
 
 

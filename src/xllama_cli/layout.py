@@ -1,4 +1,5 @@
-"""K/V head layout: --attn/--groups to a KV head count, and the regrouping of K/V weights.
+"""K/V head layout: a requested layout (MHA/GQA/MQA, a group count) to a KV head count, and the
+regrouping of K/V weights.
 
 `generate` applies it at load time and `convert` writes its result: one implementation.
 Groups are contiguous heads: head i belongs to group i // (n_kv // G), which is how the
@@ -11,7 +12,7 @@ import re
 
 import torch
 
-from .errors import XllamaError
+from .errors import SettingError
 
 ATTN_LAYOUTS = ("MHA", "GQA", "MQA")
 METHODS = ("mean", "first", "random")
@@ -28,14 +29,14 @@ def valid_groups(n_heads: int, n_kv: int) -> list[int]:
 
 
 def target_kv_heads(n_heads: int, n_kv: int, attn: str | None, groups: int | None) -> int:
-    """The KV head count that --attn/--groups ask for (n_kv when neither is given)."""
+    """The KV head count that layout `attn` and group count `groups` ask for (n_kv when neither is given)."""
     if attn is None:
         if groups is None:
             return n_kv
         attn = "GQA"
     name = attn.upper()
     if name not in ATTN_LAYOUTS:
-        raise XllamaError(f"unknown --attn {attn!r}; choose one of: {', '.join(ATTN_LAYOUTS)}")
+        raise SettingError("unknown {attn} {value!r}; choose one of: {valid}", value=attn, valid=", ".join(ATTN_LAYOUTS))
     if name == "MHA":
         g = n_heads
     elif name == "MQA":
@@ -43,12 +44,13 @@ def target_kv_heads(n_heads: int, n_kv: int, attn: str | None, groups: int | Non
     else:
         g = groups if groups is not None else min(8, n_heads)
     if groups is not None and name != "GQA" and groups != g:
-        raise XllamaError(f"--groups {groups} contradicts --attn {name} (which means {g} KV heads)")
+        raise SettingError("{groups} {value} contradicts {attn} {name} (which means {g} KV heads)",
+                           value=groups, name=name, g=g)
     valid = valid_groups(n_heads, n_kv)
     if g not in valid:
         why = "does not divide" if g <= 0 or n_heads % g else f"cannot be made from the checkpoint's {n_kv} KV heads for"
-        raise XllamaError(f"--groups {g} {why} the {n_heads} query heads; "
-                          f"valid group counts: {', '.join(map(str, valid))}")
+        raise SettingError("{groups} {g} {why} the {n_heads} query heads; valid group counts: {valid}",
+                           g=g, why=why, n_heads=n_heads, valid=", ".join(map(str, valid)))
     return g
 
 
@@ -62,7 +64,7 @@ def regroup_kv(w: torch.Tensor, n_kv: int, groups: int, method: str = "mean",
     """
     dtype = dtype or w.dtype
     if method not in METHODS:
-        raise XllamaError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
+        raise SettingError("unknown {method} {value!r}; choose one of: {valid}", value=method, valid=", ".join(METHODS))
     if groups == n_kv:
         return w.to(dtype)
     heads = w.reshape(n_kv, -1, *w.shape[1:])  # [n_kv, D, ...]

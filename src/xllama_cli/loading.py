@@ -1,4 +1,5 @@
-"""load_model: a checkpoint folder -> a Transformer on the chosen device, dtype, K/V layout and RoPE.
+"""load: a checkpoint -> a Transformer on the chosen device, dtype, K/V layout and RoPE, with the
+runtime plug-ins applied (int8, CPU kernels, tensor parallel hooks, a compiled decode step).
 
 Under torchrun (WORLD_SIZE > 1) each rank builds and reads only its own part of the model
 (see parallel.py); in a single process nothing of that runs.
@@ -6,21 +7,27 @@ Under torchrun (WORLD_SIZE > 1) each rank builds and reads only its own part of 
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .checkpoint import Checkpoint, open_checkpoint, release_pages
 from .config import ModelConfig
-from .errors import XllamaError
-from .linear import pack_model
+from .errors import SettingError, XllamaError
+from .linear import use_cpu_kernels
 from .layout import is_kv_param, regroup_kv, target_kv_heads
 from .model import Transformer
 from .quantize import check_quantize, quantize_model
 from .report import human_bytes, human_count
-from .parallel import Shard, TensorParallel, agree_on_errors, make_row_parallel, plan_shard, setup
+from .parallel import Shard, TensorParallel, agree_on_errors, apply_tensor_parallel, plan_shard, setup
 from .rope import with_rope
+
+if TYPE_CHECKING:
+    from .generation import Step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,46 +37,71 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise XllamaError(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
+            raise SettingError("{device} {value} asked for, but CUDA is not available here; use {device} cpu",
+                               value=device)
         return torch.device(device)
     if device == "cpu":
         return torch.device("cpu")
-    raise XllamaError(f"unknown --device {device!r}; choose auto, cpu or cuda")
+    raise SettingError("unknown {device} {value!r}; choose auto, cpu or cuda", value=device)
 
 
 def resolve_dtype(dtype: str, device: torch.device, quantize: str | None = None) -> torch.dtype:
     if dtype == "auto":  # int8 weights compute in bfloat16 on every device
         return torch.bfloat16 if device.type == "cuda" or quantize else torch.float32
     if dtype not in DTYPES:
-        raise XllamaError(f"unknown --dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+        raise SettingError("unknown {dtype} {value!r}; choose auto, {valid}", value=dtype, valid=", ".join(DTYPES))
     return DTYPES[dtype]
 
 
 def target_config(ckpt: Checkpoint, attn: str | None = None, groups: int | None = None,
                   rope: str | None = None, rope_factor: float | None = None) -> ModelConfig:
-    """The checkpoint's config with --attn/--groups and --rope/--rope-factor applied."""
+    """The checkpoint's config with a K/V layout (`attn`, `groups`) and a RoPE rule applied."""
     cfg = ckpt.config
     n_kv = target_kv_heads(cfg.n_heads, cfg.n_kv_heads, attn, groups)
     return with_rope(cfg.replace(n_kv_heads=n_kv), rope, rope_factor)
 
 
-def load_model(path: str | Path, *, attn: str | None = None, groups: int | None = None,
-               rope: str | None = None, rope_factor: float | None = None,
-               device: str = "auto", dtype: str = "auto", method: str = "mean",
-               quantize: str | None = None, compile: bool = False, pack: bool = True,
-               decode_batch: int | None = 1) -> Transformer:
-    """Load a checkpoint folder (HF or Meta) as a Transformer; `model(tokens)` gives logits.
+@dataclass
+class Loaded:
+    """A model ready for inference, and what its callers need beside it: the model itself knows
+    nothing of how it was loaded, compiled or split."""
 
-    quantize="int8": weight-only int8 projections and head (quantize.py), computing in bfloat16
-    unless `dtype` says float16. compile: torch.compile the decode step (Transformer.compile_decode).
-    pack: on the CPU, hold the projections in oneDNN's layout where that is faster for `decode_batch`
-    sequences decoded together (None: no decoding, as in perplexity); see linear.packable. Pass
-    False for a model to train or to take tensors from (`state_dict`). See `for_inference`.
+    model: Transformer
+    step: Step | None = None  # the compiled decode step (generation.compile_decode); None: eager
+    tp: TensorParallel | None = None  # this rank's group under torchrun; None: one process
+    checkpoint: Checkpoint | None = None  # what the weights were read from; None: built in memory
 
-    Started by torchrun, it returns this rank's part of the model (`model.tensor_parallel` set,
-    `model.config` the rank's own); every rank must call it.
+
+def open_model(source: str | Path | Checkpoint) -> Checkpoint:
+    """An opened checkpoint as it is; else a folder, or a Hugging Face repo id already downloaded
+    to the local cache (download.resolve_model), opened."""
+    if isinstance(source, Checkpoint):
+        return source
+    from .download import resolve_model
+
+    return open_checkpoint(resolve_model(source))
+
+
+def load(source: str | Path | Checkpoint, *, attn: str | None = None, groups: int | None = None,
+         rope: str | None = None, rope_factor: float | None = None,
+         device: str = "auto", dtype: str = "auto", method: str = "mean",
+         quantize: str | None = None, compile: bool = False, pack: bool = True,
+         decode_batch: int | None = 1) -> Loaded:
+    """Load a checkpoint (a folder, HF or Meta; a downloaded repo id; or an opened Checkpoint) as a
+    Transformer with its runtime plug-ins (see `for_inference`); `loaded.model(tokens)` gives logits.
+
+    attn, groups: the K/V layout (layout.target_kv_heads), K/V heads pooled by `method`.
+    rope, rope_factor: the RoPE rule (rope.with_rope). quantize="int8": weight-only int8
+    projections and head (quantize.py), computing in bfloat16 unless `dtype` says float16.
+    compile: torch.compile the decode step (`loaded.step`). pack: on the CPU, the CPU kernels
+    (linear.use_cpu_kernels), weights in oneDNN's layout where that is faster for `decode_batch`
+    sequences decoded together (None: no decoding, as in perplexity); False: the plain model, for
+    training or taking tensors from (`state_dict`).
+
+    Started by torchrun, it gives this rank's part of the model (`loaded.tp` set, `model.config`
+    the rank's own); every rank must call it.
     """
-    ckpt = open_checkpoint(path)
+    ckpt = open_model(source)
     cfg = target_config(ckpt, attn, groups, rope, rope_factor)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, quantize)
@@ -81,8 +113,18 @@ def load_model(path: str | Path, *, attn: str | None = None, groups: int | None 
     else:
         with agree_on_errors(tp):  # a rank that fails to read its slices stops them all, with its message
             check_fits(cfg, dt, tp.device, tp.world)
-            model = _load(ckpt, cfg, tp.device, dt, method, tp)
-    return for_inference(model, quantize, compile, pack, decode_batch)
+            model = apply_tensor_parallel(_load(ckpt, cfg, tp.device, dt, method, tp), tp)
+    loaded = for_inference(model, quantize, compile, pack, decode_batch)
+    return dataclasses.replace(loaded, tp=tp, checkpoint=ckpt)
+
+
+def load_model(path: str | Path | Checkpoint, **options) -> Transformer:
+    """The model alone, for the Python API: `load(path, **options).model`, with load's options.
+    Its decode step is the eager forward, and sampling under torchrun is each rank's own: use
+    `load`, whose result carries the compiled step and the tensor-parallel group."""
+    if options.get("compile"):
+        raise TypeError("load_model(compile=True) would drop the compiled step; use load(), whose .step it is")
+    return load(path, **options).model
 
 
 def check_fits(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, world: int = 1) -> None:
@@ -95,10 +137,11 @@ def check_fits(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, world
     need = n * dtype.itemsize // world
     free = available_bytes(device)
     if need > free:
-        dt = str(dtype).removeprefix("torch.")
-        raise XllamaError(f"the model's {human_count(n)} parameters ({n:,}) need {human_bytes(need)} in {dt}"
-                          f"{f' per rank of {world}' if world > 1 else ''}, but only {human_bytes(free)} is free "
-                          f"on {device}; use a smaller --dtype or a machine with more memory")
+        raise SettingError("the model's {count} parameters ({n:,}) need {need} in {dt}{per_rank}, but only "
+                           "{free} is free on {where}; use a smaller {dtype} or a machine with more memory",
+                           count=human_count(n), n=n, need=human_bytes(need), dt=str(dtype).removeprefix("torch."),
+                           per_rank=f" per rank of {world}" if world > 1 else "", free=human_bytes(free),
+                           where=device)
 
 
 def available_bytes(device: torch.device) -> int:
@@ -129,17 +172,21 @@ def available_bytes(device: torch.device) -> int:
 
 
 def for_inference(model: Transformer, quantize: str | None = None, compile: bool = False,
-                  pack: bool = True, decode_batch: int | None = 1) -> Transformer:
-    """Put a loaded model on its fastest inference path: int8 weights if asked, then either the
-    compiled decode step or (without --compile) oneDNN-packed weights. The compiled step keeps
-    the plain weights: inductor fuses its one-row products into kernels faster than oneDNN's."""
+                  pack: bool = True, decode_batch: int | None = 1) -> Loaded:
+    """Put a built model on its fastest inference path, plug-in by plug-in: int8 weights if asked
+    (quantize_model), the CPU kernels unless `pack` is False (use_cpu_kernels: packed for oneDNN
+    where faster, except under `compile`, whose one-row products inductor fuses into kernels
+    faster than oneDNN's), then the compiled decode step if asked."""
     if quantize:
         quantize_model(model, quantize)
+    if pack:
+        use_cpu_kernels(model, decode_batch, pack=not compile, release=release_pages)
+    step = None
     if compile:
-        model.compile_decode()
-    elif pack:
-        pack_model(model, decode_batch)
-    return model
+        from .generation import compile_decode
+
+        step = compile_decode(model)
+    return Loaded(model, step)
 
 
 def _load(ckpt: Checkpoint, cfg: ModelConfig, dev: torch.device, dt: torch.dtype, method: str,
@@ -153,8 +200,6 @@ def _load(ckpt: Checkpoint, cfg: ModelConfig, dev: torch.device, dt: torch.dtype
             generator = torch.Generator().manual_seed(0)
     with torch.device("meta"):
         model = Transformer(cfg)
-        if tp is not None:
-            make_row_parallel(model)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight", None)
@@ -191,8 +236,6 @@ def _load(ckpt: Checkpoint, cfg: ModelConfig, dev: torch.device, dt: torch.dtype
     model.load_state_dict(state, assign=True, strict=not cfg.tie_embeddings)
     model.tie_weights()
     model.init_rope(dev)
-    model.checkpoint = ckpt
-    model.tensor_parallel = tp
     return model.eval().requires_grad_(False)
 
 

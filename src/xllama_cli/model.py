@@ -1,8 +1,8 @@
-"""The Llama transformer: embeddings, blocks, norm, head. Parameter names are Hugging Face's."""
+"""The Llama transformer: embeddings, blocks, norm, head, from plain layers (nn.Linear, SDPA).
+Parameter names are Hugging Face's. Kernels, int8, tensor parallelism and compilation are applied
+to a built model from outside (linear.py, quantize.py, parallel.py, generation.compile_decode)."""
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -10,9 +10,7 @@ from torch import nn
 
 from .attention import Attention
 from .config import ModelConfig
-from .errors import XllamaError
 from .kv_cache import KVCache
-from .linear import Linear
 from .rope import RotaryEmbedding
 
 
@@ -34,9 +32,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
-        self.up_proj = Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
-        self.down_proj = Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -61,7 +59,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         # on the meta device (every load builds there) nothing is to be initialised, and normal_
-        # there runs torch's Python reference, whose import of torch._dynamo costs a second of start-up
+        # there runs torch's Python reference, whose import of torch._dynamo slows start-up
         meta = torch.get_default_device().type == "meta"
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim,
                                          _weight=torch.empty(cfg.vocab_size, cfg.dim) if meta else None)
@@ -75,9 +73,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Decoder(cfg)
-        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
-        self.compiled_step: Callable[..., torch.Tensor] | None = None
 
     def init_rope(self, device: torch.device | str) -> None:
         """(Re)compute the RoPE frequencies on `device`, e.g. after building on the meta device."""
@@ -113,29 +110,6 @@ class Transformer(nn.Module):
     def clear_cache(self) -> None:
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
-
-    # ---- decode ----
-    def compile_decode(self, mode: str | None = None) -> None:
-        """Compile the one-token decode step with torch.compile (default mode: CUDA graphs on CUDA,
-        "reduce-overhead"). Its shapes are static: the cache slot is a tensor and attention spans
-        the whole cache, masked."""
-        if mode is None and self.model.embed_tokens.weight.device.type == "cuda":
-            mode = "reduce-overhead"
-        # every model shares Transformer.forward's code: allow a compiled graph for each of many
-        # models (bench's group counts) and shapes (batch, cache length) before falling back to eager
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self.compiled_step = torch.compile(self.forward, mode=mode, dynamic=False)
-
-    def step(self, tokens: torch.Tensor, start: int, pad: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, 1, vocab] for one new token per row [B, 1] written at cache slot `start`."""
-        if self.compiled_step is None:
-            return self(tokens, start=start, pad=pad)
-        try:
-            return self.compiled_step(tokens, start=torch.tensor(start, device=tokens.device), pad=pad)
-        except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler for inductor's CPU kernels
-            inner = getattr(e, "inner_exception", None) or e
-            reason = (str(inner).strip().splitlines() or [type(inner).__name__])[0][:300]
-            raise XllamaError(f"--compile failed ({reason}); run without --compile") from None
 
     @property
     def cache_len(self) -> int:

@@ -5,8 +5,13 @@ o and down projections by input columns, each followed by one all-reduce (sum) o
 outputs. Embeddings, norms and the output head are replicated on every rank. When there are
 fewer KV heads than ranks, a KV head is replicated on every rank whose query heads use it.
 
+As in gpt-fast's tp.py, the model stays a plain one: loading reads each rank's slices into a model
+of the rank's own size (`plan_shard`), and `apply_tensor_parallel` adds the all-reduce as forward
+hooks on each block's attention and MLP. Sampling draws on every rank; the engine is given the
+TensorParallel so that every rank takes rank 0's token (`TensorParallel.broadcast`).
+
 Nothing here runs in a single process: `setup()` returns None unless WORLD_SIZE > 1, and the
-model then has no hook, wrapper or collective at all.
+model then has no hook or collective at all.
 """
 
 from __future__ import annotations
@@ -103,18 +108,19 @@ def agree_on_errors(tp: TensorParallel) -> Iterator[None]:
     Loading is where ranks differ (each reads its own files and slices); without this, the
     failing rank would exit and the others would wait for it in their next collective.
     """
-    mine: str | None = None
+    mine: XllamaError | None = None
     try:
         yield
     except XllamaError as e:
-        mine = str(e)
+        mine = e
     everyone: list[str | None] = [None] * tp.world
-    dist.all_gather_object(everyone, mine)
+    dist.all_gather_object(everyone, None if mine is None else str(mine))
     failed = [(r, m) for r, m in enumerate(everyone) if m is not None]
     if failed:
         rank, message = failed[0]
-        same = len(failed) == tp.world and all(m == message for _, m in failed)
-        raise XllamaError(message if same else f"rank {rank}: {message}")
+        if len(failed) == tp.world and all(m == message for _, m in failed):
+            raise mine  # the same error everywhere: as it was raised, for the CLI to word
+        raise XllamaError(f"rank {rank}: {message}")
 
 
 # ---- what one rank holds ----
@@ -185,12 +191,26 @@ def plan_shard(cfg: ModelConfig, source_kv: int, rank: int, world: int) -> Shard
                  tuple(k - lo for k in kv))
 
 
-def make_row_parallel(model: nn.Module) -> None:
-    """Mark each block's o_proj and down_proj as row-parallel: their input features are split
-    across ranks, so their partial products are summed by one all-reduce (linear.Linear.reduce)."""
+def apply_tensor_parallel(model: nn.Module, tp: TensorParallel) -> nn.Module:
+    """Make a model loaded with this rank's slices (`plan_shard`) compute the whole model's output:
+    each block's o_proj and down_proj see only this rank's input features, so the output of its
+    attention and MLP is a partial sum, completed by one all-reduce in a forward hook. Their bias
+    moves into the hook, to be added once after the sum rather than once per rank. The hooks sit
+    on the attention and MLP modules, so swapping their linear layers (int8, CPU kernels) before
+    or after keeps them."""
     for layer in model.model.layers:
-        layer.self_attn.o_proj.reduce = True
-        layer.mlp.down_proj.reduce = True
+        for block, proj in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj")):
+            linear = getattr(block, proj)
+            bias, linear.bias = linear.bias, None
+            block.register_forward_hook(_all_reduce_hook(bias))
+    return model
+
+
+def _all_reduce_hook(bias: torch.Tensor | None) -> Callable[[nn.Module, object, torch.Tensor], torch.Tensor]:
+    def hook(_module: nn.Module, _args: object, out: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(out)
+        return out if bias is None else out + bias
+    return hook
 
 
 # ---- the command line under torchrun ----

@@ -1,7 +1,8 @@
 """Weight-only int8: one byte a weight and a scale per output channel (as gpt-fast does).
 
 Activations stay in the model's half-precision dtype; a product widens the int8 weights as it
-reads them, so decode reads half the bytes of bfloat16 (a quarter of float32).
+reads them, so decode reads half the bytes of bfloat16 (a quarter of float32). `quantize_model`
+swaps every nn.Linear of a built model for an Int8Linear.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import XllamaError
-from .linear import Linear, is_small
+from .errors import SettingError
+from .linear import agrees, is_small, probed
 
 METHODS = ("int8",)
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
@@ -25,35 +26,49 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
+def int8_kernel_works(dtype: torch.dtype) -> bool:
+    """Whether ATen's private int8 CPU kernel (`torch._weight_int8pack_mm`) gives the widened
+    product's results for `dtype` inputs here, tried once per process on a shape it is known to
+    serve (K a multiple of 16; see int8_matmul)."""
+    def check() -> bool:
+        g = torch.Generator().manual_seed(0)
+        q, scales = quantize_int8(torch.randn(48, 32, generator=g))
+        x, s = torch.randn(3, 32, generator=g).to(dtype), scales.to(dtype)
+        want = F.linear(x.float(), q.float()) * s.float()
+        return agrees(torch._weight_int8pack_mm(x, q, s), want)
+
+    return probed(f"weight_int8pack_mm {dtype}", check)
+
+
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ (weight * scales[:, None]).T for int8 weight [N, K], scales [N] in x's dtype."""
     if is_small(x):
         if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
             # one row, as in linear.matmul: inductor fuses the widening into one GEMV kernel
             return ((x.unsqueeze(-2).float() * weight.float()).sum(-1) * scales.float()).to(x.dtype)
-        if x.shape[-1] % 16 == 0:
+        if x.shape[-1] % 16 == 0 and int8_kernel_works(x.dtype):
             # ATen's int8 GEMV kernel for the CPU. It takes 2-D inputs, and with K not a multiple of
             # 16 (torch 2.13) returns inf/NaN or crashes the process: those shapes widen instead.
             y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), weight, scales)
             return y.reshape(*x.shape[:-1], weight.shape[0])
-    # many rows (prefill), CUDA, or an odd K: widen, then the dtype's own GEMM
+    # many rows (prefill), CUDA, an odd K or no working kernel: widen, then the dtype's own GEMM
     return F.linear(x, weight.to(x.dtype)) * scales
 
 
-class Int8Linear(Linear):
-    """A Linear whose weight is int8 with a scale per output channel; bias, names and `reduce` kept."""
+class Int8Linear(nn.Linear):
+    """An nn.Linear whose weight is int8 with a scale per output channel; names and bias kept."""
 
-    def __init__(self, linear: Linear, dtype: torch.dtype) -> None:
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.reduce = linear.reduce
         q, scales = quantize_int8(linear.weight)
         self.register_buffer("weight", q)
         self.register_buffer("scales", scales.to(dtype))
         self.bias = linear.bias
 
-    def product(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_matmul(x, self.weight, self.scales)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = int8_matmul(x, self.weight, self.scales)
+        return y if self.bias is None else y + self.bias
 
 
 def check_quantize(method: str | None, dtype: torch.dtype) -> None:
@@ -61,10 +76,10 @@ def check_quantize(method: str | None, dtype: torch.dtype) -> None:
     if method is None:
         return
     if method not in METHODS:
-        raise XllamaError(f"unknown --quantize {method!r}; choose: {', '.join(METHODS)}")
+        raise SettingError("unknown {quantize} {value!r}; choose: {valid}", value=method, valid=", ".join(METHODS))
     if dtype not in COMPUTE_DTYPES:
-        raise XllamaError("--quantize int8 computes in bfloat16 or float16 (ATen's CPU int8 kernel "
-                          "is slower than float32 itself with float32 inputs); use --dtype bfloat16")
+        raise SettingError("{quantize} int8 computes in bfloat16 or float16 (ATen's CPU int8 kernel is slower "
+                           "than float32 itself with float32 inputs); use {dtype} bfloat16")
 
 
 def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
@@ -73,9 +88,10 @@ def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
     stays as it is (a lookup reads one row, not the table); a tied head is quantized on its own."""
     dtype = model.model.embed_tokens.weight.dtype
     check_quantize(method, dtype)
+    if model.model.embed_tokens.weight.device.type == "cpu":
+        int8_kernel_works(dtype)  # tried now, eagerly: a compiled step must find the answer, not the trial
     targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, Linear) and not isinstance(child, Int8Linear)]
+               if isinstance(child, nn.Linear) and not isinstance(child, Int8Linear)]
     for parent, name in targets:
         setattr(parent, name, Int8Linear(getattr(parent, name), dtype))
-    model.quantized = method
     return model

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import ROPE_RULES, ModelConfig
-from .errors import XllamaError
+from .errors import SettingError, XllamaError
 
 InvFreqFn = Callable[[ModelConfig, int], torch.Tensor]
 
@@ -66,28 +66,27 @@ ROPE_REGISTRY: dict[str, InvFreqFn] = {
     "dynamic": dynamic,
     "llama3": llama3,
 }
-SCALED = {"linear", "dynamic", "llama3"}
 
 
 def with_rope(cfg: ModelConfig, name: str | None, factor: float | None) -> ModelConfig:
-    """Override the checkpoint's RoPE choice (`--rope NAME --rope-factor F`)."""
+    """Override the checkpoint's RoPE rule (`name`) and scaling factor."""
     if factor is not None and not ROPE_RULES["factor"].ok(factor):
         raise XllamaError(f"rope factor must be {ROPE_RULES['factor'].allowed}, got {factor}")
     if name is None:
         if factor is not None:
             if cfg.rope_scaling is None:
-                raise XllamaError("--rope-factor needs --rope linear|dynamic|llama3 (the checkpoint uses plain rotary)")
+                raise SettingError("{rope_factor} needs {rope} linear|dynamic|llama3 (the checkpoint uses plain rotary)")
             return cfg.replace(rope_scaling={**cfg.rope_scaling, "factor": float(factor)})
         return cfg
     if name not in ROPE_REGISTRY:
-        raise XllamaError(f"unknown --rope {name!r}; choose one of: {', '.join(ROPE_REGISTRY)}")
+        raise SettingError("unknown {rope} {value!r}; choose one of: {valid}", value=name, valid=", ".join(ROPE_REGISTRY))
     if name == "rotary":
         return cfg.replace(rope_scaling=None)
     old = cfg.rope_scaling or {}
     if factor is None:
         factor = old.get("factor") if old.get("rope_type") == name else None
     if factor is None:
-        raise XllamaError(f"--rope {name} needs --rope-factor F (e.g. 2.0)")
+        raise SettingError("{rope} {name} needs {rope_factor} F (e.g. 2.0)", name=name)
     scaling = {"rope_type": name, "factor": float(factor)}
     if name == "llama3":
         scaling.update(low_freq_factor=1.0, high_freq_factor=4.0,
@@ -103,7 +102,7 @@ class RotaryEmbedding(nn.Module):
         self.cfg = cfg
         self.rule = ROPE_REGISTRY[cfg.rope_type]
         # a few numbers, computed on the CPU also when the model is built on the meta device: there
-        # arithmetic runs torch's Python references, whose import of torch._dynamo takes a second
+        # arithmetic runs torch's Python references, whose import of torch._dynamo slows start-up
         with torch.device("cpu"):
             inv_freq = self.rule(cfg, 0)
         self.register_buffer("inv_freq", inv_freq, persistent=False)

@@ -520,8 +520,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         folder = path
     else:
         from .checkpoint import open_checkpoint
+        from .download import resolve_model
 
-        folder = open_checkpoint(path).path  # the checks and messages every command gives for --model
+        folder = open_checkpoint(resolve_model(path)).path  # the checks and messages every command gives for --model
     tok_path = find_tokenizer_file(folder)
     if tok_path is None:
         raise XllamaError(f"no tokenizer.model or tokenizer.json in {str(path)!r} (nor tokenizer.model in its "

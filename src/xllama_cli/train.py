@@ -200,7 +200,7 @@ def uptrain(model_path: str, text_path: Path, out: Path, cfg: TrainConfig, *, ev
     from .checkpoint import open_checkpoint
     from .convert import resolve_out_dtype, save_model
     from .evaluate import evaluate_text, read_text
-    from .loading import load_model
+    from .loading import load
     from .tokenizer import load_tokenizer
     from .writer import check_destination
 
@@ -210,8 +210,9 @@ def uptrain(model_path: str, text_path: Path, out: Path, cfg: TrainConfig, *, ev
     data = encode_text(tokenizer, read_text(text_path))
     if eval_path is not None:
         read_text(eval_path)  # fail before training, not after
-    model = load_model(model_path, device=device, dtype="float32", pack=False)  # trained: plain weights
-    src_dtype = next(t.dtype for _, t in model.checkpoint.tensors())
+    loaded = load(model_path, device=device, dtype="float32", pack=False)  # trained: plain weights
+    model, ckpt = loaded.model, loaded.checkpoint
+    src_dtype = next(t.dtype for _, t in ckpt.tensors())
     if cfg.context > model.config.max_seq_len:
         raise XllamaError(f"--context {cfg.context} is longer than the model's {model.config.max_seq_len} positions")
     state_path = state_path or out.with_name(f".{out.name}.uptrain-state.pt")
@@ -233,6 +234,6 @@ def uptrain(model_path: str, text_path: Path, out: Path, cfg: TrainConfig, *, ev
         result.perplexity_after = evaluate_text(model, tokenizer, eval_path, label="perplexity after").perplexity
     record = {"method": "uptrain", "text": str(Path(text_path).resolve()), "train_config": asdict(cfg),
               "perplexity_before": result.perplexity_before, "perplexity_after": result.perplexity_after}
-    save_model(model, model.checkpoint, out, record, force=force, dtype=out_dtype or src_dtype)
+    save_model(model, ckpt, out, record, force=force, dtype=out_dtype or src_dtype)
     state_path.unlink(missing_ok=True)
     return result
