@@ -36,7 +36,8 @@ from xllama_cli.checkpoint import open_checkpoint
 from xllama_cli.config import ModelConfig
 from xllama_cli.errors import XllamaError
 from xllama_cli.generation import generate_tokens
-from xllama_cli.loading import Loaded, load, resolve_device, resolve_dtype
+from xllama_cli import loading
+from xllama_cli.loading import Loaded, resolve_device, resolve_dtype
 from xllama_cli.model import Transformer
 from xllama_cli.sampling import Sampling
 from xllama_cli.writer import atomic_write, write_safetensors
@@ -196,8 +197,8 @@ def run(a: argparse.Namespace) -> int:
             raise XllamaError(f"--prompt-len {max(a.prompt_len)} + --new-tokens {a.new_tokens} exceed the "
                               f"model's context of {cfg.max_seq_len}")
         report.info("loading the model with xllama and with transformers")
-        ours = load(path, device=str(device), dtype=a.dtype, quantize=a.quantize, compile=a.compile,
-                    decode_batch=a.batch)
+        ours = loading.load(path, device=str(device), dtype=a.dtype, quantize=a.quantize, compile=a.compile,
+                            decode_batch=a.batch)
         compile_s = 0.0 if a.compile else None  # the warm-up run's compile_s, below
         hf = LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
         probe = bandwidth_probe_bytes(device)

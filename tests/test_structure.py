@@ -70,3 +70,36 @@ def test_only_parallel_py_uses_torch_distributed():
         if named or attribute:
             users.append(path.name)
     assert users == ["parallel.py"]
+
+
+def test_core_errors_name_no_flags_and_the_cli_words_them_as_flags():
+    """The library says "unknown attention layout 'XQA'"; the command line says "unknown --attn 'XQA'"."""
+    import torch
+
+    from xllama_cli.cli import FLAGS
+    from xllama_cli.config import ModelConfig
+    from xllama_cli.errors import SettingError
+    from xllama_cli.layout import regroup_kv, target_kv_heads
+    from xllama_cli.loading import resolve_dtype
+    from xllama_cli.quantize import check_quantize
+    from xllama_cli.rope import with_rope
+
+    cfg = ModelConfig(dim=64, n_heads=8, n_kv_heads=8, hidden_dim=96)
+    failing = [
+        (lambda: target_kv_heads(8, 8, "XQA", None), "unknown --attn 'XQA'; choose one of: MHA, GQA, MQA"),
+        (lambda: target_kv_heads(8, 8, "MQA", 2), "--groups 2 contradicts --attn MQA (which means 1 KV heads)"),
+        (lambda: target_kv_heads(8, 8, "GQA", 3), "--groups 3 does not divide the 8 query heads; "
+                                                  "valid group counts: 1, 2, 4, 8"),
+        (lambda: regroup_kv(torch.zeros(8, 4), 8, 4, "median"), "unknown --method 'median'"),
+        (lambda: with_rope(cfg, "spiral", None), "unknown --rope 'spiral'"),
+        (lambda: with_rope(cfg, "linear", None), "--rope linear needs --rope-factor F (e.g. 2.0)"),
+        (lambda: with_rope(cfg, None, 2.0), "--rope-factor needs --rope linear|dynamic|llama3"),
+        (lambda: check_quantize("int4", torch.bfloat16), "unknown --quantize 'int4'; choose: int8"),
+        (lambda: check_quantize("int8", torch.float32), "use --dtype bfloat16"),
+        (lambda: resolve_dtype("float8", torch.device("cpu")), "unknown --dtype 'float8'"),
+    ]
+    for call, cli_text in failing:
+        with pytest.raises(SettingError) as e:
+            call()
+        assert "--" not in str(e.value), str(e.value)
+        assert cli_text in e.value.worded(FLAGS), e.value.worded(FLAGS)

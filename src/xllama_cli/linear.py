@@ -169,7 +169,7 @@ def use_cpu_kernels(model: nn.Module, decode_batch: int | None = 1, pack: bool =
     # other packed matrices are, so the peak stays near the packed model's own size
     targets.sort(key=lambda t: -getattr(*t).weight.numel())
     for parent, name in targets:
-        plain = getattr(parent, name)  # its weight is freed once the next one replaces it here
+        plain = getattr(parent, name)  # held (with its weight) until the next matrix rebinds it
         packed = pack and id(plain.weight) not in tied and packable(plain.weight, decode_batch)
         setattr(parent, name, CpuLinear(plain, packed))
         if packed and release is not None:

@@ -123,7 +123,8 @@ def load_model(path: str | Path | Checkpoint, **options) -> Transformer:
     Its decode step is the eager forward, and sampling under torchrun is each rank's own: use
     `load`, whose result carries the compiled step and the tensor-parallel group."""
     if options.get("compile"):
-        raise TypeError("load_model(compile=True) would drop the compiled step; use load(), whose .step it is")
+        raise TypeError("load_model(compile=True) would drop the compiled step; "
+                        "use xllama_cli.loading.load(), whose .step it is")
     return load(path, **options).model
 
 
