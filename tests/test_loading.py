@@ -39,6 +39,21 @@ def test_load_model_api_returns_logits_and_config():
     assert x.load_model(fixture("stories260K-hf"), attn="MQA", device="cpu").config.n_kv_heads == 1
 
 
+def test_load_gives_the_model_with_what_was_read_and_takes_an_opened_checkpoint():
+    import pytest
+
+    from xllama_cli.checkpoint import open_checkpoint
+    from xllama_cli.loading import load
+
+    ckpt = open_checkpoint(fixture("stories260K-hf"))
+    loaded = load(ckpt, device="cpu")
+    assert loaded.checkpoint is ckpt and loaded.step is None and loaded.tp is None
+    tokens = torch.tensor([[1, 450, 483]])
+    assert torch.equal(loaded.model(tokens), x.load_model(fixture("stories260K-hf"), device="cpu")(tokens))
+    with pytest.raises(TypeError, match="use xllama_cli.loading.load"):  # the model alone has no place for it
+        x.load_model(ckpt, device="cpu", compile=True)
+
+
 def test_generate_api_returns_the_new_text():
     m = x.load_model(fixture("stories260K-hf"), device="cpu")
     tok = x.load_tokenizer(fixture("stories260K-hf"))

@@ -2,7 +2,7 @@
 
 As in gpt-fast's generate.py, three small functions make every token: `prefill`, one decode
 `Step` per token (the model's eager forward, or the step `compile_decode` makes), and `decode`,
-the loop over steps; generate, chat, eval and bench are their clients. Under tensor parallelism
+the loop over steps; generate, chat and bench are their clients. Under tensor parallelism
 they are given the TensorParallel (parallel.py), whose `broadcast` makes every rank take rank 0's
 sampled tokens.
 """
