@@ -36,7 +36,8 @@ def target_kv_heads(n_heads: int, n_kv: int, attn: str | None, groups: int | Non
         attn = "GQA"
     name = attn.upper()
     if name not in ATTN_LAYOUTS:
-        raise SettingError("unknown {attn} {value!r}; choose one of: {valid}", value=attn, valid=", ".join(ATTN_LAYOUTS))
+        raise SettingError("unknown {attn} {value!r}; choose one of: {valid}",
+                           value=attn, valid=", ".join(ATTN_LAYOUTS))
     if name == "MHA":
         g = n_heads
     elif name == "MQA":

@@ -75,11 +75,13 @@ def with_rope(cfg: ModelConfig, name: str | None, factor: float | None) -> Model
     if name is None:
         if factor is not None:
             if cfg.rope_scaling is None:
-                raise SettingError("{rope_factor} needs {rope} linear|dynamic|llama3 (the checkpoint uses plain rotary)")
+                raise SettingError("{rope_factor} needs {rope} linear|dynamic|llama3 "
+                                   "(the checkpoint uses plain rotary)")
             return cfg.replace(rope_scaling={**cfg.rope_scaling, "factor": float(factor)})
         return cfg
     if name not in ROPE_REGISTRY:
-        raise SettingError("unknown {rope} {value!r}; choose one of: {valid}", value=name, valid=", ".join(ROPE_REGISTRY))
+        raise SettingError("unknown {rope} {value!r}; choose one of: {valid}",
+                           value=name, valid=", ".join(ROPE_REGISTRY))
     if name == "rotary":
         return cfg.replace(rope_scaling=None)
     old = cfg.rope_scaling or {}
