@@ -59,11 +59,18 @@ class Checkpoint:
         return _hf_tensors(self, select) if self.format == "hf" else _meta_tensors(self, select)
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """A checkpoint folder, or a Hugging Face repo id already downloaded to the local cache."""
-    from .download import resolve_model
+def open_checkpoint(path: str | Path | Checkpoint) -> Checkpoint:
+    """A checkpoint folder, or a Hugging Face repo id already downloaded to the local cache; a
+    Checkpoint already opened is returned as it is, so a command opens its checkpoint once."""
+    if isinstance(path, Checkpoint):
+        return path
+    local = Path(path).expanduser()
+    if local.exists():
+        path = local
+    else:  # perhaps a repo id: only then is the hub's cache looked at
+        from .download import resolve_model
 
-    path = resolve_model(path)
+        path = resolve_model(path)
     if not path.exists():
         raise XllamaError(f"model folder {str(path)!r} does not exist")
     if not path.is_dir():
