@@ -382,7 +382,6 @@ def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype,
     """Build the base model (--model's checkpoint, opened as `ckpt` when given, or random weights)
     and time each group count; the result holds what was measured before a failure or Ctrl-C."""
     elsize = torch.empty((), dtype=dtype).element_size()
-    weight_elsize = 1 if o.quantize else elsize  # int8 projections and head (their scales are not counted)
     ckpt = open_checkpoint(ckpt or o.model) if o.model else None
     cfg, source, o = base_config(o, ckpt)
     groups = parse_groups(o.groups, cfg.n_heads, cfg.n_kv_heads)
@@ -393,7 +392,7 @@ def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype,
     for g in groups:
         result.rows.append(Row(
             groups=g, kv_cache_bytes_per_sample=kv_cache_bytes_per_sample(cfg, g, o.input_len + o.output_len, elsize),
-            weight_bytes_per_step=weight_bytes_per_step(cfg, g, o.batch, weight_elsize),
+            weight_bytes_per_step=weight_bytes_per_step(cfg, g, o.batch, elsize, int8=o.quantize == "int8"),
             kv_read_bytes_per_step=kv_read_bytes_per_step(cfg, g, o.input_len, o.output_len, o.batch, elsize)))
     report.info(f"bench: {source} | {_count(params)} params | {device} {str(dtype).removeprefix('torch.')} | "
                 f"batch {o.batch}, input {o.input_len}, output {o.output_len}, {o.repeats} repeats + "
