@@ -102,6 +102,20 @@ def test_weight_bytes_match_the_regrouped_model():
         assert model.model.layers[0].self_attn.k_proj.weight.shape == (g * 8, 64)
 
 
+def test_int8_weight_bytes_match_the_quantized_model():
+    """--quantize int8 counts what the quantized model holds: int8 projections and head with a
+    scale per row, norms and the embedding's rows at full size."""
+    from xllama_cli.quantize import quantize_model
+
+    cfg = ModelConfig(**TINY)
+    base = bench.random_model(cfg, torch.device("cpu"), torch.bfloat16)
+    for g in (1, 8):
+        model = quantize_model(bench.regrouped(base, g))
+        held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        expected = held - (128 - 3) * 64 * 2  # embedding: only the batch's 3 rows are read
+        assert bench.weight_bytes_per_step(cfg, g, 3, 2, int8=True) == expected
+
+
 def test_regrouped_model_equals_load_model_with_groups(tmp_path):
     """bench's layouts come from layout.regroup_kv exactly as `generate --groups` loads them, and
     run on the same (packed) weights."""
