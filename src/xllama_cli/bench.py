@@ -392,7 +392,7 @@ def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype,
     for g in groups:
         result.rows.append(Row(
             groups=g, kv_cache_bytes_per_sample=kv_cache_bytes_per_sample(cfg, g, o.input_len + o.output_len, elsize),
-            weight_bytes_per_step=weight_bytes_per_step(cfg, g, o.batch, elsize, int8=o.quantize == "int8"),
+            weight_bytes_per_step=weight_bytes_per_step(cfg, g, o.batch, elsize, o.quantize == "int8"),
             kv_read_bytes_per_step=kv_read_bytes_per_step(cfg, g, o.input_len, o.output_len, o.batch, elsize)))
     report.info(f"bench: {source} | {_count(params)} params | {device} {str(dtype).removeprefix('torch.')} | "
                 f"batch {o.batch}, input {o.input_len}, output {o.output_len}, {o.repeats} repeats + "
@@ -406,20 +406,16 @@ def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype,
         need = params * elsize
         free = available_bytes(device)
         if need > free:
-            note = f"the base model needs {_bytes(need)} but {_bytes(free)} is free on {device}"
-            _mark(result.rows, "skipped", "the base model does not fit")
-            result.notes.append(note)
-            return result
+            return _stop(result, "skipped", "the base model does not fit",
+                         f"the base model needs {_bytes(need)} but {_bytes(free)} is free on {device}")
         try:
             base = (load_model(ckpt, device=str(device), dtype=str(dtype).removeprefix("torch."), pack=False)
                     if ckpt is not None else random_model(cfg, device, dtype, o.seed))
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
-            note = f"out of memory while building the base model ({_bytes(need)})"
-            _mark(result.rows, "out of memory", "building the base model")
-            result.notes.append(note)
-            return result
+            return _stop(result, "out of memory", "building the base model",
+                         f"out of memory while building the base model ({_bytes(need)})")
         _time_groups(base, result)
     except KeyboardInterrupt:
         result.interrupted = True
@@ -517,9 +513,12 @@ def _one_run(model: Transformer, prompts: list[list[int]], output_len: int) -> G
     return result.stats
 
 
-def _mark(rows: list[Row], status: str, note: str) -> None:
-    for r in rows:
-        r.status, r.note = status, note
+def _stop(result: BenchResult, status: str, why: str, note: str) -> BenchResult:
+    """The result with no group count run: each row marked `status` (`why`), and `note` said."""
+    for r in result.rows:
+        r.status, r.note = status, why
+    result.notes.append(note)
+    return result
 
 
 # ---- output ----

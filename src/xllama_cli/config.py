@@ -1,4 +1,4 @@
-"""ModelConfig: the architecture of a Llama-family model, read from HF or Meta metadata.
+"""ModelConfig: the architecture of a Llama-family model, read from HF or Meta metadata or named (ARCHITECTURES).
 
 Every value is checked against one table (RULES) before a ModelConfig is made, wherever it comes
 from (config.json, params.json, bench's --config, code), so a bad value is one clear error here

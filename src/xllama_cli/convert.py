@@ -78,9 +78,10 @@ def hf_config(ckpt: Checkpoint, cfg: ModelConfig, dtype: torch.dtype | None, wri
     return out
 
 
-def convert_checkpoint(src: str | Path | Checkpoint, out: str | Path, *, attn: str | None = None, groups: int | None = None,
-                       method: str = "mean", seed: int | None = None, dtype: str | None = None,
-                       shard_size: str | int = DEFAULT_SHARD_SIZE, force: bool = False, progress: bool = True) -> ConvertResult:
+def convert_checkpoint(src: str | Path | Checkpoint, out: str | Path, *, attn: str | None = None,
+                       groups: int | None = None, method: str = "mean", seed: int | None = None,
+                       dtype: str | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE, force: bool = False,
+                       progress: bool = True) -> ConvertResult:
     """Convert the checkpoint `src` (a folder, or one already opened) into an HF folder `out`; see
     the module docstring.
 
