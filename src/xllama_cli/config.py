@@ -1,4 +1,5 @@
-"""ModelConfig: the architecture of a Llama-family model, read from HF or Meta metadata or named (ARCHITECTURES).
+"""ModelConfig: the architecture of a Llama-family model, read from HF or Meta metadata, or one of
+the named architectures (ARCHITECTURES, `ModelConfig.from_name`).
 
 Every value is checked against one table (RULES) before a ModelConfig is made, wherever it comes
 from (config.json, params.json, bench's --config, code), so a bad value is one clear error here

@@ -43,7 +43,7 @@ def checked_tensors(ckpt: Checkpoint, cfg: ModelConfig, *, method: str = "mean",
                     shard: Shard | None = None,
                     on_read: Callable[[int], object] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor a model of `cfg` holds, read from `ckpt` (whose own config
-    may differ from `cfg` only in its KV heads), each checked against `cfg`'s shapes.
+    may differ from `cfg` only in its KV heads and RoPE), each checked against `cfg`'s shapes.
 
     K/V projections are regrouped from the checkpoint's heads to `cfg`'s with `method` (random
     draws from `generator`), in `dtype` (None: the source's); every other tensor is as read.
