@@ -4,9 +4,9 @@
         [--prompt-len 128[,1024]] [--new-tokens 128] [--repeats 3] [--model PATH] [--json PATH]
         [--threads N] [--quantize int8] [--compile]
 
-Builds the 220M-parameter Llama of issue 8 with random weights (or takes --model), saves it once
-as an HF folder, and loads that folder with `xllama_cli.loading.load` and with transformers'
-`LlamaForCausalLM` (sdpa). Both decode greedily with their KV cache, no EOS stop, on the same
+Builds the 220M-parameter `bench-220m` Llama (config.ARCHITECTURES) with random weights (or
+takes --model), saves it once as an HF folder, and loads that folder with `xllama_cli.loading.load`
+and with transformers' `LlamaForCausalLM` (sdpa). Both decode greedily with their KV cache, no EOS stop, on the same
 random prompt, interleaved (xllama, transformers, bandwidth probe; per round) after one warm-up
 each. Prints medians over the rounds: prefill and decode tok/s, the bytes a decode step must read
 per second, that against the probe's copy bandwidth, and the ratios xllama / transformers.
@@ -27,30 +27,30 @@ from pathlib import Path
 import torch
 from rich import box
 from rich.table import Table
-from torch import nn
 
 from xllama_cli import __version__, report
-from xllama_cli.bench import (bandwidth_probe_bytes, kv_read_bytes_per_step, machine_info, measure_bandwidth,
-                              weight_bytes_per_step)
+from xllama_cli.accounting import kv_read_bytes_per_step, weight_bytes_per_step
+from xllama_cli.build import expected_shapes
 from xllama_cli.checkpoint import open_checkpoint
 from xllama_cli.config import ModelConfig
 from xllama_cli.errors import XllamaError
 from xllama_cli.generation import generate_tokens
 from xllama_cli import loading
 from xllama_cli.loading import Loaded, resolve_device, resolve_dtype
+from xllama_cli.machine import bandwidth_probe_bytes, machine_info, measure_bandwidth
 from xllama_cli.model import Transformer
 from xllama_cli.sampling import Sampling
 from xllama_cli.writer import atomic_write, write_safetensors
 
 SYSTEMS = ("xllama", "transformers")
+ARCHITECTURE = "bench-220m"  # config.ARCHITECTURES: the random model's shape
 SEED = 0
 INIT_STD = 0.02
 
 
 def random_checkpoint(cfg: ModelConfig, folder: Path, dtype: torch.dtype = torch.float32) -> None:
     """Random weights (normal, std 0.02; norms 1) written as config.json + model.safetensors."""
-    with torch.device("meta"):
-        names = {n: p.shape for n, p in Transformer(cfg).named_parameters()}
+    names = expected_shapes(cfg)
     gen = torch.Generator().manual_seed(SEED)
     state = {n: (torch.ones(s) if n.endswith("norm.weight") else torch.empty(s).normal_(0, INIT_STD, generator=gen)).to(dtype)
              for n, s in names.items()}
@@ -60,13 +60,9 @@ def random_checkpoint(cfg: ModelConfig, folder: Path, dtype: torch.dtype = torch
 
 def step_bytes(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, elsize: int, int8: bool) -> int:
     """Bytes one decode step reads: every weight once (B rows of the embedding), plus the KV cache
-    attended over (mean over the steps). int8: linear weights at one byte and a scale per output row."""
-    weights = weight_bytes_per_step(cfg, cfg.n_kv_heads, batch, elsize)
-    if int8:
-        with torch.device("meta"):
-            linears = [m for m in Transformer(cfg).modules() if isinstance(m, nn.Linear)]
-        weights -= sum(m.weight.numel() * (elsize - 1) - m.out_features * elsize for m in linears)
-    return weights + kv_read_bytes_per_step(cfg, cfg.n_kv_heads, prompt_len, new_tokens, batch, elsize)
+    attended over (mean over the steps)."""
+    return (weight_bytes_per_step(cfg, cfg.n_kv_heads, batch, elsize, int8)
+            + kv_read_bytes_per_step(cfg, cfg.n_kv_heads, prompt_len, new_tokens, batch, elsize))
 
 
 def time_xllama(ours: Loaded, prompts: torch.Tensor, n: int) -> tuple[float, float, list[list[int]]]:
@@ -141,14 +137,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompt-len", type=parse_lengths, default=[128], help="tokens; a list (128,1024) runs each")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds, after one warm-up")
-    ap.add_argument("--model", type=Path, help="an HF folder to load instead of the random 220M model")
+    ap.add_argument("--model", type=Path, help=f"an HF folder to load instead of the random {ARCHITECTURE} model")
     ap.add_argument("--json", type=Path, help="write every figure here")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quantize", choices=("int8",), help="xllama only: weight-only int8")
-    ap.add_argument("--compile", action="store_true", help="xllama only: the compiled decode step (generation.compile_decode)")
-    for flag, default in (("dim", 1024), ("layers", 12), ("heads", 16), ("kv-heads", 16), ("ffn", 2816),
-                          ("vocab", 32000), ("max-seq-len", 2048)):  # the random model's shape (tests shrink it)
+    ap.add_argument("--compile", action="store_true",
+                    help="xllama only: the compiled decode step (generation.compile_decode)")
+    base = ModelConfig.from_name(ARCHITECTURE)
+    for flag, default in (("dim", base.dim), ("layers", base.n_layers), ("heads", base.n_heads),
+                          ("kv-heads", base.n_kv_heads), ("ffn", base.hidden_dim), ("vocab", base.vocab_size),
+                          ("max-seq-len", base.max_seq_len)):  # the random model's shape (tests shrink it)
         ap.add_argument(f"--{flag}", type=int, default=default, help=argparse.SUPPRESS)
     ap.error = lambda message: (report.error(message), sys.exit(2))  # type: ignore[method-assign]
     a = ap.parse_args(argv)
@@ -188,8 +187,9 @@ def run(a: argparse.Namespace) -> int:
         path = a.model
         if path is None:
             path = Path(tmp)
-            cfg = ModelConfig(dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads,
-                              hidden_dim=a.ffn, vocab_size=a.vocab, max_seq_len=a.max_seq_len)
+            cfg = ModelConfig.from_name(ARCHITECTURE).replace(
+                dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads, head_dim=0,
+                hidden_dim=a.ffn, vocab_size=a.vocab, max_seq_len=a.max_seq_len)
             report.info(f"writing a random {cfg.n_params() / 1e6:.1f}M-parameter model to {path}")
             random_checkpoint(cfg, path)
         cfg = open_checkpoint(path).config

@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from decode import random_checkpoint  # noqa: E402 - the same random model as the decode benchmark
+from decode import ARCHITECTURE, random_checkpoint  # noqa: E402 - the same random model as the decode benchmark
 from xllama_cli import report  # noqa: E402
 from xllama_cli.checkpoint import open_checkpoint  # noqa: E402
 from xllama_cli.cli import DEMO_MODEL  # noqa: E402
@@ -136,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = a.model
         if folder is None:
             folder = Path(tmp)
-            cfg = ModelConfig(dim=1024, n_layers=12, n_heads=16, n_kv_heads=16, hidden_dim=2816, vocab_size=32000,
-                              max_seq_len=2048)
+            cfg = ModelConfig.from_name(ARCHITECTURE)
             report.info(f"writing a random 220M-parameter {a.checkpoint_dtype} model to {folder}")
             random_checkpoint(cfg, folder, dtype=getattr(torch, a.checkpoint_dtype))
             shutil.copy(DEMO_MODEL / "tokenizer.model", folder / "tokenizer.model")

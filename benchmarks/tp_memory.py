@@ -6,7 +6,7 @@ Writes a random float32 Llama to a temporary folder twice (HF safetensors, and M
 into N consolidated.NN.pth shards), loads it and generates a few tokens in one process and then
 on N CPU ranks (torchrun, gloo), and prints per process: parameter bytes, resident memory (RSS)
 after `import torch` and xllama, after loading, after generating, and its peak (ru_maxrss).
-The baseline is taken after PyTorch's one-time meta-device setup (about 70 MB in every process,
+The baseline is taken after PyTorch's one-time meta-device setup (a fixed cost in every process,
 with or without ranks: the first nn.Embedding built on the meta device loads its meta kernels).
 Every process is started from a small one, as ru_maxrss carries over across exec.
 """

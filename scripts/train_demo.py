@@ -30,8 +30,7 @@ from xllama_cli.tokenizer import Tokenizer
 from xllama_cli.evaluate import evaluate_text
 from xllama_cli.train import TrainConfig, encode_text, init_weights, train
 
-ARCH = dict(dim=128, n_layers=6, n_heads=8, n_kv_heads=8, hidden_dim=352, vocab_size=1024,
-            max_seq_len=256, norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=True, bos_id=1, eos_id=[2])
+ARCHITECTURE = "demo"  # config.ARCHITECTURES
 HELD_OUT_EVERY = 20
 
 
@@ -95,10 +94,10 @@ def main() -> None:
 
     train_text, held_text = split(grimm_tales(args.corpus.read_text(encoding="utf-8-sig")))
     work = Path(tempfile.mkdtemp(prefix=".demo-", dir=args.out.parent))
-    tok_path = train_tokenizer(train_text, ARCH["vocab_size"], work / "tokenizer")
+    cfg = ModelConfig.from_name(ARCHITECTURE)
+    tok_path = train_tokenizer(train_text, cfg.vocab_size, work / "tokenizer")
     tok = Tokenizer(tok_path)
     train_ids, held_ids = encode_text(tok, train_text), encode_text(tok, held_text)
-    cfg = ModelConfig(**ARCH)
     torch.manual_seed(args.seed)
     model = Transformer(cfg)
     init_weights(model, args.seed)
@@ -143,7 +142,7 @@ Trained from scratch by `scripts/train_demo.py` with xllama's own model and trai
   sha256 `{corpus_sha}`; Gutenberg header, contents and licence removed, split into tales.
 - Split: every {HELD_OUT_EVERY}th tale is held out (`heldout.txt`, {len(held_ids)} tokens); the
   tokenizer and the training loop saw only the rest ({len(train_ids)} tokens).
-- Tokenizer: SentencePiece BPE, {ARCH['vocab_size']} pieces, byte fallback, trained on the training split.
+- Tokenizer: SentencePiece BPE, {cfg.vocab_size} pieces, byte fallback, trained on the training split.
 - Architecture: Llama, dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} query heads and
   {cfg.n_kv_heads} KV heads (multi-head, so GQA-4, GQA-2 and MQA all apply), FFN {cfg.hidden_dim},
   context {cfg.max_seq_len}, tied embeddings; {n_params/1e6:.2f}M parameters, stored in bfloat16.

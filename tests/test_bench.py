@@ -17,7 +17,7 @@ from conftest import make_hf_checkpoint
 from xllama_cli.loading import for_inference
 from xllama_cli import bench, report
 from xllama_cli.cli import app
-from xllama_cli.config import ModelConfig
+from xllama_cli.config import ARCHITECTURES, ModelConfig
 from xllama_cli.loading import load_model
 
 TINY = {"dim": 64, "n_layers": 2, "n_heads": 8, "n_kv_heads": 8, "vocab_size": 128, "hidden_dim": 96,
@@ -102,6 +102,20 @@ def test_weight_bytes_match_the_regrouped_model():
         assert model.model.layers[0].self_attn.k_proj.weight.shape == (g * 8, 64)
 
 
+def test_int8_weight_bytes_match_the_quantized_model():
+    """--quantize int8 counts what the quantized model holds: int8 projections and head with a
+    scale per row, norms and the embedding's rows at full size."""
+    from xllama_cli.quantize import quantize_model
+
+    cfg = ModelConfig(**TINY)
+    base = bench.random_model(cfg, torch.device("cpu"), torch.bfloat16)
+    for g in (1, 8):
+        model = quantize_model(bench.regrouped(base, g))
+        held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        expected = held - (128 - 3) * 64 * 2  # embedding: only the batch's 3 rows are read
+        assert bench.weight_bytes_per_step(cfg, g, 3, 2, int8=True) == expected
+
+
 def test_regrouped_model_equals_load_model_with_groups(tmp_path):
     """bench's layouts come from layout.regroup_kv exactly as `generate --groups` loads them, and
     run on the same (packed) weights."""
@@ -181,7 +195,7 @@ def test_table_and_bars_are_printed(tiny):
 def test_list_presets_shows_each_with_its_parameter_count():
     result = run("--list-presets")
     assert result.exit_code == 0, result.output
-    for name in bench.PRESETS:
+    for name in ARCHITECTURES:
         assert name in result.output
     assert "6.74B" in result.output and "68.98B" in result.output
 
@@ -191,11 +205,11 @@ def test_list_presets_shows_each_with_its_parameter_count():
     ("llama2-70b", 68_976_648_192), ("llama3-8b", 8_030_261_248),
 ])
 def test_presets_have_the_published_parameter_counts(name, params):
-    assert bench.preset_config(name).n_params() == params
+    assert ModelConfig.from_name(name).n_params() == params
 
 
 def test_small_preset_is_about_200m_parameters():
-    assert 180e6 < bench.preset_config("small").n_params() < 230e6
+    assert 180e6 < ModelConfig.from_name("small").n_params() < 230e6
 
 
 def test_hf_style_config_file_is_accepted(tmp_path):

@@ -270,7 +270,7 @@ def sparse_safetensors(path: Path, rows: int, cols: int) -> None:
 def test_a_model_larger_than_this_machines_memory_is_refused_before_a_model_is_built(tmp_path, never_built):
     """No stand-in for the memory: a config of four times the machine's memory in float32, over a
     weight file of that size (sparse), is refused by the real free-memory figure."""
-    from xllama_cli.bench import _total_memory
+    from xllama_cli.machine import total_memory as _total_memory
 
     dim = 1 << 16
     vocab = -(-_total_memory() // dim)  # the embedding alone: as many parameters as the memory has bytes
@@ -289,7 +289,7 @@ def test_a_model_larger_than_this_machines_memory_is_refused_before_a_model_is_b
 
 
 def test_free_memory_is_a_positive_number_of_bytes_below_the_machines_total():
-    from xllama_cli.bench import _total_memory
+    from xllama_cli.machine import total_memory as _total_memory
     from xllama_cli.loading import available_bytes
 
     free = available_bytes(torch.device("cpu"))

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from xllama_cli.config import ModelConfig
 from xllama_cli.errors import XllamaError
-from xllama_cli.convert import convert_checkpoint, expected_shapes
+from xllama_cli.build import expected_shapes
+from xllama_cli.convert import convert_checkpoint
 from xllama_cli.layout import regroup_kv, target_kv_heads, valid_groups
 
 

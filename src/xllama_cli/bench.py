@@ -12,10 +12,7 @@ import dataclasses
 import gc
 import io
 import json
-import os
-import platform
 import statistics
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,39 +21,22 @@ from typing import Any
 import torch
 
 from . import __version__, report
-from .config import ModelConfig
+from .accounting import kv_cache_bytes_per_sample, kv_read_bytes_per_step, run_need_bytes, weight_bytes_per_step
+from .build import build_model, expected_shapes
+from .checkpoint import Checkpoint, open_checkpoint
+from .config import ARCHITECTURES, ModelConfig
 from .errors import XllamaError
-from .writer import check_destination
 from .generation import GenerationStats, context_length, generate_tokens
-from .kv_cache import cache_capacity
 from .layout import is_kv_param, regroup_kv, target_kv_heads
-from .loading import Loaded, available_bytes, for_inference, load_model, resolve_device, resolve_dtype
-from .quantize import check_quantize
+from .loading import Loaded, for_inference, load_model, resolve_device, resolve_dtype
+from .machine import available_bytes, bandwidth_probe_bytes, is_out_of_memory, machine_info, measure_bandwidth
 from .model import Transformer
+from .quantize import check_quantize
 from .report import human_bytes as _bytes, human_count as _count
 from .sampling import Sampling
+from .writer import atomic_write, check_destination
 
-# ---- presets: architectures only; the weights are random ----
-PRESETS: dict[str, tuple[str, ModelConfig]] = {
-    "small": ("laptop CPU size", ModelConfig(
-        dim=1024, n_layers=12, n_heads=16, n_kv_heads=16, vocab_size=32000, hidden_dim=2560,
-        max_seq_len=2048)),
-    "tinyllama-1.1b": ("TinyLlama 1.1B", ModelConfig(
-        dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, hidden_dim=5632,
-        max_seq_len=2048)),
-    "llama2-7b": ("Llama 2 7B", ModelConfig(
-        dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, hidden_dim=11008,
-        max_seq_len=4096)),
-    "llama2-13b": ("Llama 2 13B", ModelConfig(
-        dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, vocab_size=32000, hidden_dim=13824,
-        max_seq_len=4096)),
-    "llama2-70b": ("Llama 2 70B", ModelConfig(
-        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, hidden_dim=28672,
-        max_seq_len=4096)),
-    "llama3-8b": ("Llama 3 8B", ModelConfig(
-        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
-        max_seq_len=8192, rope_theta=500000.0, bos_id=128000, eos_id=[128001])),
-}
+# ---- presets: named architectures (config.ARCHITECTURES); the weights are random ----
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 OUT_SUFFIXES = (".json", ".csv")
 PLOT_SUFFIXES = (".png", ".svg")
@@ -64,9 +44,10 @@ WARMUP_RUNS = 1
 
 
 def preset_config(name: str) -> ModelConfig:
-    if name not in PRESETS:
-        raise XllamaError(f"unknown --preset {name!r}; choose one of: {', '.join(PRESETS)} (see --list-presets)")
-    return PRESETS[name][1].replace()
+    if name not in ARCHITECTURES:
+        raise XllamaError(f"unknown --preset {name!r}; choose one of: {', '.join(ARCHITECTURES)} "
+                          "(see --list-presets)")
+    return ModelConfig.from_name(name)
 
 
 def config_from_file(path: Path, base: ModelConfig | None = None) -> ModelConfig:
@@ -99,7 +80,8 @@ def config_from_file(path: Path, base: ModelConfig | None = None) -> ModelConfig
 def show_presets() -> None:
     """The --list-presets table: architectures, parameter counts and sizes."""
     rows = []
-    for name, (_desc, cfg) in PRESETS.items():
+    for name in ARCHITECTURES:
+        cfg = ModelConfig.from_name(name)
         n = cfg.n_params()
         rows.append([name, str(cfg.n_layers), str(cfg.dim), str(cfg.n_heads), str(cfg.n_kv_heads),
                      str(cfg.hidden_dim), str(cfg.vocab_size), _count(n), _bytes(2 * n),
@@ -108,8 +90,8 @@ def show_presets() -> None:
                   "MHA base\nparams"], rows, title="xllama bench presets (random weights)",
                  caption="sizes in the architecture's own KV layout (float32: twice bf16); bench builds one MHA "
                          "base and regroups its K/V for each G")
-    for name, (desc, _cfg) in PRESETS.items():
-        report.write(f"  {name}: {desc}\n")
+    for name, arch in ARCHITECTURES.items():
+        report.write(f"  {name}: {arch.description}\n")
 
 
 # ---- settings and results ----
@@ -249,148 +231,34 @@ class BenchResult:
         }
 
 
-# ---- the machine ----
-def machine_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(), "machine": platform.machine(), "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "memory_bytes": _total_memory(), "python": platform.python_version(), "torch": torch.__version__,
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda)
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _total_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_bandwidth(device: torch.device, nbytes: int, copies: int = 10) -> float:
-    """Memory bandwidth in GB/s: a large tensor copy, counting the bytes read and written."""
-    n = max(1, nbytes // 4)
-    src = torch.ones(n, dtype=torch.float32, device=device)  # written once, so its pages exist
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # warm-up (and first touch of dst)
-    times = []
-    for _ in range(copies):
-        _sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * n * 4 / statistics.median(times) / 1e9
-
-
-def bandwidth_probe_bytes(device: torch.device) -> int:
-    """Far larger than any cache (GPU L2 is tens of MB), and at most a quarter of free memory."""
-    want = (1 << 30) if device.type == "cuda" else (256 << 20)
-    return max(16 << 20, min(want, available_bytes(device) // 4))
-
-
 # ---- models ----
 def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Transformer:
     """A Transformer with random weights, made directly on `device` (no float32 CPU copy first)."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     state = {}
-    for name, p in model.named_parameters():  # a tied head is the embedding's own parameter
-        t = torch.empty(p.shape, dtype=dtype, device=device)
+    for name, shape in expected_shapes(cfg).items():
+        t = torch.empty(shape, dtype=dtype, device=device)
         if name.endswith("norm.weight"):
             t.fill_(1.0)
         elif name.endswith(".bias"):
             t.zero_()
         else:
             # uniform is cheaper than normal on CPU; 1/sqrt(fan_in) keeps activations near unit scale
-            bound = 1.0 if "embed_tokens" in name else p.shape[-1] ** -0.5
+            bound = 1.0 if "embed_tokens" in name else shape[-1] ** -0.5
             t.uniform_(-bound, bound, generator=gen)
         state[name] = t
-    model.load_state_dict(state, assign=True, strict=not cfg.tie_embeddings)
-    model.tie_weights()
-    model.init_rope(device)
-    return model.eval().requires_grad_(False)
+    return build_model(cfg, state, device, dtype)
 
 
 def regrouped(base: Transformer, groups: int, method: str = "mean") -> Transformer:
     """A new model with `groups` KV heads (k/v weights through layout.regroup_kv), sharing every
     other tensor with `base`, so it can be quantized or compiled without changing `base`."""
     cfg = base.config
-    new_cfg = cfg.replace(n_kv_heads=groups)
-    with torch.device("meta"):
-        model = Transformer(new_cfg)
     state = {name: regroup_kv(t, cfg.n_kv_heads, groups, method) if is_kv_param(name) else t
              for name, t in base.state_dict().items()}
-    model.load_state_dict(state, assign=True)
-    model.tie_weights()
-    model.init_rope(base.lm_head.weight.device)
-    return model.eval().requires_grad_(False)
-
-
-def weight_bytes_per_step(cfg: ModelConfig, groups: int, batch: int, elsize: int) -> int:
-    """Bytes of weights one decode step reads: every parameter once, but only B rows of an untied embedding."""
-    n = cfg.replace(n_kv_heads=groups).n_params()
-    if not cfg.tie_embeddings:
-        n -= (cfg.vocab_size - batch) * cfg.dim
-    return n * elsize
-
-
-def kv_cache_bytes_per_sample(cfg: ModelConfig, groups: int, tokens: int, elsize: int) -> int:
-    """The static cache one sequence of `tokens` slots takes: K and V, every layer."""
-    return 2 * cfg.n_layers * groups * cfg.head_dim * tokens * elsize
-
-
-def kv_read_bytes_per_step(cfg: ModelConfig, groups: int, input_len: int, output_len: int,
-                           batch: int, elsize: int) -> int:
-    """K/V bytes a decode step attends over, averaged over the run's decode steps.
-
-    Step s (0-based) feeds the token at slot input_len + s and attends to input_len + s + 1 slots.
-    """
-    steps = output_len - 1
-    mean_len = input_len + (steps + 1) / 2
-    return round(batch * kv_cache_bytes_per_sample(cfg, groups, 1, elsize) * mean_len)
-
-
-def run_need_bytes(cfg: ModelConfig, groups: int, base_kv: int, input_len: int, output_len: int,
-                   batch: int, elsize: int, device: torch.device) -> int:
-    """A rough upper estimate of the memory one group count needs beyond the base model."""
-    kv_weights = 0 if groups == base_kv else 2 * cfg.n_layers * groups * cfg.head_dim * (cfg.dim + 1) * elsize
-    # the slots generate_tokens allocates, which round the tokens up
-    slots = cache_capacity(input_len + output_len, context_length(cfg))
-    cache = batch * kv_cache_bytes_per_sample(cfg, groups, slots, elsize)
-    T = input_len
-    acts = batch * T * (6 * cfg.dim + 3 * cfg.hidden_dim + 2 * cfg.n_heads * cfg.head_dim) * elsize
-    # CPU attention may hold the [B, H, T, T] scores; CUDA kernels (flash / memory-efficient) do not
-    scores = batch * cfg.n_heads * T * T * 4 if device.type != "cuda" else 0
-    logits = 2 * batch * cfg.vocab_size * 4
-    return kv_weights + cache + acts + scores + logits
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
-                                            or "not enough memory" in text)
+    p = base.model.embed_tokens.weight
+    return build_model(cfg.replace(n_kv_heads=groups), state, p.device, p.dtype)
 
 
 def default_groups(n_heads: int) -> list[int]:
@@ -420,8 +288,9 @@ def parse_groups(text: str | None, n_heads: int, base_kv: int) -> list[int]:
 
 
 # ---- running ----
-def check_options(o: BenchOptions) -> None:
-    """Everything that can be checked before any model is built."""
+def check_options(o: BenchOptions) -> Checkpoint | None:
+    """Everything that can be checked before any model is built; the checkpoint of --model, opened
+    (once: measuring reads its config and weights from it)."""
     given = [s for s in ("--model" if o.model else None, "--preset" if o.preset else None) if s]
     if len(given) > 1:
         raise XllamaError("give either --model or --preset, not both")
@@ -437,10 +306,8 @@ def check_options(o: BenchOptions) -> None:
         if value is not None and value < least:
             why = " (one prefill token and at least one decode step)" if flag == "--output-len" else ""
             raise XllamaError(f"{flag} must be at least {least}{why}, got {value}")
-    sources = []
-    if o.model and (o.out is not None or o.plot is not None):
-        from .checkpoint import open_checkpoint
-        sources = open_checkpoint(o.model).sources
+    ckpt = open_checkpoint(o.model) if o.model else None
+    sources = ckpt.sources if ckpt else []
     for flag, path, suffixes in (("--out", o.out, OUT_SUFFIXES), ("--plot", o.plot, PLOT_SUFFIXES)):
         if path is None:
             continue
@@ -450,15 +317,16 @@ def check_options(o: BenchOptions) -> None:
     if o.plot is not None:
         from .plotting import require_matplotlib
         require_matplotlib()
+    return ckpt
 
 
 def run_command(o: BenchOptions) -> BenchResult:
     """`xllama bench`: check, build, measure (with a progress bar), print, write --out/--plot."""
-    check_options(o)
+    ckpt = check_options(o)
     device = resolve_device(o.device)
     dtype = resolve_dtype(o.dtype, device, o.quantize)
     check_quantize(o.quantize, dtype)
-    result = measure(o, device, dtype)
+    result = measure(o, device, dtype, ckpt)
     show(result)
     if o.out is not None:
         write_results(result, o.out)
@@ -466,7 +334,7 @@ def run_command(o: BenchOptions) -> BenchResult:
     if o.plot is not None:
         from .plotting import plot_groups
         if any(r.measured for r in result.rows):
-            plot_groups(result, o.plot)
+            plot_groups(per_sample(result), result.config.n_heads, plot_title(result), o.plot)
             report.info(f"wrote {o.plot}")
         else:
             report.info(f"no plot written to {o.plot}: nothing was measured")
@@ -486,28 +354,36 @@ def fit_lengths(o: BenchOptions, context: int | None) -> BenchOptions:
     return dataclasses.replace(o, input_len=input_len, output_len=output_len)
 
 
-def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype) -> BenchResult:
+def base_config(o: BenchOptions, ckpt: Checkpoint | None) -> tuple[ModelConfig, str, BenchOptions]:
+    """The base model's architecture (the checkpoint's, when there is one), its name in the results,
+    and the options with the lengths set. Random weights: one MHA base (regrouped for each group
+    count), its context long enough."""
+    if ckpt is not None:
+        return ckpt.config, o.model, fit_lengths(o, context_length(ckpt.config))
+    cfg = preset_config(o.preset) if o.preset else None
+    if o.config is not None:
+        cfg = config_from_file(o.config, cfg)
+    source = f"preset {o.preset}" if o.preset else f"config {o.config}"
+    if o.config is not None and o.preset:
+        source += f" + {o.config}"
+    changes: dict[str, Any] = {"n_kv_heads": cfg.n_heads}
+    if o.layers is not None:
+        changes["n_layers"] = o.layers
+        source += f" (layers {o.layers})"
+    o = fit_lengths(o, None)
+    # random weights have no trained length: let the context cover the requested tokens
+    changes["max_seq_len"] = max(cfg.max_seq_len, o.input_len + o.output_len)
+    cfg = cfg.replace(**changes)
+    return cfg, source, fit_lengths(o, context_length(cfg))
+
+
+def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype,
+            ckpt: Checkpoint | None = None) -> BenchResult:
+    """Build the base model (--model's checkpoint, opened as `ckpt` when given, or random weights)
+    and time each group count; the result holds what was measured before a failure or Ctrl-C."""
     elsize = torch.empty((), dtype=dtype).element_size()
-    weight_elsize = 1 if o.quantize else elsize  # int8 projections and head (their scales are not counted)
-    if o.model:
-        from .checkpoint import open_checkpoint
-        cfg, source = open_checkpoint(o.model).config, o.model
-    else:
-        cfg = preset_config(o.preset) if o.preset else None
-        if o.config is not None:
-            cfg = config_from_file(o.config, cfg)
-        source = f"preset {o.preset}" if o.preset else f"config {o.config}"
-        if o.config is not None and o.preset:
-            source += f" + {o.config}"
-        changes: dict[str, Any] = {"n_kv_heads": cfg.n_heads}  # random weights: one MHA base, regrouped
-        if o.layers is not None:
-            changes["n_layers"] = o.layers
-            source += f" (layers {o.layers})"
-        o = fit_lengths(o, None)
-        # random weights have no trained length: let the context cover the requested tokens
-        changes["max_seq_len"] = max(cfg.max_seq_len, o.input_len + o.output_len)
-        cfg = cfg.replace(**changes)
-    o = fit_lengths(o, context_length(cfg))
+    ckpt = open_checkpoint(ckpt or o.model) if o.model else None
+    cfg, source, o = base_config(o, ckpt)
     groups = parse_groups(o.groups, cfg.n_heads, cfg.n_kv_heads)
     params = cfg.n_params()
     result = BenchResult(source=source, config=cfg, params=params, device=device, dtype=dtype, groups=groups,
@@ -516,7 +392,7 @@ def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype) -> BenchR
     for g in groups:
         result.rows.append(Row(
             groups=g, kv_cache_bytes_per_sample=kv_cache_bytes_per_sample(cfg, g, o.input_len + o.output_len, elsize),
-            weight_bytes_per_step=weight_bytes_per_step(cfg, g, o.batch, weight_elsize),
+            weight_bytes_per_step=weight_bytes_per_step(cfg, g, o.batch, elsize, o.quantize == "int8"),
             kv_read_bytes_per_step=kv_read_bytes_per_step(cfg, g, o.input_len, o.output_len, o.batch, elsize)))
     report.info(f"bench: {source} | {_count(params)} params | {device} {str(dtype).removeprefix('torch.')} | "
                 f"batch {o.batch}, input {o.input_len}, output {o.output_len}, {o.repeats} repeats + "
@@ -530,20 +406,16 @@ def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype) -> BenchR
         need = params * elsize
         free = available_bytes(device)
         if need > free:
-            note = f"the base model needs {_bytes(need)} but {_bytes(free)} is free on {device}"
-            _mark(result.rows, "skipped", "the base model does not fit")
-            result.notes.append(note)
-            return result
+            return _stop(result, "skipped", "the base model does not fit",
+                         f"the base model needs {_bytes(need)} but {_bytes(free)} is free on {device}")
         try:
-            base = (load_model(o.model, device=str(device), dtype=str(dtype).removeprefix("torch."), pack=False)
-                    if o.model else random_model(cfg, device, dtype, o.seed))
+            base = (load_model(ckpt, device=str(device), dtype=str(dtype).removeprefix("torch."), pack=False)
+                    if ckpt is not None else random_model(cfg, device, dtype, o.seed))
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
-            note = f"out of memory while building the base model ({_bytes(need)})"
-            _mark(result.rows, "out of memory", "building the base model")
-            result.notes.append(note)
-            return result
+            return _stop(result, "out of memory", "building the base model",
+                         f"out of memory while building the base model ({_bytes(need)})")
         _time_groups(base, result)
     except KeyboardInterrupt:
         result.interrupted = True
@@ -642,9 +514,12 @@ def _one_run(ready: Loaded, prompts: list[list[int]], output_len: int) -> Genera
     return result.stats
 
 
-def _mark(rows: list[Row], status: str, note: str) -> None:
-    for r in rows:
-        r.status, r.note = status, note
+def _stop(result: BenchResult, status: str, why: str, note: str) -> BenchResult:
+    """The result with no group count run: each row marked `status` (`why`), and `note` said."""
+    for r in result.rows:
+        r.status, r.note = status, why
+    result.notes.append(note)
+    return result
 
 
 # ---- output ----
@@ -679,6 +554,18 @@ def show(result: BenchResult) -> None:
     for note in result.notes:
         report.info(note)
     _bars(result)
+
+
+def per_sample(result: BenchResult) -> list[tuple[int, float, float]]:
+    """(group count, prefill s, decode s) per sample, for each measured group count."""
+    figures = [(r.groups, result.figures(r)) for r in result.rows if r.measured]
+    return [(g, f["prefill_s"] / result.batch, f["decode_s"] / result.batch) for g, f in figures]
+
+
+def plot_title(result: BenchResult) -> str:
+    dt = str(result.dtype).removeprefix("torch.")
+    return (f"{result.source}: batch {result.batch}, input {result.input_len}, output "
+            f"{result.output_len}\n{result.device} {dt}, median of {result.repeats}")
 
 
 def _bars(result: BenchResult, width: int = 48) -> None:
@@ -716,6 +603,4 @@ def write_results(result: BenchResult, path: Path) -> None:
         for r in rows:
             writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in r.items()})
         text = buf.getvalue()
-    from .writer import atomic_write
-
     atomic_write(path, lambda tmp: tmp.write_text(text))

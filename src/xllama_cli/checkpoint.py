@@ -59,8 +59,11 @@ class Checkpoint:
         return _hf_tensors(self, select) if self.format == "hf" else _meta_tensors(self, select)
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """A checkpoint folder (a repo id is resolved to its folder above: download.resolve_model)."""
+def open_checkpoint(path: str | Path | Checkpoint) -> Checkpoint:
+    """A checkpoint folder (a repo id is resolved to its folder above it: download.resolve_model);
+    a Checkpoint already opened is returned as it is, so a command opens its checkpoint once."""
+    if isinstance(path, Checkpoint):
+        return path
     path = Path(path).expanduser()
     if not path.exists():
         raise XllamaError(f"model folder {str(path)!r} does not exist")

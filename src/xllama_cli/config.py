@@ -1,4 +1,5 @@
-"""ModelConfig: the architecture of a Llama-family model, read from HF or Meta metadata.
+"""ModelConfig: the architecture of a Llama-family model, read from HF or Meta metadata, or one of
+the named architectures (ARCHITECTURES, `ModelConfig.from_name`).
 
 Every value is checked against one table (RULES) before a ModelConfig is made, wherever it comes
 from (config.json, params.json, bench's --config, code), so a bad value is one clear error here
@@ -7,6 +8,7 @@ and never a failure deep in the model.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -62,6 +64,13 @@ class ModelConfig:
         full["head_dim"] = full["head_dim"] or None
         check_values(full, source)
         return cls(**{**full, "head_dim": full["head_dim"] or 0})
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelConfig":
+        """A named architecture of ARCHITECTURES, such as "llama2-7b" (the sizes only: no weights)."""
+        if name not in ARCHITECTURES:
+            raise XllamaError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHITECTURES)}")
+        return cls(**copy.deepcopy(ARCHITECTURES[name].fields))
 
     def n_params(self) -> int:
         """Exact parameter count of the architecture, from its sizes alone (nothing is built)."""
@@ -149,6 +158,42 @@ class ModelConfig:
                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192} if scaled else None
         check_values(values, source, META_KEYS)
         return cls._derived(values)
+
+
+# ---- named architectures ----
+@dataclass(frozen=True)
+class Architecture:
+    description: str  # one line, shown beside the name where architectures are listed
+    fields: dict[str, Any]  # ModelConfig fields; the others keep their defaults
+
+
+# The one table of named architectures: bench's presets, the benchmarks' model, the demo model.
+ARCHITECTURES: dict[str, Architecture] = {
+    "small": Architecture("laptop CPU size", dict(
+        dim=1024, n_layers=12, n_heads=16, n_kv_heads=16, vocab_size=32000, hidden_dim=2560,
+        max_seq_len=2048)),
+    "tinyllama-1.1b": Architecture("TinyLlama 1.1B", dict(
+        dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, hidden_dim=5632,
+        max_seq_len=2048)),
+    "llama2-7b": Architecture("Llama 2 7B", dict(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, hidden_dim=11008,
+        max_seq_len=4096)),
+    "llama2-13b": Architecture("Llama 2 13B", dict(
+        dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, vocab_size=32000, hidden_dim=13824,
+        max_seq_len=4096)),
+    "llama2-70b": Architecture("Llama 2 70B", dict(
+        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, hidden_dim=28672,
+        max_seq_len=4096)),
+    "llama3-8b": Architecture("Llama 3 8B", dict(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
+        max_seq_len=8192, rope_theta=500000.0, bos_id=128000, eos_id=[128001])),
+    "bench-220m": Architecture("the random model of benchmarks/decode.py and load.py", dict(
+        dim=1024, n_layers=12, n_heads=16, n_kv_heads=16, vocab_size=32000, hidden_dim=2816,
+        max_seq_len=2048)),
+    "demo": Architecture("the built-in demo model's architecture (scripts/train_demo.py)", dict(
+        dim=128, n_layers=6, n_heads=8, n_kv_heads=8, vocab_size=1024, hidden_dim=352, max_seq_len=256,
+        norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=True, bos_id=1, eos_id=[2])),
+}
 
 
 def normalize_rope_scaling(params: dict[str, Any], where: str = "rope_scaling") -> dict[str, Any] | None:

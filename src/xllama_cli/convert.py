@@ -12,16 +12,21 @@ import json
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 
 from . import __version__, report
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import ModelConfig
 from .errors import XllamaError
-from .layout import METHODS, is_kv_param, regroup_kv
+from .layout import METHODS
 from .loading import DTYPES, target_config
-from .model import Transformer
+from .tensors import checked_tensors
 from .writer import HashedFiles, ShardWriter, atomic_dir, check_destination, parse_size
+
+if TYPE_CHECKING:
+    from .model import Transformer
 
 DEFAULT_SHARD_SIZE = "5GB"
 # files that travel with the weights when present in an HF source folder
@@ -56,18 +61,6 @@ def resolve_out_dtype(dtype: str | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor an HF Llama checkpoint of `cfg` holds, with its shape (built on the meta device: no memory)."""
-    from .model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings:
-        shapes.pop("lm_head.weight", None)
-    return shapes
-
-
 def hf_config(ckpt: Checkpoint, cfg: ModelConfig, dtype: torch.dtype | None, written: torch.dtype | None) -> dict:
     """config.json of the result: an HF source's own keys with only num_key_value_heads (and the
     dtype, when --dtype) changed; a Meta source's config in HF terms."""
@@ -85,10 +78,12 @@ def hf_config(ckpt: Checkpoint, cfg: ModelConfig, dtype: torch.dtype | None, wri
     return out
 
 
-def convert_checkpoint(src: str | Path, out: str | Path, *, attn: str | None = None, groups: int | None = None,
-                       method: str = "mean", seed: int | None = None, dtype: str | None = None,
-                       shard_size: str | int = DEFAULT_SHARD_SIZE, force: bool = False, progress: bool = True) -> ConvertResult:
-    """Convert the checkpoint folder `src` into an HF folder `out`; see the module docstring.
+def convert_checkpoint(src: str | Path | Checkpoint, out: str | Path, *, attn: str | None = None,
+                       groups: int | None = None, method: str = "mean", seed: int | None = None,
+                       dtype: str | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE, force: bool = False,
+                       progress: bool = True) -> ConvertResult:
+    """Convert the checkpoint `src` (a folder, or one already opened) into an HF folder `out`; see
+    the module docstring.
 
     attn/groups: the K/V layout, as for `generate` (None: keep the source's). method: how a group's
     heads become one (mean | first | random; random draws from `seed`). dtype: float32 | bfloat16 |
@@ -98,15 +93,13 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, attn: str | None = N
         raise XllamaError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
     max_bytes = parse_size(shard_size)
     out_dtype = resolve_out_dtype(dtype)
-    src, out = Path(src).expanduser(), Path(out).expanduser()
     ckpt = open_checkpoint(src)
-    out = check_destination(out, force=force, sources=ckpt.sources)
+    out = check_destination(Path(out).expanduser(), force=force, sources=ckpt.sources)
     cfg = target_config(ckpt, attn, groups)
     src_kv, dst_kv = ckpt.config.n_kv_heads, cfg.n_kv_heads
     if method == "random" and seed is None:
         seed = secrets.randbelow(2**31)  # recorded, so the result can be made again
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    expected = expected_shapes(cfg)
     pooled = dst_kv < src_kv
     result = ConvertResult(out=out, source=ckpt.path.resolve(), source_format=ckpt.format,
                            kv_heads_before=src_kv, kv_heads_after=dst_kv,
@@ -119,27 +112,12 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, attn: str | None = N
         shards = ShardWriter(files, max_bytes)
         written_dtype = None
         with report.progress(total, f"converting {ckpt.path.name}", unit="bytes", enabled=progress) as advance:
-            for name, t in ckpt.tensors():
-                advance(t.numel() * t.element_size())
-                if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_embeddings):
-                    continue  # derived from the config / the same tensor as the embedding
-                if name not in expected:
-                    raise XllamaError(f"{ckpt.path}: unexpected tensor {name!r} for a Llama model")
-                if is_kv_param(name):
-                    if t.shape[0] != src_kv * cfg.head_dim:
-                        raise XllamaError(f"{ckpt.path}: {name} has {t.shape[0]} rows but the config implies "
-                                          f"{src_kv * cfg.head_dim}; config and weights do not match")
-                    t = regroup_kv(t, src_kv, dst_kv, method, generator, dtype=out_dtype or t.dtype)
-                elif out_dtype is not None:
+            for name, t in checked_tensors(ckpt, cfg, method=method, generator=generator, dtype=out_dtype,
+                                           on_read=advance):
+                if out_dtype is not None:
                     t = t.to(out_dtype)
-                if tuple(t.shape) != expected[name]:
-                    raise XllamaError(f"{ckpt.path}: {name} has shape {tuple(t.shape)} but the config "
-                                      f"implies {expected[name]}; config and weights do not match")
                 written_dtype = written_dtype or t.dtype
                 shards.add(name, t)
-            missing = sorted(set(expected) - shards.seen)
-            if missing:
-                raise XllamaError(f"{ckpt.path}: weights lack {len(missing)} tensors, e.g. {missing[0]!r}")
             result.shards = shards.close()
         files.write_json("config.json", hf_config(ckpt, cfg, out_dtype, written_dtype))
         _copy_tokenizer(ckpt, files)
@@ -171,7 +149,7 @@ def _copy_tokenizer(ckpt: Checkpoint, files: HashedFiles) -> None:
         files.copy(tok, "tokenizer.model")
 
 
-def save_model(model: "Transformer", source: Checkpoint, out: str | Path, record: dict, *,
+def save_model(model: Transformer, source: Checkpoint, out: str | Path, record: dict, *,
                force: bool = False, dtype: torch.dtype | None = None) -> list[str]:
     """Write a loaded (e.g. uptrained) model as an HF folder, atomically, with `source`'s config keys
     and tokenizer files; `record` goes into xllama_convert.json with the files' sha256."""

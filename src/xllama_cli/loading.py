@@ -8,23 +8,25 @@ Under torchrun (WORLD_SIZE > 1) each rank builds and reads only its own part of 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from .checkpoint import Checkpoint, open_checkpoint, release_pages
+from .build import build_model
 from .config import ModelConfig
-from .errors import SettingError, XllamaError
+from .errors import SettingError
 from .linear import use_cpu_kernels
-from .layout import is_kv_param, regroup_kv, target_kv_heads
+from .machine import available_bytes
+from .layout import target_kv_heads
 from .model import Transformer
 from .quantize import check_quantize, quantize_model
 from .report import human_bytes, human_count
 from .parallel import Shard, TensorParallel, agree_on_errors, apply_tensor_parallel, plan_shard, setup
 from .rope import with_rope
+from .tensors import checked_tensors
 
 if TYPE_CHECKING:
     from .generation import Step
@@ -145,33 +147,6 @@ def check_fits(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, world
                            where=device)
 
 
-def available_bytes(device: torch.device) -> int:
-    """Memory that new tensors on `device` can still take."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    avail = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if avail is None:
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            avail = 1 << 62  # unknown: let the allocator decide
-    try:  # a container's own limit, where there is one
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-            avail = min(avail, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return avail
-
-
 def for_inference(model: Transformer, quantize: str | None = None, compile: bool = False,
                   pack: bool = True, decode_batch: int | None = 1) -> Loaded:
     """Put a built model on its fastest inference path, plug-in by plug-in: int8 weights if asked
@@ -199,48 +174,19 @@ def _load(ckpt: Checkpoint, cfg: ModelConfig, dev: torch.device, dt: torch.dtype
         cfg = shard.config
         if method == "random":  # every rank must draw the same new K/V heads
             generator = torch.Generator().manual_seed(0)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings:
-        expected.pop("lm_head.weight", None)
-    state: dict[str, torch.Tensor] = {}
-    src_kv = ckpt.config.n_kv_heads
-    for name, t in ckpt.tensors(shard.select if shard else None):
-        if name not in expected:
-            if name == "lm_head.weight" and cfg.tie_embeddings:
-                continue  # some tied checkpoints store the head anyway
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            raise XllamaError(f"{ckpt.path}: unexpected tensor {name!r} for a Llama model")
-        if is_kv_param(name):
-            if shard is None:
-                _check_shape(ckpt, name, t.shape[0], src_kv * cfg.head_dim)
-                t = regroup_kv(t, src_kv, cfg.n_kv_heads, method, dtype=dt)
-            else:  # the layout applies to the whole K/V (read whole when it changes), then the rank's heads
-                lo, hi = shard.kv_read or (0, src_kv)
-                _check_shape(ckpt, name, t.shape[0], (hi - lo) * cfg.head_dim)
-                t = shard.take_kv(regroup_kv(t, src_kv, shard.kv_groups, method, generator, dtype=dt))
-        if tuple(t.shape) != tuple(expected[name]):
-            raise XllamaError(f"{ckpt.path}: {name} has shape {tuple(t.shape)} but the config "
-                              f"implies {tuple(expected[name])}; config and weights do not match")
-        if shard is None:
-            state[name] = t.to(device=dev, dtype=dt)
-        else:  # the rank's own copy, so that no view keeps the mapped checkpoint file (and its pages) alive
-            state[name] = t.to(device=dev, dtype=dt, copy=True, memory_format=torch.contiguous_format)
-        if state[name].device != t.device or state[name].data_ptr() != t.data_ptr():
+    tensors = checked_tensors(ckpt, cfg, method=method, generator=generator, dtype=dt, shard=shard)
+    return build_model(cfg, _placed(tensors, dev, dt, own=shard is not None), dev, dt)
+
+
+def _placed(tensors: Iterator[tuple[str, torch.Tensor]], dev: torch.device, dt: torch.dtype,
+            own: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor on the device in the dtype as it comes; own: a copy of its own, so that no view
+    keeps the mapped checkpoint file (and its pages) alive."""
+    for name, t in tensors:
+        if own:
+            placed = t.to(device=dev, dtype=dt, copy=True, memory_format=torch.contiguous_format)
+        else:
+            placed = t.to(device=dev, dtype=dt)
+        if placed.device != t.device or placed.data_ptr() != t.data_ptr():
             release_pages(t)  # copied: the file's pages it read need not stay resident
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise XllamaError(f"{ckpt.path}: weights lack {len(missing)} tensors, e.g. {missing[0]!r}")
-    # strict unless tied: a tied head is no entry of its own in `state`
-    model.load_state_dict(state, assign=True, strict=not cfg.tie_embeddings)
-    model.tie_weights()
-    model.init_rope(dev)
-    return model.eval().requires_grad_(False)
-
-
-def _check_shape(ckpt: Checkpoint, name: str, rows: int, want: int) -> None:
-    if rows != want:
-        raise XllamaError(f"{ckpt.path}: {name} has {rows} rows but the config implies {want}; "
-                          "config and weights do not match")
+        yield name, placed

@@ -6,12 +6,8 @@ matplotlib is an optional extra (`pip install 'xllama-cli[plot]'`), imported onl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .errors import XllamaError
-
-if TYPE_CHECKING:
-    from .bench import BenchResult
 
 MISSING = "--plot needs matplotlib, which is not installed; install it with: pip install 'xllama-cli[plot]'"
 
@@ -25,18 +21,18 @@ def require_matplotlib() -> None:
         raise XllamaError(MISSING) from None
 
 
-def plot_groups(result: "BenchResult", path: Path) -> None:
-    """Stacked bars (prefill, decode) of time per sample per group count on a log2 axis, and their sum."""
+def plot_groups(times: list[tuple[int, float, float]], n_heads: int, title: str, path: Path) -> None:
+    """Stacked bars of time per sample, (group count, prefill s, decode s) each, on a log2 axis of
+    group counts, and their sum; `n_heads` groups is labelled MHA, 1 MQA."""
     require_matplotlib()
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullLocator
 
     from .writer import atomic_write
 
-    rows = [(r, result.figures(r)) for r in result.rows if r.measured]
-    xs = [r.groups for r, _ in rows]
-    pre = [f["prefill_s"] / result.batch for _, f in rows]
-    dec = [f["decode_s"] / result.batch for _, f in rows]
+    xs = [g for g, _, _ in times]
+    pre = [p for _, p, _ in times]
+    dec = [d for _, _, d in times]
     # bars of equal width on the log2 axis: from g / 2^0.3 to g * 2^0.3
     lefts = [g * 2 ** -0.3 for g in xs]
     widths = [g * 2 ** 0.3 - left for g, left in zip(xs, lefts)]
@@ -48,14 +44,11 @@ def plot_groups(result: "BenchResult", path: Path) -> None:
     ax.plot(xs, [p + d for p, d in zip(pre, dec)], "o-", color="black", label="time per sample")
     ax.set_xscale("log", base=2)
     ax.xaxis.set_minor_locator(NullLocator())
-    n_heads = result.config.n_heads
     ax.set_xticks(xs, [f"{g}\n(MQA)" if g == 1 else f"{g}\n(MHA)" if g == n_heads else str(g) for g in xs])
     ax.set_xlim(min(lefts) / 1.2, max(g + w for g, w in zip(lefts, widths)) * 1.2)
     ax.set_xlabel("KV groups (log2 scale)")
     ax.set_ylabel("time per sample (s)")
-    dt = str(result.dtype).removeprefix("torch.")
-    ax.set_title(f"{result.source}: batch {result.batch}, input {result.input_len}, output "
-                 f"{result.output_len}\n{result.device} {dt}, median of {result.repeats}", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left")
     fmt = path.suffix.lower().lstrip(".")

@@ -13,11 +13,15 @@ import json
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from os import PathLike
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 from .config import read_json
 from .errors import XllamaError
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 # ---- special tokens: what the checkpoint's files say ----
 # Files read for special tokens, highest authority first (config.json last: older checkpoints keep
@@ -509,20 +513,24 @@ def find_tokenizer_file(folder: Path) -> Path | None:
     return None
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def load_tokenizer(path: str | Path | Checkpoint) -> Tokenizer:
     """The tokenizer of a folder (a checkpoint, a Hugging Face repo id in the local cache, or just
-    tokenizer files), or of a tokenizer.json / tokenizer.model file; special tokens come from the
-    files beside it."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        return open_tokenizer_file(path, read_specials(path.parent))
-    if path.is_dir() and find_tokenizer_file(path) is not None:
-        folder = path
+    tokenizer files), of a checkpoint already opened, or of a tokenizer.json / tokenizer.model file;
+    special tokens come from the files beside it."""
+    if not isinstance(path, (str, PathLike)):  # an opened Checkpoint: its folder is checked already
+        path = folder = path.path
     else:
-        from .checkpoint import open_checkpoint
-        from .download import resolve_model
+        path = Path(path).expanduser()
+        if path.is_file():
+            return open_tokenizer_file(path, read_specials(path.parent))
+        if path.is_dir() and find_tokenizer_file(path) is not None:
+            folder = path
+        else:
+            from .checkpoint import open_checkpoint
+            from .download import resolve_model
 
-        folder = open_checkpoint(resolve_model(path)).path  # the checks and messages every command gives for --model
+            # the checks and messages every command gives for --model
+            folder = open_checkpoint(resolve_model(path)).path
     tok_path = find_tokenizer_file(folder)
     if tok_path is None:
         raise XllamaError(f"no tokenizer.model or tokenizer.json in {str(path)!r} (nor tokenizer.model in its "
