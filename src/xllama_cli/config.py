@@ -131,7 +131,7 @@ class ModelConfig:
             "max_position_embeddings": self.max_seq_len,
             "rms_norm_eps": self.norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_scaling": denormalize_rope_scaling(self.rope_scaling),
+            "rope_scaling": None if self.rope_scaling is None else dict(self.rope_scaling),
             "tie_word_embeddings": self.tie_embeddings,
             "attention_bias": self.attention_bias,
             "mlp_bias": self.mlp_bias,
@@ -207,12 +207,6 @@ def normalize_rope_scaling(params: dict[str, Any], where: str = "rope_scaling") 
     out = {k: v for k, v in params.items() if k not in ("type", "rope_type", "rope_theta")}
     out["rope_type"] = kind
     return out
-
-
-def denormalize_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
-    if scaling is None:
-        return None
-    return dict(scaling)
 
 
 # ---- the rules every value meets ----

@@ -66,7 +66,6 @@ ROPE_REGISTRY: dict[str, InvFreqFn] = {
     "dynamic": dynamic,
     "llama3": llama3,
 }
-SCALED = {"linear", "dynamic", "llama3"}
 
 
 def with_rope(cfg: ModelConfig, name: str | None, factor: float | None) -> ModelConfig:
