@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -19,6 +19,9 @@ from . import report
 from .errors import XllamaError, read_utf8, require_utf8
 from .options import (DEMO_MODEL, Attn, Compile, Device, Dtype, Groups, LoadOptions, Model,
                       Quantize, SamplingOptions, model_path, with_groups)
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 __all__ = ["app", "main", "DEMO_MODEL"]
 
@@ -149,25 +152,33 @@ def convert(
     if out is None:
         raise XllamaError("no --out given; pass the destination folder with --out PATH")
     source = model_path(src)
-    if eval_text is not None:  # a bad text file or window fails before the conversion, not after it
-        from .checkpoint import open_checkpoint
-        from .evaluate import read_text, window_settings
-        from .generation import context_length
-
-        read_text(eval_text)
-        source = open_checkpoint(source)  # opened once: checked here, converted and scored below
-        window_settings(context_length(source.config), context, stride)
-    result = convert_checkpoint(source, out, attn=attn, groups=groups, method=method, seed=seed,
-                                dtype=dtype, shard_size=shard_size, force=force)
+    # with --eval the source is opened once, here: checked, then converted and scored
+    opened = _eval_source(source, eval_text, context, stride) if eval_text is not None else None
+    result = convert_checkpoint(opened or source, out, attn=attn, groups=groups, method=method,
+                                seed=seed, dtype=dtype, shard_size=shard_size, force=force)
     kept = result.kv_heads_after == result.kv_heads_before
     how = f"{result.method}-pooled" if result.method else "kept" if kept else "repeated"
     report.info(f"wrote {result.out}: {len(result.shards)} shard(s), KV heads "
                 f"{result.kv_heads_before} -> {result.kv_heads_after} ({how})")
-    if eval_text is not None:
-        _compare_perplexity(source, result.out, eval_text, context, stride, device)
+    if opened is not None and eval_text is not None:
+        _compare_perplexity(opened, result.out, eval_text, context, stride, device)
 
 
-def _compare_perplexity(source, result: Path, text: Path, context: Optional[int],
+def _eval_source(source: str, text: Path, context: Optional[int],
+                 stride: Optional[int]) -> Checkpoint:
+    """`convert --eval`: the source checkpoint, opened, once the text file and the windows are seen
+    to be good: a bad one fails before the conversion, not after it."""
+    from .checkpoint import open_checkpoint
+    from .evaluate import read_text, window_settings
+    from .generation import context_length
+
+    read_text(text)
+    ckpt = open_checkpoint(source)
+    window_settings(context_length(ckpt.config), context, stride)
+    return ckpt
+
+
+def _compare_perplexity(source: Checkpoint, result: Path, text: Path, context: Optional[int],
                         stride: Optional[int], device: str) -> None:
     """`convert --eval`: the perplexity of the source checkpoint and of the converted one."""
     from .checkpoint import open_checkpoint
