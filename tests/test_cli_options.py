@@ -3,6 +3,7 @@ help that needs no torch, source lines that fit in 100 characters."""
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 from conftest import ROOT, make_hf_checkpoint
 from xllama_cli.checkpoint import open_checkpoint
 from xllama_cli.cli import app
+from xllama_cli.options import SamplingOptions, with_groups
 
 runner = CliRunner()
 SRC = ROOT / "src" / "xllama_cli"
@@ -95,3 +97,20 @@ def test_no_source_line_is_over_100_characters():
             if f.name not in NOT_YET_WRAPPED
             for n, line in enumerate(f.read_text().splitlines(), 1) if len(line) > 100]
     assert not long, f"lines over 100 characters: {', '.join(long)}"
+
+
+def test_an_option_group_expands_in_place_and_builds_its_dataclass():
+    def command(first: int = 1, sample: SamplingOptions = SamplingOptions(), last: int = 2):
+        return first, sample, last
+
+    run = with_groups(command)
+    assert list(inspect.signature(run).parameters) == ["first", "temperature", "top_k", "top_p",
+                                                       "seed", "last"]
+    assert run(first=3, temperature=0.0, top_k=5, top_p=1.0, seed=7, last=4) == (
+        3, SamplingOptions(0.0, 5, 1.0, 7), 4)
+
+    def clash(seed: int = 0, sample: SamplingOptions = SamplingOptions()):
+        pass
+
+    with pytest.raises(TypeError, match="repeats a parameter name"):
+        with_groups(clash)

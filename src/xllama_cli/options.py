@@ -177,6 +177,9 @@ def with_groups(command: Callable[..., Any]) -> Callable[..., Any]:
             values[name] = group(**{f.name: values.pop(f.name) for f in dataclasses.fields(group)})
         return command(**values)
 
+    names = [p.name for p in params]
+    if len(set(names)) != len(names):  # two options of one name: typer would keep one silently
+        raise TypeError(f"{command.__name__}: an option group repeats a parameter name: {names}")
     run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
     for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
         setattr(run, attr, getattr(command, attr))
