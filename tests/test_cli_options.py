@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import ROOT, make_hf_checkpoint
-from xllama_cli.checkpoint import open_checkpoint
+from xllama_cli.checkpoint import Checkpoint, open_checkpoint
 from xllama_cli.cli import app
 from xllama_cli.options import SamplingOptions, with_groups
 
@@ -25,14 +25,16 @@ NOT_YET_WRAPPED = {"attention.py", "generation.py", "kv_cache.py", "layout.py", 
 
 
 def opens_of_checkpoint(args: list[str]) -> int:
-    """Run the CLI in this thread and count the calls of open_checkpoint, wherever they are made
-    from (each module holds its own name for it, so the function's code is what is watched)."""
+    """Run the CLI in this thread and count how often open_checkpoint opens a folder, wherever it
+    is called from (each module holds its own name for it, so the function's code is watched);
+    a call given a Checkpoint already opened opens nothing."""
     calls = 0
+    code = open_checkpoint.__code__
 
     def count(frame, event, _arg):
         nonlocal calls
-        if event == "call" and frame.f_code is open_checkpoint.__code__:
-            calls += 1
+        if event == "call" and frame.f_code is code:
+            calls += not isinstance(frame.f_locals[code.co_varnames[0]], Checkpoint)
 
     sys.setprofile(count)
     try:
