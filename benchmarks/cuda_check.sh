@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every CUDA check of issue 8 in one call of a few minutes, for a session lent a GPU:
+# Every CUDA check in one call, for a session lent a GPU:
 #   1. the CUDA tests (tokens against transformers, compiled step with CUDA graphs, int8) and the
 #      speed-path tests, on the GPU;
 #   2. decode of the llama2-7b bench preset at batch 1 in bfloat16: eager, --compile (CUDA graphs)

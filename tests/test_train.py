@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+
+import pytest
 import torch
 
 from conftest import make_hf_checkpoint
 from xllama_cli import load_model
 from xllama_cli.evaluate import perplexity
-from xllama_cli.train import TrainConfig, lr_at, train
+from xllama_cli.train import StepInfo, Stopped, TrainConfig, lr_at, train
 
 
 def tiny_model(tmp_path):
@@ -33,7 +36,16 @@ def test_training_lowers_the_loss_in_a_few_steps(tmp_path):
     assert after < before * 0.5 and losses[-1] < losses[0]
 
 
-def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
+def interrupt_at(step: int, times: int = 1):
+    """An on_step callback that sends this process SIGINT (Ctrl-C) `times` times after `step`."""
+    def on_step(info: StepInfo) -> None:
+        if info.step == step:
+            for _ in range(times):
+                signal.raise_signal(signal.SIGINT)
+    return on_step
+
+
+def test_ctrl_c_stops_after_a_whole_step_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
     data = pattern_data()
     cfg = TrainConfig(steps=12, lr=1e-3, batch=2, context=16, seed=3, save_every=4)
     straight = tiny_model(tmp_path / "a")
@@ -41,11 +53,24 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
 
     resumed = tiny_model(tmp_path / "b")
     state = tmp_path / "state.pt"
-    train(resumed, data, cfg, state_path=state, stop_after=6)  # "killed" after step 6: state holds step 4
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Stopped) as stopped:
+        train(resumed, data, cfg, state_path=state, on_step=interrupt_at(6))
+    assert (stopped.value.step, stopped.value.signum, stopped.value.saved) == (6, signal.SIGINT, True)
+    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C means Ctrl-C again once training ends
+    assert torch.load(state, weights_only=True)["step"] == 6  # saved at the stop, between the saves
     fresh = tiny_model(tmp_path / "c")  # a new process: the weights come from the state file alone
     train(fresh, data, cfg, state_path=state, resume=True)
     for (name, a), b in zip(straight.state_dict().items(), fresh.state_dict().values()):
         assert (a - b).abs().max() <= 1e-6, name
+
+
+def test_a_second_ctrl_c_stops_training_at_once(tmp_path):
+    cfg = TrainConfig(steps=12, lr=1e-3, batch=2, context=16, seed=3, save_every=4)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model(tmp_path), pattern_data(), cfg, state_path=tmp_path / "state.pt",
+              on_step=interrupt_at(2, times=2))
+    assert not (tmp_path / "state.pt").exists()  # stopped before any save
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():

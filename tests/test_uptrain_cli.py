@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import make_hf_checkpoint
+from conftest import ROOT, make_hf_checkpoint
 from xllama_cli.cli import DEMO_MODEL, app
 
 runner = CliRunner()
@@ -25,9 +31,11 @@ def make_source(tmp_path):
     return src
 
 
-def uptrain(*args: str, env=None):
-    return runner.invoke(app, ["uptrain", "--batch", "2", "--context", "16", "--lr", "1e-3",
-                               "--dtype", "float32", *args], env=env)
+UPTRAIN = ["--batch", "2", "--context", "16", "--lr", "1e-3", "--dtype", "float32"]
+
+
+def uptrain(*args: str):
+    return runner.invoke(app, ["uptrain", *UPTRAIN, *args])
 
 
 def test_uptrain_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path):
@@ -43,19 +51,63 @@ def test_uptrain_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path):
     assert gen.exit_code == 0, gen.output
 
 
-def test_killed_uptrain_resumes_to_the_same_weights(tmp_path):
+# enough steps that a run is still going when the test sees its first saved state (at step 2)
+STEPS = ["--steps", "300", "--save-every", "2"]
+
+
+@pytest.fixture
+def one_thread():
+    """One thread per process: on a shared CPU, several threads per tiny step wait on each other
+    far longer than they compute."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """A source checkpoint and the weights of an uptraining run that was never stopped."""
+    tmp_path = tmp_path_factory.mktemp("straight")
     src = make_source(tmp_path)
-    common = ["--model", str(src), "--text", str(tmp_path / "text.txt"), "--steps", "8", "--save-every", "2"]
-    assert uptrain(*common, "--out", str(tmp_path / "straight")).exit_code == 0
-    killed = uptrain(*common, "--out", str(tmp_path / "resumed"), env={"XLLAMA_UPTRAIN_STOP_AFTER": "5"})
-    assert killed.exit_code == 2 and "--resume" in killed.stderr
-    assert not (tmp_path / "resumed").exists()
-    r = uptrain(*common, "--out", str(tmp_path / "resumed"), "--resume")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = uptrain("--model", str(src), "--text", str(tmp_path / "text.txt"), *STEPS,
+                    "--out", str(tmp_path / "out"))
+    finally:
+        torch.set_num_threads(threads)
     assert r.exit_code == 0, r.output
-    a = load_file(tmp_path / "straight" / "model.safetensors")
-    b = load_file(tmp_path / "resumed" / "model.safetensors")
-    assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    return src, load_file(tmp_path / "out" / "model.safetensors")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_killed_uptrain_resumes_to_the_same_weights(tmp_path, straight_run, one_thread, sig):
+    """A real signal to a real process: the run stops after a whole step, saves that step's state,
+    writes no --out and exits with 128 + the signal; --resume then ends where a run that never
+    stopped ends."""
+    src, straight = straight_run
+    common = ["--model", str(src), "--text", str(src.parent / "text.txt"), *STEPS,
+              "--out", str(tmp_path / "out")]
+    state = tmp_path / ".out.uptrain-state.pt"
+    child = subprocess.Popen([sys.executable, "-m", "xllama_cli", "uptrain", *UPTRAIN, *common],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=one_thread)
+    deadline = time.monotonic() + 300  # a guard against a hung child, not a measurement
+    while not state.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    child.send_signal(sig)
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 128 + sig, err
+    assert f"stopped by {sig.name} after step" in err and "--resume continues it" in err, err
+    assert "Traceback" not in err and out == ""
+    assert not (tmp_path / "out").exists() and state.is_file()
+
+    r = uptrain(*common, "--resume")
+    assert r.exit_code == 0, r.output
+    resumed = load_file(tmp_path / "out" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) <= 1e-6
     assert not list(tmp_path.glob(".*uptrain-state*"))  # the state goes once the result is written
 
 

@@ -16,10 +16,11 @@ from .kv_cache import cache_capacity
 from .model import Transformer
 
 
-def weight_bytes_per_step(cfg: ModelConfig, groups: int, batch: int, elsize: int, int8: bool = False) -> int:
-    """Bytes of weights one decode step reads, with `groups` KV heads: every parameter once, but only
-    B rows of an untied embedding. int8: the projections and the head at one byte a weight, and a
-    scale (elsize bytes) per output row (quantize.py)."""
+def weight_bytes_per_step(cfg: ModelConfig, groups: int, batch: int, elsize: int,
+                          int8: bool = False) -> int:
+    """Bytes of weights one decode step reads, with `groups` KV heads: every parameter once, but
+    only B rows of an untied embedding. int8: the projections and the head at one byte a weight,
+    and a scale (elsize bytes) per output row (quantize.py)."""
     cfg = cfg.replace(n_kv_heads=groups)
     n = cfg.n_params()
     if not cfg.tie_embeddings:
@@ -51,7 +52,8 @@ def kv_read_bytes_per_step(cfg: ModelConfig, groups: int, input_len: int, output
 def run_need_bytes(cfg: ModelConfig, groups: int, base_kv: int, input_len: int, output_len: int,
                    batch: int, elsize: int, device: torch.device) -> int:
     """A rough upper estimate of the memory one group count needs beyond the base model."""
-    kv_weights = 0 if groups == base_kv else 2 * cfg.n_layers * groups * cfg.head_dim * (cfg.dim + 1) * elsize
+    kv_weights = (0 if groups == base_kv
+                  else 2 * cfg.n_layers * groups * cfg.head_dim * (cfg.dim + 1) * elsize)
     # the slots generate_tokens allocates, which round the tokens up
     slots = cache_capacity(input_len + output_len, context_length(cfg))
     cache = batch * kv_cache_bytes_per_sample(cfg, groups, slots, elsize)

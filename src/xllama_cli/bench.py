@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from . import __version__, report
-from .accounting import kv_cache_bytes_per_sample, kv_read_bytes_per_step, run_need_bytes, weight_bytes_per_step
+from .accounting import (kv_cache_bytes_per_sample, kv_read_bytes_per_step, run_need_bytes,
+                         weight_bytes_per_step)
 from .build import build_model, expected_shapes
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import ARCHITECTURES, ModelConfig
@@ -29,7 +30,8 @@ from .errors import XllamaError
 from .generation import GenerationStats, context_length, generate_tokens
 from .layout import is_kv_param, regroup_kv, target_kv_heads
 from .loading import Loaded, for_inference, load_model, resolve_device, resolve_dtype
-from .machine import available_bytes, bandwidth_probe_bytes, is_out_of_memory, machine_info, measure_bandwidth
+from .machine import (available_bytes, bandwidth_probe_bytes, is_out_of_memory, machine_info,
+                      measure_bandwidth)
 from .model import Transformer
 from .quantize import check_quantize
 from .report import human_bytes as _bytes, human_count as _count
@@ -66,8 +68,8 @@ def config_from_file(path: Path, base: ModelConfig | None = None) -> ModelConfig
         return ModelConfig.from_hf(data, source=f"--config {path}")
     unknown = sorted(set(data) - CONFIG_FIELDS)
     if unknown:
-        raise XllamaError(f"--config {path}: unknown field {unknown[0]!r}; use Hugging Face config.json "
-                          f"keys or these: {', '.join(sorted(CONFIG_FIELDS))}")
+        raise XllamaError(f"--config {path}: unknown field {unknown[0]!r}; use Hugging Face "
+                          f"config.json keys or these: {', '.join(sorted(CONFIG_FIELDS))}")
     if base is None:
         return ModelConfig.checked(data, f"--config {path}")
     if "n_heads" in data or "dim" in data:
@@ -86,10 +88,11 @@ def show_presets() -> None:
         rows.append([name, str(cfg.n_layers), str(cfg.dim), str(cfg.n_heads), str(cfg.n_kv_heads),
                      str(cfg.hidden_dim), str(cfg.vocab_size), _count(n), _bytes(2 * n),
                      _count(cfg.replace(n_kv_heads=cfg.n_heads).n_params())])
-    report.table(["preset", "layers", "dim", "heads", "KV\nheads", "FFN", "vocab", "params", "bf16\nsize",
-                  "MHA base\nparams"], rows, title="xllama bench presets (random weights)",
-                 caption="sizes in the architecture's own KV layout (float32: twice bf16); bench builds one MHA "
-                         "base and regroups its K/V for each G")
+    report.table(["preset", "layers", "dim", "heads", "KV\nheads", "FFN", "vocab", "params",
+                  "bf16\nsize", "MHA base\nparams"], rows,
+                 title="xllama bench presets (random weights)",
+                 caption="sizes in the architecture's own KV layout (float32: twice bf16); bench "
+                         "builds one MHA base and regroups its K/V for each G")
     for name, arch in ARCHITECTURES.items():
         report.write(f"  {name}: {arch.description}\n")
 
@@ -147,10 +150,13 @@ class BenchResult:
     batch: int
     repeats: int
     seed: int
-    quantize: str | None = None  # int8: each group count's model is quantized (untimed) before its runs
-    compiled: bool = False  # decode step compiled; each group count's model is kept, so compiles once
+    # int8: each group count's model is quantized (untimed) before its runs
+    quantize: str | None = None
+    # decode step compiled; each group count's model is kept, so it compiles once
+    compiled: bool = False
     bandwidth_bytes: int = 0
-    bandwidth_runs: list[float] = field(default_factory=list)  # GB/s: before the runs, then after each round
+    # GB/s: before the runs, then after each round
+    bandwidth_runs: list[float] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -171,19 +177,20 @@ class BenchResult:
 
     def figures(self, row: Row) -> dict[str, Any]:
         """Every figure of one row (times in seconds, sizes in bytes); None where not measured."""
+        kind = "MQA" if row.groups == 1 else "MHA" if row.groups == self.config.n_heads else "GQA"
         out: dict[str, Any] = {
-            "groups": row.groups, "kv_heads": row.groups,
-            "attention": "MQA" if row.groups == 1 else "MHA" if row.groups == self.config.n_heads else "GQA",
+            "groups": row.groups, "kv_heads": row.groups, "attention": kind,
             "status": row.status, "note": row.note,
             "kv_cache_bytes_per_sample": row.kv_cache_bytes_per_sample,
             "weight_bytes_per_step": row.weight_bytes_per_step,
             "kv_read_bytes_per_step": row.kv_read_bytes_per_step,
             "decode_bytes_per_step": row.weight_bytes_per_step + row.kv_read_bytes_per_step,
-            "runs": len(row.prefill_s), "prefill_s_runs": row.prefill_s, "decode_s_runs": row.decode_s,
+            "runs": len(row.prefill_s), "prefill_s_runs": row.prefill_s,
+            "decode_s_runs": row.decode_s,
         }
-        keys = ("prefill_s", "decode_s", "decode_s_per_token", "time_per_sample_s", "time_per_sample_min_s",
-                "time_per_sample_max_s", "spread_pct", "tokens_per_s", "decode_tokens_per_s",
-                "speedup_vs_mha", "decode_gbs", "bandwidth_fraction")
+        keys = ("prefill_s", "decode_s", "decode_s_per_token", "time_per_sample_s",
+                "time_per_sample_min_s", "time_per_sample_max_s", "spread_pct", "tokens_per_s",
+                "decode_tokens_per_s", "speedup_vs_mha", "decode_gbs", "bandwidth_fraction")
         out.update(dict.fromkeys(keys))
         if not row.measured:
             return out
@@ -192,9 +199,10 @@ class BenchResult:
         total, decode = statistics.median(totals), statistics.median(row.decode_s)
         per_token = decode / steps
         out.update(
-            prefill_s=statistics.median(row.prefill_s), decode_s=decode, decode_s_per_token=per_token,
-            time_per_sample_s=total / B, time_per_sample_min_s=min(totals) / B,
-            time_per_sample_max_s=max(totals) / B, spread_pct=100 * (max(totals) - min(totals)) / total,
+            prefill_s=statistics.median(row.prefill_s), decode_s=decode,
+            decode_s_per_token=per_token, time_per_sample_s=total / B,
+            time_per_sample_min_s=min(totals) / B, time_per_sample_max_s=max(totals) / B,
+            spread_pct=100 * (max(totals) - min(totals)) / total,
             tokens_per_s=B * self.output_len / total, decode_tokens_per_s=B * steps / decode,
             decode_gbs=out["decode_bytes_per_step"] / per_token / 1e9,
         )
@@ -210,21 +218,24 @@ class BenchResult:
         return {
             "xllama_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": {"source": self.source, "params": self.params, "n_heads": self.config.n_heads,
-                      "base_kv_heads": self.config.n_kv_heads, "config": dataclasses.asdict(self.config)},
+            "model": {"source": self.source, "params": self.params,
+                      "n_heads": self.config.n_heads, "base_kv_heads": self.config.n_kv_heads,
+                      "config": dataclasses.asdict(self.config)},
             "machine": self.machine,
             "torch": torch.__version__,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
-            "settings": {"groups": self.groups, "input_len": self.input_len, "output_len": self.output_len,
-                         "batch": self.batch, "repeats": self.repeats, "warmup_runs": WARMUP_RUNS,
-                         "seed": self.seed, "decode_steps": self.decode_steps, "regroup_method": "mean",
+            "settings": {"groups": self.groups, "input_len": self.input_len,
+                         "output_len": self.output_len, "batch": self.batch,
+                         "repeats": self.repeats, "warmup_runs": WARMUP_RUNS, "seed": self.seed,
+                         "decode_steps": self.decode_steps, "regroup_method": "mean",
                          "quantize": self.quantize, "compile": self.compiled},
             "memory_bandwidth": {"gbs": self.bandwidth_gbs, "probes_gbs": self.bandwidth_runs,
                                  "copy_bytes": self.bandwidth_bytes,
-                                 "method": "a torch copy of one tensor, read + write bytes / time; median of "
-                                           "10 copies per probe; one probe before the runs and one after each "
-                                           "timed round; gbs is the median of the probes"},
+                                 "method": "a torch copy of one tensor, read + write bytes / time; "
+                                           "median of 10 copies per probe; one probe before the "
+                                           "runs and one after each timed round; gbs is the "
+                                           "median of the probes"},
             "interrupted": self.interrupted,
             "notes": self.notes,
             "rows": [self.figures(r) for r in self.rows],
@@ -232,7 +243,8 @@ class BenchResult:
 
 
 # ---- models ----
-def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Transformer:
+def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+                 seed: int = 0) -> Transformer:
     """A Transformer with random weights, made directly on `device` (no float32 CPU copy first)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -244,7 +256,8 @@ def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, see
         elif name.endswith(".bias"):
             t.zero_()
         else:
-            # uniform is cheaper than normal on CPU; 1/sqrt(fan_in) keeps activations near unit scale
+            # uniform is cheaper than normal on CPU; 1/sqrt(fan_in) keeps activations near unit
+            # scale
             bound = 1.0 if "embed_tokens" in name else shape[-1] ** -0.5
             t.uniform_(-bound, bound, generator=gen)
         state[name] = t
@@ -279,7 +292,8 @@ def parse_groups(text: str | None, n_heads: int, base_kv: int) -> list[int]:
         try:
             wanted = [int(s) for s in text.replace(" ", "").split(",") if s]
         except ValueError:
-            raise XllamaError(f"--groups expects comma-separated integers such as 1,2,4,8; got {text!r}") from None
+            raise XllamaError("--groups expects comma-separated integers such as 1,2,4,8; got "
+                              f"{text!r}") from None
         if not wanted:
             raise XllamaError("--groups is empty; give group counts such as 1,2,4,8")
     for g in wanted:
@@ -295,16 +309,19 @@ def check_options(o: BenchOptions) -> Checkpoint | None:
     if len(given) > 1:
         raise XllamaError("give either --model or --preset, not both")
     if not o.model and not o.preset and o.config is None:
-        raise XllamaError("nothing to measure: pass --model PATH, --preset NAME (see --list-presets) "
-                          "or --config FILE.json")
+        raise XllamaError("nothing to measure: pass --model PATH, --preset NAME (see "
+                          "--list-presets) or --config FILE.json")
     if o.model and (o.config is not None or o.layers is not None):
-        raise XllamaError("--config and --layers describe a random-weight model; they do not apply to --model")
+        raise XllamaError("--config and --layers describe a random-weight model; they do not "
+                          "apply to --model")
     if o.layers is not None and o.layers <= 0:
         raise XllamaError(f"--layers must be at least 1, got {o.layers}")
-    for flag, value, least in (("--input-len", o.input_len, 1), ("--output-len", o.output_len, 2),
+    for flag, value, least in (("--input-len", o.input_len, 1),
+                               ("--output-len", o.output_len, 2),
                                ("--batch", o.batch, 1), ("--repeats", o.repeats, 1)):
         if value is not None and value < least:
-            why = " (one prefill token and at least one decode step)" if flag == "--output-len" else ""
+            why = (" (one prefill token and at least one decode step)"
+                   if flag == "--output-len" else "")
             raise XllamaError(f"{flag} must be at least {least}{why}, got {value}")
     ckpt = open_checkpoint(o.model) if o.model else None
     sources = ckpt.sources if ckpt else []
@@ -344,20 +361,21 @@ def run_command(o: BenchOptions) -> BenchResult:
 def fit_lengths(o: BenchOptions, context: int | None) -> BenchOptions:
     """Options with the prompt and output lengths set: as asked, else 512 and 128, shrunk to fit a
     smaller context (None: no limit); asked lengths the context cannot hold are refused."""
-    output_len = o.output_len if o.output_len is not None else (128 if context is None else
-                                                                 max(2, min(128, context // 4)))
-    input_len = o.input_len if o.input_len is not None else (512 if context is None else
-                                                              max(1, min(512, context - output_len)))
+    output_len = o.output_len if o.output_len is not None else (
+        128 if context is None else max(2, min(128, context // 4)))
+    input_len = o.input_len if o.input_len is not None else (
+        512 if context is None else max(1, min(512, context - output_len)))
     if context is not None and input_len + output_len > context:
-        raise XllamaError(f"--input-len {input_len} + --output-len {output_len} exceeds the model's "
-                          f"context of {context} tokens")
+        raise XllamaError(f"--input-len {input_len} + --output-len {output_len} exceeds the "
+                          f"model's context of {context} tokens")
     return dataclasses.replace(o, input_len=input_len, output_len=output_len)
 
 
-def base_config(o: BenchOptions, ckpt: Checkpoint | None) -> tuple[ModelConfig, str, BenchOptions]:
-    """The base model's architecture (the checkpoint's, when there is one), its name in the results,
-    and the options with the lengths set. Random weights: one MHA base (regrouped for each group
-    count), its context long enough."""
+def base_config(o: BenchOptions,
+                ckpt: Checkpoint | None) -> tuple[ModelConfig, str, BenchOptions]:
+    """The base model's architecture (the checkpoint's, when there is one), its name in the
+    results, and the options with the lengths set. Random weights: one MHA base (regrouped for
+    each group count), its context long enough."""
     if ckpt is not None:
         return ckpt.config, o.model, fit_lengths(o, context_length(ckpt.config))
     cfg = preset_config(o.preset) if o.preset else None
@@ -386,17 +404,22 @@ def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype,
     cfg, source, o = base_config(o, ckpt)
     groups = parse_groups(o.groups, cfg.n_heads, cfg.n_kv_heads)
     params = cfg.n_params()
-    result = BenchResult(source=source, config=cfg, params=params, device=device, dtype=dtype, groups=groups,
-                         input_len=o.input_len, output_len=o.output_len, batch=o.batch, repeats=o.repeats,
-                         seed=o.seed, quantize=o.quantize, compiled=o.compile, machine=machine_info(device))
+    result = BenchResult(source=source, config=cfg, params=params, device=device, dtype=dtype,
+                         groups=groups, input_len=o.input_len, output_len=o.output_len,
+                         batch=o.batch, repeats=o.repeats, seed=o.seed, quantize=o.quantize,
+                         compiled=o.compile, machine=machine_info(device))
+    tokens = o.input_len + o.output_len
     for g in groups:
         result.rows.append(Row(
-            groups=g, kv_cache_bytes_per_sample=kv_cache_bytes_per_sample(cfg, g, o.input_len + o.output_len, elsize),
-            weight_bytes_per_step=weight_bytes_per_step(cfg, g, o.batch, elsize, o.quantize == "int8"),
-            kv_read_bytes_per_step=kv_read_bytes_per_step(cfg, g, o.input_len, o.output_len, o.batch, elsize)))
-    report.info(f"bench: {source} | {_count(params)} params | {device} {str(dtype).removeprefix('torch.')} | "
-                f"batch {o.batch}, input {o.input_len}, output {o.output_len}, {o.repeats} repeats + "
-                f"{WARMUP_RUNS} warm-up | groups {', '.join(map(str, groups))}")
+            groups=g, kv_cache_bytes_per_sample=kv_cache_bytes_per_sample(cfg, g, tokens, elsize),
+            weight_bytes_per_step=weight_bytes_per_step(cfg, g, o.batch, elsize,
+                                                        o.quantize == "int8"),
+            kv_read_bytes_per_step=kv_read_bytes_per_step(cfg, g, o.input_len, o.output_len,
+                                                          o.batch, elsize)))
+    report.info(f"bench: {source} | {_count(params)} params | {device} "
+                f"{str(dtype).removeprefix('torch.')} | batch {o.batch}, input {o.input_len}, "
+                f"output {o.output_len}, {o.repeats} repeats + {WARMUP_RUNS} warm-up | groups "
+                f"{', '.join(map(str, groups))}")
     try:
         nbytes = bandwidth_probe_bytes(device)
         result.bandwidth_bytes = nbytes
@@ -407,9 +430,11 @@ def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype,
         free = available_bytes(device)
         if need > free:
             return _stop(result, "skipped", "the base model does not fit",
-                         f"the base model needs {_bytes(need)} but {_bytes(free)} is free on {device}")
+                         f"the base model needs {_bytes(need)} but {_bytes(free)} is free on "
+                         f"{device}")
         try:
-            base = (load_model(ckpt, device=str(device), dtype=str(dtype).removeprefix("torch."), pack=False)
+            base = (load_model(ckpt, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                               pack=False)
                     if ckpt is not None else random_model(cfg, device, dtype, o.seed))
         except Exception as e:
             if not is_out_of_memory(e):
@@ -419,7 +444,8 @@ def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype,
         _time_groups(base, result)
     except KeyboardInterrupt:
         result.interrupted = True
-        result.notes.append("interrupted (Ctrl-C): the figures are from the runs completed before it")
+        result.notes.append("interrupted (Ctrl-C): the figures are from the runs completed "
+                            "before it")
     return result
 
 
@@ -431,18 +457,20 @@ def _time_groups(base: Transformer, result: BenchResult) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     gen = torch.Generator().manual_seed(result.seed)
-    prompts = torch.randint(0, result.config.vocab_size, (result.batch, result.input_len), generator=gen).tolist()
+    prompts = torch.randint(0, result.config.vocab_size, (result.batch, result.input_len),
+                            generator=gen).tolist()
     device, elsize = result.device, base.lm_head.weight.element_size()
     runs_per_row = WARMUP_RUNS + result.repeats
     done = {row.groups: 0 for row in result.rows}
     kept: dict[int, Loaded] = {}  # compiled models, one per group count
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
-               TimeElapsedColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("runs"), TimeElapsedColumn())
     with Progress(*columns, console=report.err, transient=False) as progress:
         task = progress.add_task("bench", total=len(result.rows) * runs_per_row)
         try:
             for i in range(runs_per_row):
-                label = "warm-up" if i < WARMUP_RUNS else f"run {i - WARMUP_RUNS + 1}/{result.repeats}"
+                label = ("warm-up" if i < WARMUP_RUNS
+                         else f"run {i - WARMUP_RUNS + 1}/{result.repeats}")
                 for row in result.rows:
                     if row.status in ("skipped", "out of memory"):
                         continue
@@ -452,15 +480,19 @@ def _time_groups(base: Transformer, result: BenchResult) -> None:
                         continue
                     _run_row(base, result, row, prompts, kept, timed=i >= WARMUP_RUNS)
                     done[row.groups] += 1
-                    progress.advance(task, 1 if row.status != "out of memory" else runs_per_row - done[row.groups] + 1)
-                if i >= WARMUP_RUNS:  # the bandwidth too, once a round, so it sees the same drift
+                    # out of memory: the runs the row will no longer make count as done
+                    left = runs_per_row - done[row.groups] + 1
+                    progress.advance(task, 1 if row.status != "out of memory" else left)
+                # the bandwidth too, once a round, so it sees the same drift
+                if i >= WARMUP_RUNS:
                     result.bandwidth_runs.append(measure_bandwidth(device, result.bandwidth_bytes))
         finally:
             for row in result.rows:
                 if row.status == "not run" and row.measured:
                     row.status = "ok"
                     if len(row.prefill_s) < result.repeats:
-                        row.note = f"interrupted after {len(row.prefill_s)} of {result.repeats} runs"
+                        row.note = (f"interrupted after {len(row.prefill_s)} of "
+                                    f"{result.repeats} runs")
 
 
 def _fits(base: Transformer, result: BenchResult, row: Row, elsize: int) -> bool:
@@ -502,15 +534,18 @@ def _run_row(base: Transformer, result: BenchResult, row: Row, prompts: list[lis
 def _prepare(base: Transformer, groups: int, result: BenchResult) -> Loaded:
     """The model a group count runs: regrouped from the base, then quantized, compiled or packed
     as `xllama generate` would run it."""
-    return for_inference(regrouped(base, groups), result.quantize, result.compiled, decode_batch=result.batch)
+    return for_inference(regrouped(base, groups), result.quantize, result.compiled,
+                         decode_batch=result.batch)
 
 
 def _one_run(ready: Loaded, prompts: list[list[int]], output_len: int) -> GenerationStats:
-    """One generate_tokens call: greedy, and no EOS, so every sequence makes all output_len tokens."""
-    result = generate_tokens(ready.model, prompts, output_len, Sampling(temperature=0.0), eos_ids=[],
-                             step=ready.step)
+    """One generate_tokens call: greedy, and no EOS, so every sequence makes all output_len
+    tokens."""
+    result = generate_tokens(ready.model, prompts, output_len, Sampling(temperature=0.0),
+                             eos_ids=[], step=ready.step)
     if result.stats.new_tokens != len(prompts) * output_len:
-        raise RuntimeError(f"bench: expected {len(prompts) * output_len} new tokens, got {result.stats.new_tokens}")
+        raise RuntimeError(f"bench: expected {len(prompts) * output_len} new tokens, got "
+                           f"{result.stats.new_tokens}")
     return result.stats
 
 
@@ -525,8 +560,9 @@ def _stop(result: BenchResult, status: str, why: str, note: str) -> BenchResult:
 # ---- output ----
 def show(result: BenchResult) -> None:
     """The table (stdout) and a terminal bar chart of time per sample."""
-    dt = str(result.dtype).removeprefix("torch.") + (f" {result.quantize}" if result.quantize else "") \
-        + (" compiled" if result.compiled else "")
+    dt = (str(result.dtype).removeprefix("torch.")
+          + (f" {result.quantize}" if result.quantize else "")
+          + (" compiled" if result.compiled else ""))
     rows = []
     for row in result.rows:
         f = result.figures(row)
@@ -535,18 +571,21 @@ def show(result: BenchResult) -> None:
         if not row.measured:
             rows.append([*head, row.status + (f": {row.note}" if row.note else ""), *[""] * 7])
             continue
+        speedup, fraction = f["speedup_vs_mha"], f["bandwidth_fraction"]
         rows.append([*head, f"{f['prefill_s']:.3g}", f"{f['decode_s_per_token'] * 1e3:.3g}",
-                     f"{f['time_per_sample_s']:.3g}", f"{f['spread_pct'] / 2:.1f}%", f"{f['decode_tokens_per_s']:.1f}",
-                     "—" if f["speedup_vs_mha"] is None else f"{f['speedup_vs_mha']:.2f}x", f"{f['decode_gbs']:.1f}",
-                     "—" if f["bandwidth_fraction"] is None else f"{100 * f['bandwidth_fraction']:.0f}%"])
-    report.table(["KV\nheads", "KV cache\n/sample", "prefill\ns", "decode\nms/tok", "s/\nsample", "±",
-                  "decode\ntok/s", "vs\nMHA", "GB/s", "of\nbw"], rows,
-                 title=f"xllama bench: {result.source}, {_count(result.params)} params, {result.device} {dt}, "
-                       f"batch {result.batch}, input {result.input_len}, output {result.output_len}, "
-                       f"median of {result.repeats}",
-                 caption=f"memory bandwidth (tensor copy, {_bytes(result.bandwidth_bytes)}, median of "
-                         f"{len(result.bandwidth_runs)} probes): {result.bandwidth_gbs:.1f} GB/s. ±: half the range "
-                         "of the time per sample over the runs, as a share of the median. GB/s: (weights + KV "
+                     f"{f['time_per_sample_s']:.3g}", f"{f['spread_pct'] / 2:.1f}%",
+                     f"{f['decode_tokens_per_s']:.1f}",
+                     "—" if speedup is None else f"{speedup:.2f}x", f"{f['decode_gbs']:.1f}",
+                     "—" if fraction is None else f"{100 * fraction:.0f}%"])
+    report.table(["KV\nheads", "KV cache\n/sample", "prefill\ns", "decode\nms/tok", "s/\nsample",
+                  "±", "decode\ntok/s", "vs\nMHA", "GB/s", "of\nbw"], rows,
+                 title=f"xllama bench: {result.source}, {_count(result.params)} params, "
+                       f"{result.device} {dt}, batch {result.batch}, input {result.input_len}, "
+                       f"output {result.output_len}, median of {result.repeats}",
+                 caption=f"memory bandwidth (tensor copy, {_bytes(result.bandwidth_bytes)}, "
+                         f"median of {len(result.bandwidth_runs)} probes): "
+                         f"{result.bandwidth_gbs:.1f} GB/s. ±: half the range of the time per "
+                         "sample over the runs, as a share of the median. GB/s: (weights + KV "
                          "cache) a decode step reads / its time")
     for row in result.rows:
         if row.note and row.measured:
@@ -593,14 +632,17 @@ def write_results(result: BenchResult, path: Path) -> None:
     else:
         context = {"source": result.source, "params": result.params, "device": data["device"],
                    "dtype": data["dtype"], "torch": data["torch"], "cpu": result.machine.get("cpu"),
-                   "gpu": result.machine.get("gpu"), "torch_threads": result.machine.get("torch_threads"),
+                   "gpu": result.machine.get("gpu"),
+                   "torch_threads": result.machine.get("torch_threads"),
                    **{k: v for k, v in data["settings"].items() if k != "groups"},
                    "bandwidth_gbs": result.bandwidth_gbs, "interrupted": result.interrupted}
         buf = io.StringIO()
         rows = [{**r, **context} for r in data["rows"]]
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["groups"], lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["groups"],
+                                lineterminator="\n")
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in r.items()})
+            writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v
+                             for k, v in r.items()})
         text = buf.getvalue()
     atomic_write(path, lambda tmp: tmp.write_text(text))

@@ -40,9 +40,10 @@ def build_model(cfg: ModelConfig, tensors: Tensors, device: torch.device | str,
     state = {name: t.to(device=device, dtype=dtype) for name, t in pairs}
     missing, unexpected = model.load_state_dict(state, assign=True, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
-    if missing or unexpected:  # a caller's bug: a model must never keep a tensor on the meta device
-        raise ValueError(f"tensors for a model of this config lack {missing[:3]} and have unexpected "
-                         f"{unexpected[:3]}")
+    # a caller's bug: a model must never keep a tensor on the meta device
+    if missing or unexpected:
+        raise ValueError(f"tensors for a model of this config lack {missing[:3]} and have "
+                         f"unexpected {unexpected[:3]}")
     model.tie_weights()
     model.init_rope(device)
     return model.eval().requires_grad_(False)

@@ -1,6 +1,6 @@
-"""Chat: Llama 2's chat format (token for token as Meta's reference encodes it), a plain template for
-base models, a checkpoint's own Jinja template, the choice among them, and a session that keeps the
-KV cache between turns."""
+"""Chat: Llama 2's chat format (token for token as Meta's reference encodes it), a plain template
+for base models, a checkpoint's own Jinja template, the choice among them, and a session that keeps
+the KV cache between turns."""
 
 from __future__ import annotations
 
@@ -29,13 +29,15 @@ SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
 
 
 def _split_dialog(dialog: list[Message]) -> tuple[str | None, list[Message]]:
-    """(system prompt or None, the user/assistant turns), checking roles as Meta's reference does."""
+    """(system prompt or None, the user/assistant turns), checking roles as Meta's reference
+    does."""
     if not dialog:
         raise XllamaError("the dialog is empty; it needs at least one user message")
     for m in dialog:
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
                 or not isinstance(m.get("content"), str):
-            raise XllamaError(f"bad message {m!r}: each needs a role (system, user, assistant) and a str content")
+            raise XllamaError(f"bad message {m!r}: each needs a role (system, user, assistant) and "
+                              "a str content")
     system = dialog[0]["content"] if dialog[0]["role"] == "system" else None
     turns = dialog[1:] if system is not None else list(dialog)
     ok = (turns and all(m["role"] == "user" for m in turns[::2])
@@ -47,9 +49,9 @@ def _split_dialog(dialog: list[Message]) -> tuple[str | None, list[Message]]:
 
 
 def format_llama2_chat(dialog: list[Message], tokenizer: Tokenizer) -> list[int]:
-    """Token ids of a dialog in Llama 2's chat format, as Meta's reference `chat_completion` makes them:
-    every past exchange is BOS [INST] {user} [/INST] {answer} EOS, the system prompt is folded into
-    the first user message, and the last user message ends after [/INST].
+    """Token ids of a dialog in Llama 2's chat format, as Meta's reference `chat_completion` makes
+    them: every past exchange is BOS [INST] {user} [/INST] {answer} EOS, the system prompt is
+    folded into the first user message, and the last user message ends after [/INST].
 
     System and user messages holding the special tags are refused (Meta's reference refuses them
     in any message; answers are the model's own words here, so they are not checked).
@@ -60,15 +62,17 @@ def format_llama2_chat(dialog: list[Message], tokenizer: Tokenizer) -> list[int]
     for role, content in checked:
         found = [tag for tag in SPECIAL_TAGS if tag in content]
         if found:
-            raise XllamaError(f"the {role} message contains {found[0]}, which Llama 2's chat format reserves; "
-                              f"remove the tags {', '.join(SPECIAL_TAGS)} from it")
+            raise XllamaError(f"the {role} message contains {found[0]}, which Llama 2's chat "
+                              f"format reserves; remove the tags {', '.join(SPECIAL_TAGS)} from it")
     if system is not None:
-        turns = [{"role": "user", "content": B_SYS + system + E_SYS + turns[0]["content"]}] + turns[1:]
+        first = {"role": "user", "content": B_SYS + system + E_SYS + turns[0]["content"]}
+        turns = [first] + turns[1:]
     ids: list[int] = []
     for prompt, answer in zip(turns[::2], turns[1::2]):
-        ids += tokenizer.encode(f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} ",
-                                bos=True, eos=True)
-    ids += tokenizer.encode(f"{B_INST} {turns[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
+        exchange = f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} "
+        ids += tokenizer.encode(exchange, bos=True, eos=True)
+    last = f"{B_INST} {turns[-1]['content'].strip()} {E_INST}"
+    ids += tokenizer.encode(last, bos=True, eos=False)
     return ids
 
 
@@ -109,7 +113,8 @@ class JinjaFormat:
 
 
 def is_llama2_template(source: str) -> bool:
-    """Llama 2 chat's own template: [INST] turns with the <<SYS>> block (Mistral's [INST] has none)."""
+    """Llama 2 chat's own template: [INST] turns with the <<SYS>> block (Mistral's [INST] has
+    none)."""
     return B_INST in source and "<<SYS>>" in source
 
 
@@ -128,15 +133,18 @@ def choose_template(path: str | Path, choice: str = "auto") -> tuple[str | Jinja
         if not (file.suffix == ".jinja" or file.is_file()):
             raise XllamaError(f"unknown --template {choice!r}; choose one of: {CHOICES}")
         if not file.is_file():
-            raise XllamaError(f"--template {choice}: no such file; give the path of a Jinja chat template")
-        return JinjaFormat(ChatTemplate(read_template_source(file), file.name).check()), f"--template {choice}"
+            raise XllamaError(f"--template {choice}: no such file; give the path of a Jinja chat "
+                              "template")
+        template = ChatTemplate(read_template_source(file), file.name).check()
+        return JinjaFormat(template), f"--template {choice}"
     folder = resolve_model(path).expanduser().resolve()
     own = find_chat_template(folder) if folder.is_dir() else None
     if own is not None:
         if is_llama2_template(own.source):
             return "llama2", f"{own.origin} is Llama 2's [INST] chat template"
         return JinjaFormat(own.check()), "the checkpoint's own"
-    # the folder's own name, and the repo name in a Hugging Face cache path (models--org--name/snapshots/<hash>)
+    # the folder's own name, and the repo name in a Hugging Face cache path
+    # (models--org--name/snapshots/<hash>)
     names = [folder.name] + [p.name for p in folder.parents if p.name.startswith("models--")]
     for name in names:
         if "chat" in name.lower():
@@ -167,15 +175,17 @@ class TurnStats:
     def summary(self, context: int) -> str:
         prefill_rate = self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
         decode_rate = self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
-        return (f"context {self.context_tokens}/{context} tokens | last turn: prefill {self.prefill_tokens} "
-                f"tokens in {self.prefill_s * 1e3:.1f} ms ({prefill_rate:.0f} tok/s) | "
-                f"answer {self.new_tokens} tokens, decode {decode_rate:.1f} tok/s")
+        return (f"context {self.context_tokens}/{context} tokens | last turn: prefill "
+                f"{self.prefill_tokens} tokens in {self.prefill_s * 1e3:.1f} ms "
+                f"({prefill_rate:.0f} tok/s) | answer {self.new_tokens} tokens, decode "
+                f"{decode_rate:.1f} tok/s")
 
 
 def check_settings(limit: int, context: int | None, max_new_tokens: int) -> None:
     """A chat's --context and --max-new-tokens against the model's context of `limit` tokens."""
     if context is not None and not 2 <= context <= limit:
-        raise XllamaError(f"--context {context} is out of range: it must be between 2 and the model's context, {limit}")
+        raise XllamaError(f"--context {context} is out of range: it must be between 2 and the "
+                          f"model's context, {limit}")
     if max_new_tokens < 1:
         raise XllamaError("--max-new-tokens must be at least 1")
 
@@ -186,19 +196,21 @@ class ChatSession:
     holds (its own message, and the few tokens that close the previous answer)."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, template: str | Format = "llama2",
-                 system: str | None = None, sampling: Sampling | None = None, max_new_tokens: int = 512,
-                 context: int | None = None, notify: Callable[[str], None] | None = None, *,
-                 step: Step | None = None, tp: TensorParallel | None = None) -> None:
+                 system: str | None = None, sampling: Sampling | None = None,
+                 max_new_tokens: int = 512, context: int | None = None,
+                 notify: Callable[[str], None] | None = None, *, step: Step | None = None,
+                 tp: TensorParallel | None = None) -> None:
         from .generation import context_length
         from .sampling import Sampling, make_generator
 
         sampling = sampling or Sampling()  # greedy
         if isinstance(template, str) and template not in TEMPLATES:
-            raise XllamaError(f"unknown --template {template!r}; choose one of: {', '.join(TEMPLATES)}")
+            raise XllamaError(f"unknown --template {template!r}; choose one of: "
+                              f"{', '.join(TEMPLATES)}")
         limit = context_length(model)
         check_settings(limit, context, max_new_tokens)
         self.model, self.tokenizer, self.template = model, tokenizer, template
-        self.step, self.tp = step, tp  # the decode step and tensor-parallel group (generation.decode)
+        self.step, self.tp = step, tp  # decode step and tensor-parallel group (generation.decode)
         self.format = TEMPLATES[template] if isinstance(template, str) else template
         self.context = context or limit
         self.system = system.strip() if system and system.strip() else None
@@ -207,10 +219,10 @@ class ChatSession:
         self.device = model.lm_head.weight.device
         self.generator = make_generator(sampling, self.device)
         self.turns: list[Message] = []  # user and assistant messages in turn
-        self.cached: list[int] = []  # the tokens whose keys and values the cache holds, slot by slot
+        # the tokens whose keys and values the cache holds, slot by slot
+        self.cached: list[int] = []
         self._cache: KVCache | None = None  # the model's cache when this session last filled it
         self.last = TurnStats()
-        self.last_prefill: list[int] = []  # the tokens the last turn ran through the model
 
     @property
     def dialog(self) -> list[Message]:
@@ -234,7 +246,8 @@ class ChatSession:
         self.cached, self._cache = [], None
 
     def _fit(self, turns: list[Message]) -> tuple[list[int], int]:
-        """The tokens of `turns`, the oldest exchanges dropped until they and an answer fit the context."""
+        """The tokens of `turns`, the oldest exchanges dropped until they and an answer fit the
+        context."""
         reserve = min(self.max_new_tokens, self.context // 2)  # room left for the answer
         dropped = 0
         while True:
@@ -244,8 +257,8 @@ class ChatSession:
             turns, dropped = turns[2:], dropped + 1
         if len(tokens) >= self.context:
             raise XllamaError(f"this message takes {len(tokens)} tokens"
-                              f"{' with the system prompt' if self.system else ''}, but the context holds "
-                              f"{self.context}; shorten it")
+                              f"{' with the system prompt' if self.system else ''}, but the "
+                              f"context holds {self.context}; shorten it")
         from .generation import check_token_ids
 
         check_token_ids(tokens, self.model)
@@ -275,22 +288,23 @@ class ChatSession:
         tokens, dropped = self._fit(self.turns + [user])
         if dropped:
             self.turns = self.turns[2 * dropped:]
-            self.notify(f"context full: dropped the {'oldest exchange' if dropped == 1 else f'{dropped} oldest exchanges'}"
+            what = "oldest exchange" if dropped == 1 else f"{dropped} oldest exchanges"
+            self.notify(f"context full: dropped the {what}"
                         f"{' (the system prompt stays)' if self.system else ''}")
         max_new = min(self.max_new_tokens, self.context - len(tokens))
         self._reserve(len(tokens) + max_new)
-        # the slots past `keep` are rewritten; the last prompt token always runs, for the answer's first logits
+        # the slots past `keep` are rewritten; the last prompt token always runs, for the answer's
+        # first logits
         keep = min(_common_prefix(self.cached, tokens), len(tokens) - 1)
         new = tokens[keep:]
         self.cached = self.cached[:keep]
         stats = TurnStats(prefill_tokens=len(new))
         with torch.inference_mode():
             t0 = time.perf_counter()
-            first = prefill(self.model, torch.tensor([new], device=self.device), keep, self.sampling,
-                            self.generator, tp=self.tp)
+            first = prefill(self.model, torch.tensor([new], device=self.device), keep,
+                            self.sampling, self.generator, tp=self.tp)
             stats.prefill_s = time.perf_counter() - t0
         self.cached = tokens
-        self.last_prefill = new
         self.turns.append(user)
 
         answer_ids: list[int] = []
@@ -309,7 +323,8 @@ class ChatSession:
             if on_text is not None:
                 on_text(stream.flush())
         except BaseException:
-            # stopped: the newest token may not have reached its cache slot, so count it as not there
+            # stopped: the newest token may not have reached its cache slot, so count it as not
+            # there
             fed = max(len(answer_ids) - 1, 0)
             raise
         finally:

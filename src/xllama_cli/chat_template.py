@@ -18,15 +18,16 @@ if TYPE_CHECKING:
 
     from .tokenizer import Tokenizer
 
-# Unicode noncharacters, reserved for a program's internal use: they wrap the control tokens found in
-# a user's text while the template renders, so the encoder can tell them from the template's own
+# Unicode noncharacters, reserved for a program's internal use: they wrap the control tokens found
+# in a user's text while the template renders, so the encoder can tell them from the template's own
 MARK_START, MARK_END = "\ufdd0", "\ufdd1"
 
 
 @functools.lru_cache(maxsize=16)
 def _compile(source: str) -> "jinja2.Template":
     """The template in transformers' environment: sandboxed, trim_blocks and lstrip_blocks, loop
-    controls, and the same helpers (raise_exception, strftime_now, a tojson that keeps non-ASCII)."""
+    controls, and the same helpers (raise_exception, strftime_now, a tojson that keeps
+    non-ASCII)."""
     import jinja2
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -34,14 +35,16 @@ def _compile(source: str) -> "jinja2.Template":
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+               separators: Any = None, sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
 
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
@@ -59,19 +62,21 @@ def compile_template(source: str, origin: str = "the chat template") -> "jinja2.
     try:
         return _compile(source)
     except jinja2.TemplateSyntaxError as e:
-        raise XllamaError(f"{origin} is not a valid Jinja template: {_one_line(e)} (line {e.lineno})") from None
+        raise XllamaError(f"{origin} is not a valid Jinja template: {_one_line(e)} "
+                          f"(line {e.lineno})") from None
 
 
 def render_chat_template(template: str, messages: list[dict[str, Any]], *, bos_token: str = "",
-                         eos_token: str = "", add_generation_prompt: bool = True, **variables: Any) -> str:
+                         eos_token: str = "", add_generation_prompt: bool = True,
+                         **variables: Any) -> str:
     """The text of `messages` in a Jinja chat template, as transformers' apply_chat_template renders
     it (tools and documents are None unless given). A template that fails raises XllamaError."""
     compiled = compile_template(template)
-    context = {"tools": None, "documents": None, **variables, "bos_token": bos_token, "eos_token": eos_token,
-               "add_generation_prompt": add_generation_prompt}
+    context = {"tools": None, "documents": None, **variables, "bos_token": bos_token,
+               "eos_token": eos_token, "add_generation_prompt": add_generation_prompt}
     try:
         return compiled.render(messages=messages, **context)
-    except Exception as e:  # the template is foreign code: whatever it raises is one line for the user
+    except Exception as e:  # the template is foreign code: whatever it raises is one line
         raise XllamaError(f"the chat template failed: {_one_line(e)}") from None
 
 
@@ -88,8 +93,8 @@ def template_literals(source: str) -> str:
 
 
 def _mark(value: Any, control: re.Pattern[str]) -> Any:
-    """Every control token in the strings of `value` wrapped in the markers (markers a user typed are
-    dropped first, so they cannot forge one)."""
+    """Every control token in the strings of `value` wrapped in the markers (markers a user typed
+    are dropped first, so they cannot forge one)."""
     if isinstance(value, str):
         value = value.replace(MARK_START, "").replace(MARK_END, "")
         return control.sub(lambda m: MARK_START + m.group() + MARK_END, value)
@@ -111,16 +116,17 @@ class ChatTemplate:
         compile_template(self.source, self.origin)
         return self
 
-    def render(self, messages: list[dict[str, Any]], tokenizer: "Tokenizer", add_generation_prompt: bool = True,
-               **variables: Any) -> str:
+    def render(self, messages: list[dict[str, Any]], tokenizer: "Tokenizer",
+               add_generation_prompt: bool = True, **variables: Any) -> str:
         try:
-            return render_chat_template(self.source, messages, add_generation_prompt=add_generation_prompt,
+            return render_chat_template(self.source, messages,
+                                        add_generation_prompt=add_generation_prompt,
                                         **{**tokenizer.special_text, **variables})
         except XllamaError as e:
             raise XllamaError(str(e).replace("the chat template", self.origin, 1)) from None
 
-    def encode(self, messages: list[dict[str, Any]], tokenizer: "Tokenizer", add_generation_prompt: bool = True,
-               **variables: Any) -> list[int]:
+    def encode(self, messages: list[dict[str, Any]], tokenizer: "Tokenizer",
+               add_generation_prompt: bool = True, **variables: Any) -> list[int]:
         """Token ids of the rendered chat. Control tokens (the tokenizer's special tokens, and added
         tokens the template writes) in the messages are encoded as text; the rest of the text is
         encoded as transformers' apply_chat_template(tokenize=True) encodes it."""
@@ -128,8 +134,10 @@ class ChatTemplate:
         control = tokenizer.control_tokens(also=lambda t: t in literals)
         pattern = "|".join(re.escape(t) for t in sorted(control, key=len, reverse=True)) or "(?!)"
         marked = _mark(messages, re.compile(pattern))
-        text = self.render(marked, tokenizer, add_generation_prompt, **_mark(variables, re.compile(pattern)))
-        # [text, marked token, text, ...]; a lone marker (a template cut a marked token) splits as None
+        text = self.render(marked, tokenizer, add_generation_prompt,
+                           **_mark(variables, re.compile(pattern)))
+        # [text, marked token, text, ...]; a lone marker (a template cut a marked token) splits as
+        # None
         parts = re.split(f"{MARK_START}({pattern}){MARK_END}|[{MARK_START}{MARK_END}]", text)
         pieces = [(p or "", i % 2 == 1) for i, p in enumerate(parts)]
         return tokenizer.encode_chat(pieces)
@@ -139,11 +147,13 @@ def read_template_source(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise XllamaError(f"cannot read the chat template {path}: {getattr(e, 'strerror', None) or e}") from None
+        why = getattr(e, "strerror", None) or e
+        raise XllamaError(f"cannot read the chat template {path}: {why}") from None
 
 
 def _pick(value: Any) -> str | None:
-    """tokenizer_config.json's chat_template: a str, or a list of {"name", "template"} (the "default" one)."""
+    """tokenizer_config.json's chat_template: a str, or a list of {"name", "template"} (the
+    "default" one)."""
     if isinstance(value, list):
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
         value = named.get("default")

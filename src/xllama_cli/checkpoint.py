@@ -68,12 +68,14 @@ def open_checkpoint(path: str | Path | Checkpoint) -> Checkpoint:
     if not path.exists():
         raise XllamaError(f"model folder {str(path)!r} does not exist")
     if not path.is_dir():
-        raise XllamaError(f"{str(path)!r} is not a folder; pass the folder that holds config.json or params.json")
+        raise XllamaError(f"{str(path)!r} is not a folder; pass the folder that holds config.json "
+                          "or params.json")
     if (path / "config.json").is_file():
         return _open_hf(path)
     if (path / "params.json").is_file():
         return _open_meta(path)
-    raise XllamaError(f"{str(path)!r} holds no checkpoint: neither config.json (Hugging Face) nor params.json (Meta)")
+    raise XllamaError(f"{str(path)!r} holds no checkpoint: neither config.json (Hugging Face) nor "
+                      "params.json (Meta)")
 
 
 def _checked(ckpt: Checkpoint, config_name: str) -> Checkpoint:
@@ -81,7 +83,8 @@ def _checked(ckpt: Checkpoint, config_name: str) -> Checkpoint:
     at least a byte, so a config that describes more parameters than the files have bytes is
     refused here, before a model of its size is built or given memory. (A smaller mismatch is
     found tensor by tensor while loading, with the tensor's name.)"""
-    for f in ckpt.weight_files:  # a file that cannot be read is that file's error, whatever the config says
+    # a file that cannot be read is that file's error, whatever the config says
+    for f in ckpt.weight_files:
         if f.suffix == ".safetensors":
             _safetensors_header(f)
         else:  # memory-mapped: only the pickled index of tensors is read
@@ -89,8 +92,9 @@ def _checked(ckpt: Checkpoint, config_name: str) -> Checkpoint:
     n = ckpt.config.n_params()
     held = sum(f.stat().st_size for f in ckpt.weight_files)
     if n > held:
-        raise XllamaError(f"{ckpt.path / config_name} describes a model of {n:,} parameters, more than its "
-                          f"weight files' {held:,} bytes can hold; config and weights do not match")
+        raise XllamaError(f"{ckpt.path / config_name} describes a model of {n:,} parameters, more "
+                          f"than its weight files' {held:,} bytes can hold; config and weights do "
+                          "not match")
     return ckpt
 
 
@@ -104,13 +108,15 @@ def _safetensors_header(f: Path) -> None:
             if n > size - 8:
                 raise ValueError(f"a header of {n} bytes in a file of {size}")
             header = json.loads(fh.read(n))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError) as e:
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                  default=0)
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError,
+            AttributeError) as e:
         raise XllamaError(f"{f} is corrupt or truncated (its header: {str(e).splitlines()[0]}); "
                           "download it again") from None
     if 8 + n + end != size:
-        raise XllamaError(f"{f} is corrupt or truncated (its header describes {8 + n + end:,} bytes, the file "
-                          f"has {size:,}); download it again")
+        raise XllamaError(f"{f} is corrupt or truncated (its header describes {8 + n + end:,} "
+                          f"bytes, the file has {size:,}); download it again")
 
 
 @contextlib.contextmanager
@@ -121,7 +127,8 @@ def _reading(f: Path) -> Iterator[None]:
     try:
         yield
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise XllamaError(f"{f} is corrupt or truncated ({str(e).splitlines()[0]}); download it again") from None
+        raise XllamaError(f"{f} is corrupt or truncated ({str(e).splitlines()[0]}); download it "
+                          "again") from None
 
 
 # ---- Hugging Face ----
@@ -137,7 +144,8 @@ def _open_hf(path: Path) -> Checkpoint:
             return _checked(Checkpoint(path, "hf", cfg, files), "config.json")
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     if not files:
-        raise XllamaError(f"{path} has config.json but no weights (model.safetensors or pytorch_model.bin)")
+        raise XllamaError(f"{path} has config.json but no weights (model.safetensors or "
+                          "pytorch_model.bin)")
     return _checked(Checkpoint(path, "hf", cfg, files), "config.json")
 
 
@@ -145,13 +153,14 @@ def _index_shards(index: Path) -> list[str]:
     """The shard files an index names: plain relative paths inside the checkpoint folder."""
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise XllamaError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file, "
-                          f"got {show_json(weight_map)}")
+        raise XllamaError(f"{index}: weight_map must be a non-empty object of tensor name -> shard "
+                          f"file, got {show_json(weight_map)}")
     shards = sorted({s for s in weight_map.values() if isinstance(s, str)})
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or not _inside(shard):
-            raise XllamaError(f"{index}: weight_map[{show_json(name)}] must name a shard file inside the folder "
-                              f"(a relative path without '..'), got {show_json(shard)}")
+            raise XllamaError(f"{index}: weight_map[{show_json(name)}] must name a shard file "
+                              f"inside the folder (a relative path without '..'), got "
+                              f"{show_json(shard)}")
     return shards
 
 
@@ -159,7 +168,8 @@ def _inside(name: str) -> bool:
     """Whether a relative file name stays inside its folder, on any platform (names, not links,
     are checked: a hub cache's shards are links to files elsewhere)."""
     parts = re.split(r"[\\/]", name)
-    return bool(name) and not re.match(r"^([\\/]|[A-Za-z]:)", name) and ".." not in parts and parts[-1] not in ("", ".")
+    return (bool(name) and not re.match(r"^([\\/]|[A-Za-z]:)", name) and ".." not in parts
+            and parts[-1] not in ("", "."))
 
 
 def _hf_tensors(ckpt: Checkpoint, select: Select | None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -197,7 +207,8 @@ def release_pages(t: torch.Tensor) -> None:
     is one mapping that lives as long as any of its tensors, so without this every page read stays
     resident beside the copies. The pages stay in the page cache and the mapping stays valid
     (touching them reads the file again); memory that is not a file's mapping is left alone."""
-    if t.device.type != "cpu" or t.layout != torch.strided or not t.is_contiguous() or sys.platform != "linux":
+    if (t.device.type != "cpu" or t.layout != torch.strided or not t.is_contiguous()
+            or sys.platform != "linux"):
         return
     page = mmap.PAGESIZE
     start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
@@ -238,10 +249,12 @@ def _torch_load(f: Path) -> dict[str, torch.Tensor]:
         # mmap: the file's pages are read on demand, not copied; weights_only: no pickled code runs
         return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError:
-        raise XllamaError(f"refusing {f}: it holds pickled objects other than tensors, which are never "
-                          "loaded (weights_only=True); convert it to safetensors from a trusted copy") from None
+        raise XllamaError(f"refusing {f}: it holds pickled objects other than tensors, which are "
+                          "never loaded (weights_only=True); convert it to safetensors from a "
+                          "trusted copy") from None
     except Exception as e:  # torch raises many types for a bad file
-        raise XllamaError(f"cannot read {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise XllamaError(f"cannot read {f}: {why}") from None
 
 
 # ---- Meta (consolidated.NN.pth) ----
@@ -293,7 +306,8 @@ def _open_meta(path: Path) -> Checkpoint:
         raise XllamaError(f"{files[0]} lacks {e.args[0]!r}: not a Meta Llama checkpoint") from None
     except (TypeError, AttributeError, IndexError):  # not a dict of tensors
         raise XllamaError(f"{files[0]} does not hold a Meta Llama checkpoint's tensors") from None
-    cfg = ModelConfig.from_meta(params, vocab_size=vocab, hidden_dim=hidden, source=str(path / "params.json"))
+    cfg = ModelConfig.from_meta(params, vocab_size=vocab, hidden_dim=hidden,
+                                source=str(path / "params.json"))
     if "output.weight" not in first:
         cfg.tie_embeddings = True
     return _checked(Checkpoint(path, "meta", cfg, files), "params.json")
@@ -308,8 +322,10 @@ def _meta_tensors(ckpt: Checkpoint, select: Select | None) -> Iterator[tuple[str
             continue
         part = select(hf_name) if select else None
         t = _meta_merged(shards, name, _split_dim(name), part)
-        if name.endswith(("attention.wq.weight", "attention.wk.weight")) and t.shape[0] % head_dim == 0:
-            # per head, so a range of whole heads unpermutes on its own (a bad shape fails the caller's check)
+        qk = name.endswith(("attention.wq.weight", "attention.wk.weight"))
+        if qk and t.shape[0] % head_dim == 0:
+            # per head, so a range of whole heads unpermutes on its own (a bad shape fails the
+            # caller's check)
             t = _unpermute(t, t.shape[0] // head_dim, head_dim)
         yield hf_name, t
 

@@ -58,8 +58,8 @@ class ModelConfig:
     def checked(cls, values: Mapping[str, Any], source: str) -> "ModelConfig":
         """A ModelConfig from some of its fields (the others: defaults), each checked first; errors
         name `source`. head_dim 0 or absent: dim // n_heads."""
-        full = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(cls)}
+        full = {f.name: f.default if f.default_factory is dataclasses.MISSING
+                else f.default_factory() for f in dataclasses.fields(cls)}
         full.update(values)
         full["head_dim"] = full["head_dim"] or None
         check_values(full, source)
@@ -67,18 +67,22 @@ class ModelConfig:
 
     @classmethod
     def from_name(cls, name: str) -> "ModelConfig":
-        """A named architecture of ARCHITECTURES, such as "llama2-7b" (the sizes only: no weights)."""
+        """A named architecture of ARCHITECTURES, such as "llama2-7b" (the sizes only: no
+        weights)."""
         if name not in ARCHITECTURES:
-            raise XllamaError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHITECTURES)}")
+            raise XllamaError(f"unknown architecture {name!r}; choose one of: "
+                              f"{', '.join(ARCHITECTURES)}")
         return cls(**copy.deepcopy(ARCHITECTURES[name].fields))
 
     def n_params(self) -> int:
         """Exact parameter count of the architecture, from its sizes alone (nothing is built)."""
-        d, q, kv, f = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.hidden_dim
+        d, f = self.dim, self.hidden_dim
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         attn = d * (2 * q + 2 * kv) + (q + 2 * kv + d if self.attention_bias else 0)  # q, k, v, o
         mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)  # gate, up, down
         layer = attn + mlp + 2 * d  # and two RMSNorm weights
-        embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)  # tok_embeddings and lm_head
+        # tok_embeddings and lm_head
+        embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return embeddings + self.n_layers * layer + d  # the final norm
 
     # ---- Hugging Face config.json ----
@@ -87,17 +91,19 @@ class ModelConfig:
         hf = json_object(hf, source)
         model_type = hf.get("model_type", "llama")
         if model_type not in ("llama", "mistral"):
-            raise XllamaError(f"{source}: model_type {show_json(model_type)} is not a Llama-family model "
-                              "(supported: llama, mistral)")
+            raise XllamaError(f"{source}: model_type {show_json(model_type)} is not a Llama-family "
+                              "model (supported: llama, mistral)")
         act = hf.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):  # the MLP is SwiGLU; another activation would load and be wrong
-            raise XllamaError(f"{source}: hidden_act {show_json(act)} is not supported (Llama-family models "
-                              'use "silu")')
+        # the MLP is SwiGLU; another activation would load and be wrong
+        if act not in ("silu", "swish"):
+            raise XllamaError(f"{source}: hidden_act {show_json(act)} is not supported "
+                              '(Llama-family models use "silu")')
         rope_key = "rope_parameters" if hf.get("rope_parameters") is not None else "rope_scaling"
         rope_params = hf.get(rope_key)
         if rope_params is not None and not isinstance(rope_params, dict):
             raise XllamaError(f"{source}: {rope_key} must be an object such as "
-                              f'{{"rope_type": "linear", "factor": 2.0}} or null, got {show_json(rope_params)}')
+                              f'{{"rope_type": "linear", "factor": 2.0}} or null, got '
+                              f"{show_json(rope_params)}")
         rope_params = rope_params or {}
         keys, data = dict(HF_KEYS), dict(hf)
         if "rope_theta" not in hf and "rope_theta" in rope_params:  # transformers 5 keeps it there
@@ -114,7 +120,8 @@ class ModelConfig:
     @classmethod
     def _derived(cls, values: dict[str, Any]) -> "ModelConfig":
         """From checked values: derived fields filled in, numbers as floats."""
-        return cls(**{**values, "rope_theta": float(values["rope_theta"]), "head_dim": values.get("head_dim") or 0,
+        return cls(**{**values, "rope_theta": float(values["rope_theta"]),
+                      "head_dim": values.get("head_dim") or 0,
                       "n_kv_heads": values["n_kv_heads"] or values["n_heads"]})
 
     def to_hf(self) -> dict[str, Any]:
@@ -131,7 +138,7 @@ class ModelConfig:
             "max_position_embeddings": self.max_seq_len,
             "rms_norm_eps": self.norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_scaling": denormalize_rope_scaling(self.rope_scaling),
+            "rope_scaling": None if self.rope_scaling is None else dict(self.rope_scaling),
             "tie_word_embeddings": self.tie_embeddings,
             "attention_bias": self.attention_bias,
             "mlp_bias": self.mlp_bias,
@@ -152,10 +159,12 @@ class ModelConfig:
         values = _read(data, META_KEYS, defaults, source)
         scaled = params.get("use_scaled_rope", False)
         if type(scaled) is not bool:
-            raise XllamaError(f"{source}: use_scaled_rope must be true or false, got {show_json(scaled)}")
+            raise XllamaError(f"{source}: use_scaled_rope must be true or false, got "
+                              f"{show_json(scaled)}")
         # Llama 3.1's layout: its frequency bands are fixed, not in params.json
-        values["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192} if scaled else None
+        llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        values["rope_scaling"] = llama3 if scaled else None
         check_values(values, source, META_KEYS)
         return cls._derived(values)
 
@@ -191,12 +200,14 @@ ARCHITECTURES: dict[str, Architecture] = {
         dim=1024, n_layers=12, n_heads=16, n_kv_heads=16, vocab_size=32000, hidden_dim=2816,
         max_seq_len=2048)),
     "demo": Architecture("the built-in demo model's architecture (scripts/train_demo.py)", dict(
-        dim=128, n_layers=6, n_heads=8, n_kv_heads=8, vocab_size=1024, hidden_dim=352, max_seq_len=256,
-        norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=True, bos_id=1, eos_id=[2])),
+        dim=128, n_layers=6, n_heads=8, n_kv_heads=8, vocab_size=1024, hidden_dim=352,
+        max_seq_len=256, norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=True, bos_id=1,
+        eos_id=[2])),
 }
 
 
-def normalize_rope_scaling(params: dict[str, Any], where: str = "rope_scaling") -> dict[str, Any] | None:
+def normalize_rope_scaling(params: dict[str, Any],
+                           where: str = "rope_scaling") -> dict[str, Any] | None:
     """HF's rope_scaling / rope_parameters -> our form, or None for plain rotary."""
     kind = params.get("rope_type", params.get("type", "default"))
     if kind in ("default", None):
@@ -207,12 +218,6 @@ def normalize_rope_scaling(params: dict[str, Any], where: str = "rope_scaling") 
     out = {k: v for k, v in params.items() if k not in ("type", "rope_type", "rope_theta")}
     out["rope_type"] = kind
     return out
-
-
-def denormalize_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
-    if scaling is None:
-        return None
-    return dict(scaling)
 
 
 # ---- the rules every value meets ----
@@ -255,7 +260,8 @@ RULES: dict[str, Rule] = {
     "tie_embeddings": FLAG,
     "attention_bias": FLAG,
     "mlp_bias": FLAG,
-    "bos_id": Rule("a token id (an integer >= 0) or null", lambda v: v is None or _token_ids(v) and type(v) is int),
+    "bos_id": Rule("a token id (an integer >= 0) or null",
+                   lambda v: v is None or _token_ids(v) and type(v) is int),
     "eos_id": Rule("a token id (an integer >= 0), a list of them, or null", _token_ids),
 }
 # fields that may be left out (or null): derived from others
@@ -269,20 +275,24 @@ ROPE_RULES: dict[str, Rule] = {
     "high_freq_factor": POSITIVE,
     "original_max_position_embeddings": _ints(1, MAX_CONTEXT),
 }
-ROPE_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+ROPE_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
 
 HF_KEYS = {
     "dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
-    "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size", "hidden_dim": "intermediate_size",
-    "head_dim": "head_dim", "norm_eps": "rms_norm_eps", "max_seq_len": "max_position_embeddings",
-    "rope_theta": "rope_theta", "tie_embeddings": "tie_word_embeddings", "attention_bias": "attention_bias",
+    "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size",
+    "hidden_dim": "intermediate_size", "head_dim": "head_dim", "norm_eps": "rms_norm_eps",
+    "max_seq_len": "max_position_embeddings", "rope_theta": "rope_theta",
+    "tie_embeddings": "tie_word_embeddings", "attention_bias": "attention_bias",
     "mlp_bias": "mlp_bias", "bos_id": "bos_token_id", "eos_id": "eos_token_id",
 }
-HF_DEFAULTS = {"n_kv_heads": None, "head_dim": None, "norm_eps": 1e-6, "max_seq_len": 2048, "rope_theta": 10000.0,
-               "tie_embeddings": False, "attention_bias": False, "mlp_bias": False, "bos_id": 1, "eos_id": 2}
+HF_DEFAULTS = {"n_kv_heads": None, "head_dim": None, "norm_eps": 1e-6, "max_seq_len": 2048,
+               "rope_theta": 10000.0, "tie_embeddings": False, "attention_bias": False,
+               "mlp_bias": False, "bos_id": 1, "eos_id": 2}
 META_KEYS = {
     "dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads", "n_kv_heads": "n_kv_heads",
-    "vocab_size": "the rows of tok_embeddings.weight", "hidden_dim": "the rows of feed_forward.w1.weight",
+    "vocab_size": "the rows of tok_embeddings.weight",
+    "hidden_dim": "the rows of feed_forward.w1.weight",
     "norm_eps": "norm_eps", "max_seq_len": "max_seq_len", "rope_theta": "rope_theta",
 }
 META_DEFAULTS = {"n_kv_heads": None, "norm_eps": 1e-5, "rope_theta": 10000.0}
@@ -315,8 +325,10 @@ def json_object(data: Any, source: str) -> dict[str, Any]:
     return data
 
 
-def _read(data: dict[str, Any], keys: Mapping[str, str], defaults: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Field values from `data` (keyed by `keys`), unchecked; a derived field's null is its default."""
+def _read(data: dict[str, Any], keys: Mapping[str, str], defaults: Mapping[str, Any],
+          source: str) -> dict[str, Any]:
+    """Field values from `data` (keyed by `keys`), unchecked; a derived field's null is its
+    default."""
     values = {}
     for name, key in keys.items():
         if key in data and not (data[key] is None and name in DERIVED):
@@ -328,24 +340,29 @@ def _read(data: dict[str, Any], keys: Mapping[str, str], defaults: Mapping[str, 
     return values
 
 
-def check_values(values: Mapping[str, Any], source: str, keys: Mapping[str, str] | None = None) -> None:
+def check_values(values: Mapping[str, Any], source: str,
+                 keys: Mapping[str, str] | None = None) -> None:
     """Every field that is given against RULES, then the rules between fields; one XllamaError
-    naming `source`, the key (`keys[field]`, else the field's name), the bad value and what is allowed.
+    naming `source`, the key (`keys[field]`, else the field's name), the bad value and what is
+    allowed.
     A derived field (DERIVED) that is None is left to be derived."""
     def key(name: str) -> str:
         return (keys or {}).get(name, name)
 
     for name, rule in RULES.items():
-        if name in values and not (values[name] is None and name in DERIVED) and not rule.ok(values[name]):
-            raise XllamaError(f"{source}: {key(name)} must be {rule.allowed}, got {show_json(values[name])}")
+        derived = values.get(name) is None and name in DERIVED
+        if name in values and not derived and not rule.ok(values[name]):
+            raise XllamaError(f"{source}: {key(name)} must be {rule.allowed}, got "
+                              f"{show_json(values[name])}")
     n_heads, n_kv = values["n_heads"], values.get("n_kv_heads") or values["n_heads"]
     if n_heads % n_kv:
-        raise XllamaError(f"{source}: {key('n_kv_heads')} {n_kv} must divide {key('n_heads')} {n_heads}")
+        raise XllamaError(f"{source}: {key('n_kv_heads')} {n_kv} must divide {key('n_heads')} "
+                          f"{n_heads}")
     head_dim = values.get("head_dim") or values["dim"] // n_heads
     if values.get("head_dim") is None and (head_dim < 2 or head_dim % 2):
-        raise XllamaError(f"{source}: {key('dim')} {values['dim']} / {key('n_heads')} {n_heads} gives a head size "
-                          f"of {head_dim}, but RoPE needs an even head size of at least 2; "
-                          f"fix the sizes or set {key('head_dim')}")
+        raise XllamaError(f"{source}: {key('dim')} {values['dim']} / {key('n_heads')} {n_heads} "
+                          f"gives a head size of {head_dim}, but RoPE needs an even head size of "
+                          f"at least 2; fix the sizes or set {key('head_dim')}")
     vocab = values["vocab_size"]
     for name in ("bos_id", "eos_id"):
         ids = values.get(name)
@@ -362,19 +379,20 @@ def check_rope_scaling(scaling: Any, head_dim: int, where: str) -> None:
     if scaling is None:
         return
     if not isinstance(scaling, dict) or scaling.get("rope_type") not in ROPE_TYPES:
-        raise XllamaError(f"{where} must be null or an object with rope_type one of {', '.join(ROPE_TYPES)}, "
-                          f"got {show_json(scaling)}")
+        raise XllamaError(f"{where} must be null or an object with rope_type one of "
+                          f"{', '.join(ROPE_TYPES)}, got {show_json(scaling)}")
     if "factor" not in scaling:
         raise XllamaError(f"{where} of type {scaling['rope_type']} lacks the key 'factor' "
                           f"({ROPE_RULES['factor'].allowed})")
     for name, rule in ROPE_RULES.items():
         if name in scaling and not rule.ok(scaling[name]):
-            raise XllamaError(f"{where}.{name} must be {rule.allowed}, got {show_json(scaling[name])}")
+            raise XllamaError(f"{where}.{name} must be {rule.allowed}, got "
+                              f"{show_json(scaling[name])}")
     if scaling["rope_type"] == "llama3":
         bands = {**ROPE_DEFAULTS, **scaling}
         if bands["high_freq_factor"] <= bands["low_freq_factor"]:
-            raise XllamaError(f"{where}: high_freq_factor {bands['high_freq_factor']} must be greater than "
-                              f"low_freq_factor {bands['low_freq_factor']}")
+            raise XllamaError(f"{where}: high_freq_factor {bands['high_freq_factor']} must be "
+                              f"greater than low_freq_factor {bands['low_freq_factor']}")
     if scaling["rope_type"] == "dynamic" and head_dim <= 2:
-        raise XllamaError(f"{where}: dynamic scaling needs a head size above 2 (its base grows as d / (d - 2)), "
-                          f"got {head_dim}")
+        raise XllamaError(f"{where}: dynamic scaling needs a head size above 2 (its base grows as "
+                          f"d / (d - 2)), got {head_dim}")

@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
 DEFAULT_SHARD_SIZE = "5GB"
 # files that travel with the weights when present in an HF source folder
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 RECORD = "xllama_convert.json"
 
 
@@ -57,11 +57,13 @@ def resolve_out_dtype(dtype: str | None) -> torch.dtype | None:
     if dtype in (None, "", "source"):
         return None
     if dtype not in DTYPES:
-        raise XllamaError(f"unknown --dtype {dtype!r}; choose {', '.join(DTYPES)} (default: the source's)")
+        raise XllamaError(f"unknown --dtype {dtype!r}; choose {', '.join(DTYPES)} (default: the "
+                          "source's)")
     return DTYPES[dtype]
 
 
-def hf_config(ckpt: Checkpoint, cfg: ModelConfig, dtype: torch.dtype | None, written: torch.dtype | None) -> dict:
+def hf_config(ckpt: Checkpoint, cfg: ModelConfig, dtype: torch.dtype | None,
+              written: torch.dtype | None) -> dict:
     """config.json of the result: an HF source's own keys with only num_key_value_heads (and the
     dtype, when --dtype) changed; a Meta source's config in HF terms."""
     if ckpt.format == "hf":
@@ -80,8 +82,8 @@ def hf_config(ckpt: Checkpoint, cfg: ModelConfig, dtype: torch.dtype | None, wri
 
 def convert_checkpoint(src: str | Path | Checkpoint, out: str | Path, *, attn: str | None = None,
                        groups: int | None = None, method: str = "mean", seed: int | None = None,
-                       dtype: str | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE, force: bool = False,
-                       progress: bool = True) -> ConvertResult:
+                       dtype: str | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE,
+                       force: bool = False, progress: bool = True) -> ConvertResult:
     """Convert the checkpoint `src` (a folder, or one already opened) into an HF folder `out`; see
     the module docstring.
 
@@ -111,9 +113,10 @@ def convert_checkpoint(src: str | Path | Checkpoint, out: str | Path, *, attn: s
         files = HashedFiles(tmp)
         shards = ShardWriter(files, max_bytes)
         written_dtype = None
-        with report.progress(total, f"converting {ckpt.path.name}", unit="bytes", enabled=progress) as advance:
-            for name, t in checked_tensors(ckpt, cfg, method=method, generator=generator, dtype=out_dtype,
-                                           on_read=advance):
+        with report.progress(total, f"converting {ckpt.path.name}", unit="bytes",
+                             enabled=progress) as advance:
+            for name, t in checked_tensors(ckpt, cfg, method=method, generator=generator,
+                                           dtype=out_dtype, on_read=advance):
                 if out_dtype is not None:
                     t = t.to(out_dtype)
                 written_dtype = written_dtype or t.dtype
@@ -151,8 +154,8 @@ def _copy_tokenizer(ckpt: Checkpoint, files: HashedFiles) -> None:
 
 def save_model(model: Transformer, source: Checkpoint, out: str | Path, record: dict, *,
                force: bool = False, dtype: torch.dtype | None = None) -> list[str]:
-    """Write a loaded (e.g. uptrained) model as an HF folder, atomically, with `source`'s config keys
-    and tokenizer files; `record` goes into xllama_convert.json with the files' sha256."""
+    """Write a loaded (e.g. uptrained) model as an HF folder, atomically, with `source`'s config
+    keys and tokenizer files; `record` goes into xllama_convert.json with the files' sha256."""
     cfg = model.config
     with atomic_dir(out, force) as tmp:
         files = HashedFiles(tmp)

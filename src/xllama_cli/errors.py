@@ -60,5 +60,5 @@ def read_utf8(path: str | Path, what: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
-        raise XllamaError(f"{what} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); "
-                          "save it as UTF-8") from None
+        raise XllamaError(f"{what} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} on line "
+                          f"{line}); save it as UTF-8") from None

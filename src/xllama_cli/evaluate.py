@@ -65,14 +65,16 @@ def windows(n_tokens: int, context: int, stride: int) -> list[Window]:
     return out
 
 
-def window_settings(limit: int, context: int | None = None, stride: int | None = None) -> tuple[int, int]:
+def window_settings(limit: int, context: int | None = None,
+                    stride: int | None = None) -> tuple[int, int]:
     """(context, stride) for a model of `limit` positions: defaults filled in, ranges checked."""
     context = limit if context is None else context
     if context < 2:
-        raise XllamaError(f"--context {context} is too small: a window needs BOS and at least one token")
+        raise XllamaError(f"--context {context} is too small: a window needs BOS and at least one "
+                          "token")
     if context > limit:
-        raise XllamaError(f"--context {context} is longer than the model's context, {limit} tokens; "
-                          f"choose at most {limit}")
+        raise XllamaError(f"--context {context} is longer than the model's context, {limit} "
+                          f"tokens; choose at most {limit}")
     stride = context // 2 if stride is None else stride
     if not 1 <= stride <= context - 1:
         raise XllamaError(f"--stride {stride} must be between 1 and --context - 1 = {context - 1}, "
@@ -82,7 +84,8 @@ def window_settings(limit: int, context: int | None = None, stride: int | None =
 
 @torch.inference_mode()
 def perplexity(model: Transformer, tokens: list[int], bos_id: int, context: int | None = None,
-               stride: int | None = None, on_progress: Callable[[int], None] | None = None) -> PerplexityResult:
+               stride: int | None = None,
+               on_progress: Callable[[int], None] | None = None) -> PerplexityResult:
     """Perplexity of `model` on text tokens (no BOS in `tokens`), windows as in `windows()`.
 
     context: default the model's context; stride: default context // 2.
@@ -111,8 +114,8 @@ def perplexity(model: Transformer, tokens: list[int], bos_id: int, context: int 
             on_progress(w.end - w.scored)
     seconds = time.perf_counter() - t0
     mean = total_nll / n_scored
-    return PerplexityResult(perplexity=math.exp(mean), nll=mean, tokens_scored=n_scored, windows=len(plan),
-                            context=context, stride=stride, seconds=seconds)
+    return PerplexityResult(perplexity=math.exp(mean), nll=mean, tokens_scored=n_scored,
+                            windows=len(plan), context=context, stride=stride, seconds=seconds)
 
 
 def read_text(path: str | Path) -> str:
@@ -122,8 +125,9 @@ def read_text(path: str | Path) -> str:
     return text
 
 
-def evaluate_text(model: Transformer, tokenizer: Tokenizer, text_path: str | Path, context: int | None = None,
-                  stride: int | None = None, progress: bool = True, label: str = "perplexity") -> PerplexityResult:
+def evaluate_text(model: Transformer, tokenizer: Tokenizer, text_path: str | Path,
+                  context: int | None = None, stride: int | None = None, progress: bool = True,
+                  label: str = "perplexity") -> PerplexityResult:
     """Perplexity of `model` on a text file, with a progress bar on stderr."""
     tokens = tokenizer.encode(read_text(text_path), bos=False)
     with report.progress(len(tokens), label, unit="tokens", enabled=progress) as advance:

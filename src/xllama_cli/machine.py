@@ -55,8 +55,8 @@ def is_out_of_memory(e: BaseException) -> bool:
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
         return True
     text = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
-                                            or "not enough memory" in text)
+    return isinstance(e, RuntimeError) and any(
+        words in text for words in ("out of memory", "can't allocate memory", "not enough memory"))
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -64,7 +64,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "platform": platform.platform(), "machine": platform.machine(), "cpu": cpu_name(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "memory_bytes": total_memory(), "python": platform.python_version(), "torch": torch.__version__,
+        "memory_bytes": total_memory(), "python": platform.python_version(),
+        "torch": torch.__version__,
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -104,6 +105,7 @@ def measure_bandwidth(device: torch.device, nbytes: int, copies: int = 10) -> fl
 
 
 def bandwidth_probe_bytes(device: torch.device) -> int:
-    """Far larger than any cache (a GPU's L2 is tens of MB), and at most a quarter of free memory."""
+    """Far larger than any cache (a GPU's L2 is tens of MB), and at most a quarter of free
+    memory."""
     want = (1 << 30) if device.type == "cuda" else (256 << 20)
     return max(16 << 20, min(want, available_bytes(device) // 4))

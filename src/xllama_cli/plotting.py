@@ -1,4 +1,5 @@
-"""`xllama bench --plot`: time per sample against KV groups, in the style of the GQA paper's figure 6.
+"""`xllama bench --plot`: time per sample against KV groups, in the style of the GQA paper's
+figure 6.
 
 matplotlib is an optional extra (`pip install 'xllama-cli[plot]'`), imported only here.
 """
@@ -9,7 +10,8 @@ from pathlib import Path
 
 from .errors import XllamaError
 
-MISSING = "--plot needs matplotlib, which is not installed; install it with: pip install 'xllama-cli[plot]'"
+MISSING = ("--plot needs matplotlib, which is not installed; install it with: pip install "
+           "'xllama-cli[plot]'")
 
 
 def require_matplotlib() -> None:
@@ -21,7 +23,8 @@ def require_matplotlib() -> None:
         raise XllamaError(MISSING) from None
 
 
-def plot_groups(times: list[tuple[int, float, float]], n_heads: int, title: str, path: Path) -> None:
+def plot_groups(times: list[tuple[int, float, float]], n_heads: int, title: str,
+                path: Path) -> None:
     """Stacked bars of time per sample, (group count, prefill s, decode s) each, on a log2 axis of
     group counts, and their sum; `n_heads` groups is labelled MHA, 1 MQA."""
     require_matplotlib()
@@ -44,7 +47,8 @@ def plot_groups(times: list[tuple[int, float, float]], n_heads: int, title: str,
     ax.plot(xs, [p + d for p, d in zip(pre, dec)], "o-", color="black", label="time per sample")
     ax.set_xscale("log", base=2)
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticks(xs, [f"{g}\n(MQA)" if g == 1 else f"{g}\n(MHA)" if g == n_heads else str(g) for g in xs])
+    labels = [f"{g}\n(MQA)" if g == 1 else f"{g}\n(MHA)" if g == n_heads else str(g) for g in xs]
+    ax.set_xticks(xs, labels)
     ax.set_xlim(min(lefts) / 1.2, max(g + w for g, w in zip(lefts, widths)) * 1.2)
     ax.set_xlabel("KV groups (log2 scale)")
     ax.set_ylabel("time per sample (s)")

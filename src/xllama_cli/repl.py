@@ -37,10 +37,12 @@ def command(session: ChatSession, line: str) -> bool:
         return False
     if name == "/reset":
         session.reset()
-        report.info("conversation cleared" + (" (the system prompt stays)" if session.system else ""))
+        report.info("conversation cleared"
+                    + (" (the system prompt stays)" if session.system else ""))
     elif name == "/system":
         session.set_system(arg)
-        report.info(f"system prompt set: {session.system}" if session.system else "system prompt removed")
+        report.info(f"system prompt set: {session.system}" if session.system
+                    else "system prompt removed")
     elif name == "/stats":
         report.info(session.stats())
     elif name == "/help":
@@ -107,7 +109,8 @@ def piped(session: ChatSession, lines: Iterable[str]) -> None:
 
 
 def run(session: ChatSession, stdin: TextIO) -> None:
-    if hasattr(stdin, "reconfigure"):  # bytes that are not UTF-8 reach require_utf8, not a traceback
+    # bytes that are not UTF-8 reach require_utf8, not a traceback
+    if hasattr(stdin, "reconfigure"):
         stdin.reconfigure(errors="surrogateescape")
     try:
         if stdin.isatty():

@@ -49,13 +49,16 @@ class progress:
     Drawn only on a terminal (logs and pipes stay clean), and not at all when `enabled` is False.
     """
 
-    def __init__(self, total: float, description: str, *, unit: str = "", enabled: bool = True) -> None:
+    def __init__(self, total: float, description: str, *, unit: str = "",
+                 enabled: bool = True) -> None:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
 
-        columns = [TextColumn("{task.description}"), BarColumn(),
-                   MofNCompleteColumn() if unit != "bytes" else TextColumn("{task.percentage:>3.0f}%"),
-                   TextColumn(unit if unit != "bytes" else ""), TimeElapsedColumn(), TimeRemainingColumn()]
+        done = (MofNCompleteColumn() if unit != "bytes"
+                else TextColumn("{task.percentage:>3.0f}%"))
+        columns = [TextColumn("{task.description}"), BarColumn(), done,
+                   TextColumn(unit if unit != "bytes" else ""), TimeElapsedColumn(),
+                   TimeRemainingColumn()]
         self._bar = Progress(*columns, console=err, disable=not (enabled and err.is_terminal))
         self._description = description
         self._task = self._bar.add_task(description, total=total)
@@ -91,11 +94,12 @@ def perplexity_summary(r) -> None:
           f"windows        {r.windows} (context {r.context}, stride {r.stride})\n")
 
 
-def table(columns: list[str], rows: list[list[str]], *, title: str | None = None, caption: str | None = None,
-          left: int = 1) -> None:
+def table(columns: list[str], rows: list[list[str]], *, title: str | None = None,
+          caption: str | None = None, left: int = 1) -> None:
     """A table on stdout that stays whole at 80 columns and in a pipe: one space between columns,
     headers may break at their newlines, and a cell too wide is folded onto a second line, never cut
-    short with an ellipsis. The first `left` columns are left-aligned (labels), the rest right (figures)."""
+    short with an ellipsis. The first `left` columns are left-aligned (labels), the rest right
+    (figures)."""
     from rich import box
     from rich.table import Table
 
@@ -109,7 +113,8 @@ def table(columns: list[str], rows: list[list[str]], *, title: str | None = None
 
 
 def perplexity_table(rows) -> None:
-    """(label, model name, KV heads, PerplexityResult) rows side by side, with the change against the first."""
+    """(label, model name, KV heads, PerplexityResult) rows side by side, with the change against
+    the first."""
     base = rows[0][3].perplexity
     table(["", "model", "KV heads", "perplexity", "change", "tokens", "tok/s"],
           [[label, name, str(kv), f"{r.perplexity:.4f}", f"{(r.perplexity / base - 1) * 100:+.2f}%",
@@ -120,8 +125,8 @@ def transfer_progress():
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeRemainingColumn(), console=err)
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                    TransferSpeedColumn(), TimeRemainingColumn(), console=err)
 
 
 def human_bytes(n: float) -> str:

@@ -22,14 +22,17 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if not _real(self.temperature) or not 0 <= self.temperature < math.inf:
-            raise XllamaError(f"temperature {self.temperature} is out of range: it must be a finite "
-                              "number >= 0 (0 means greedy)")
+            raise XllamaError(f"temperature {self.temperature} is out of range: it must be a "
+                              "finite number >= 0 (0 means greedy)")
         if self.top_k is not None and (not _integer(self.top_k) or self.top_k < 0):
-            raise XllamaError(f"top-k {self.top_k} is out of range: it must be a whole number >= 0 (0 means off)")
+            raise XllamaError(f"top-k {self.top_k} is out of range: it must be a whole number >= 0 "
+                              "(0 means off)")
         if self.top_p is not None and (not _real(self.top_p) or not 0 < self.top_p <= 1):
-            raise XllamaError(f"top-p {self.top_p} is out of range: it must be > 0 and <= 1 (1 means off)")
+            raise XllamaError(f"top-p {self.top_p} is out of range: it must be > 0 and <= 1 "
+                              "(1 means off)")
         if self.seed is not None and (not _integer(self.seed) or not 0 <= self.seed < 2**64):
-            raise XllamaError(f"seed {self.seed} is out of range: it must be a whole number from 0 to 2**64 - 1")
+            raise XllamaError(f"seed {self.seed} is out of range: it must be a whole number from 0 "
+                              "to 2**64 - 1")
 
 
 def _real(x: object) -> bool:
@@ -56,7 +59,8 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
-def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(logits: torch.Tensor, s: Sampling,
+           generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, V] -> token ids [B]."""
     if s.temperature <= 0:
         return logits.argmax(dim=-1)

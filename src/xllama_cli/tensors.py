@@ -40,8 +40,8 @@ def skipped(name: str, cfg: ModelConfig) -> bool:
 
 def checked_tensors(ckpt: Checkpoint, cfg: ModelConfig, *, method: str = "mean",
                     generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
-                    shard: Shard | None = None,
-                    on_read: Callable[[int], object] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                    shard: Shard | None = None, on_read: Callable[[int], object] | None = None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor a model of `cfg` holds, read from `ckpt` (whose own config
     may differ from `cfg` only in its KV heads and RoPE), each checked against `cfg`'s shapes.
 
@@ -73,7 +73,8 @@ def checked_tensors(ckpt: Checkpoint, cfg: ModelConfig, *, method: str = "mean",
 
 
 def _kv(ckpt: Checkpoint, cfg: ModelConfig, name: str, t: torch.Tensor, method: str,
-        generator: torch.Generator | None, dtype: torch.dtype | None, shard: Shard | None) -> torch.Tensor:
+        generator: torch.Generator | None, dtype: torch.dtype | None,
+        shard: Shard | None) -> torch.Tensor:
     """A k/v projection as read (all of the source's heads, or the rank's range of them) -> the
     target's heads (the rank's own). The layout applies to the whole K/V: a rank reads all of it
     when the layout changes, and takes its heads after."""
@@ -82,5 +83,6 @@ def _kv(ckpt: Checkpoint, cfg: ModelConfig, name: str, t: torch.Tensor, method: 
     if t.shape[0] != (hi - lo) * cfg.head_dim:
         raise XllamaError(f"{ckpt.path}: {name} has {t.shape[0]} rows but the config implies "
                           f"{(hi - lo) * cfg.head_dim}; config and weights do not match")
-    t = regroup_kv(t, src_kv, shard.kv_groups if shard else cfg.n_kv_heads, method, generator, dtype=dtype)
+    groups = shard.kv_groups if shard else cfg.n_kv_heads
+    t = regroup_kv(t, src_kv, groups, method, generator, dtype=dtype)
     return shard.take_kv(t) if shard else t

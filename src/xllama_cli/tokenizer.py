@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 # ---- special tokens: what the checkpoint's files say ----
 # Files read for special tokens, highest authority first (config.json last: older checkpoints keep
 # their ids only there).
-SPECIAL_SOURCES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "config.json")
+SPECIAL_SOURCES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "config.json")
 ROLES = ("bos", "eos", "pad", "unk")
 
 
@@ -71,7 +72,8 @@ def read_specials(folder: Path) -> Specials:
             for key, tok in (data.get("added_tokens_decoder") or {}).items():
                 text = _token_text(tok)
                 if text is not None and str(key).isdigit():
-                    out.added[int(key)] = (text, bool(isinstance(tok, dict) and tok.get("special", True)))
+                    special = bool(isinstance(tok, dict) and tok.get("special", True))
+                    out.added[int(key)] = (text, special)
         if name == "special_tokens_map.json":
             for tok in data.get("additional_special_tokens") or []:
                 text = _token_text(tok)
@@ -115,7 +117,8 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def token_text(self, token_id: int) -> str | None:
-        """The token's own string (a vocabulary piece or an added token), None past the vocabulary."""
+        """The token's own string (a vocabulary piece or an added token), None past the
+        vocabulary."""
 
     @abstractmethod
     def piece_bytes(self, token_id: int) -> bytes:
@@ -139,10 +142,10 @@ class Tokenizer(ABC):
         return ids
 
     def encode_chat(self, pieces: list[tuple[str, bool]]) -> list[int]:
-        """Ids of a rendered chat cut into pieces: (text, as_text). Pieces with as_text False are the
-        template's output (markup: its added-token spellings become ids); as_text True marks a control
-        token a user wrote, which stays text. A piece after the first continues the text, so a
-        SentencePiece-style tokenizer must not add its start-of-text space to it."""
+        """Ids of a rendered chat cut into pieces: (text, as_text). Pieces with as_text False are
+        the template's output (markup: its added-token spellings become ids); as_text True marks a
+        control token a user wrote, which stays text. A piece after the first continues the text,
+        so a SentencePiece-style tokenizer must not add its start-of-text space to it."""
         ids: list[int] = []
         newline = self._plain("\n")
         for i, (piece, as_text) in enumerate(pieces):
@@ -150,13 +153,15 @@ class Tokenizer(ABC):
             if i == 0:
                 ids += encode(piece)
             elif piece:
-                # encode after a newline and drop it: no prefix space, and the same split transformers makes
+                # encode after a newline and drop it: no prefix space, and the same split
+                # transformers makes
                 after = encode("\n" + piece)
                 ids += after[len(newline):] if after[:len(newline)] == newline else encode(piece)
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        return self._decode([i for i in ids if 0 <= i < self.vocab_size and i not in self.special_ids])
+        return self._decode([i for i in ids
+                             if 0 <= i < self.vocab_size and i not in self.special_ids])
 
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
@@ -164,17 +169,19 @@ class Tokenizer(ABC):
     def control_tokens(self, also: Callable[[str], bool] = lambda _text: False) -> list[str]:
         """The added tokens a user's text must not produce: the special ones, and those `also` picks
         (a chat template's own markup)."""
-        return [t for t, i in self.added.items() if i in self.special_ids or (also(t) and not t.isspace())]
+        return [t for t, i in self.added.items()
+                if i in self.special_ids or (also(t) and not t.isspace())]
 
     # -- special tokens, from the files and the tokenizer itself --
     def _resolve(self, specials: Specials, own: dict[str, list[int]]) -> None:
         """bos/eos/pad from the checkpoint's files in order of authority, then the tokenizer's own.
-        The most authoritative source that names a token decides, an explicit null (no BOS) included;
-        EOS: every source's ids stop generation, the most authoritative one first."""
+        The most authoritative source that names a token decides, an explicit null (no BOS)
+        included; EOS: every source's ids stop generation, the most authoritative one first."""
         def ids_of(role: str) -> list[int | None]:
-            named = [None if v is None else self._id_of(v) for v in specials.named.get(role, [])]
+            values = specials.named.get(role, [])
+            named = [None if v is None else self._id_of(v) for v in values]
             # a name this tokenizer lacks says nothing; an explicit null says "none"
-            named = [i for i, v in zip(named, specials.named.get(role, [])) if i is not None or v is None]
+            named = [i for i, v in zip(named, values) if i is not None or v is None]
             return named + list(own.get(role, []))
 
         firsts = {role: (ids_of(role) or [None])[0] for role in ROLES}
@@ -235,7 +242,8 @@ class SentencePieceTokenizer(Tokenizer):
         except (OSError, RuntimeError) as e:
             raise XllamaError(f"cannot read tokenizer {path}: {str(e).splitlines()[0]}") from None
         self.vocab_size = self.sp.GetPieceSize()
-        controls = [i for i in range(self.vocab_size) if self.sp.IsControl(i) or self.sp.IsUnknown(i)]
+        controls = [i for i in range(self.vocab_size)
+                    if self.sp.IsControl(i) or self.sp.IsUnknown(i)]
         self.added = {self.sp.IdToPiece(i): i for i in controls}
         self.special_ids = frozenset(i for i in controls if self.sp.IsControl(i))
         specials = specials or Specials()
@@ -326,8 +334,9 @@ class TokenizersTokenizer(Tokenizer):
             text = path.read_text(encoding="utf-8")
             spec = json.loads(text)
             self.tok = HFTokenizer.from_str(text)
-        except Exception as e:  # OSError, bad UTF-8 or JSON, and the plain Exception tokenizers raises
-            raise XllamaError(f"cannot read tokenizer {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+        except Exception as e:  # OSError, bad UTF-8 or JSON, and the plain Exception of tokenizers
+            why = (str(e).splitlines() or [type(e).__name__])[0]
+            raise XllamaError(f"cannot read tokenizer {path}: {why}") from None
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         decoder = self.tok.get_added_tokens_decoder()
         self.added = {t.content: i for i, t in decoder.items()}
@@ -338,7 +347,8 @@ class TokenizersTokenizer(Tokenizer):
         self._resolve(specials or Specials(), {"bos": self._bos_of_post_processor(spec)})
 
     def _bos_of_post_processor(self, spec: dict) -> list[int]:
-        """The special token the post-processor puts before a text, if any: the tokenizer's own BOS."""
+        """The special token the post-processor puts before a text, if any: the tokenizer's own
+        BOS."""
         def find(node: object) -> list[int]:
             if isinstance(node, dict):
                 if node.get("type") == "TemplateProcessing":
@@ -367,7 +377,8 @@ class TokenizersTokenizer(Tokenizer):
         # the tokenizer's own pipeline without its added-token matching (as transformers does it)
         if self.tok.normalizer is not None:
             text = self.tok.normalizer.normalize_str(text)
-        splits = [s for s, _ in self.tok.pre_tokenizer.pre_tokenize_str(text)] if self.tok.pre_tokenizer else [text]
+        pre = self.tok.pre_tokenizer
+        splits = [s for s, _ in pre.pre_tokenize_str(text)] if pre else [text]
         return [t.id for s in splits for t in self.tok.model.tokenize(s)]
 
     def token_id(self, text: str) -> int | None:
@@ -396,11 +407,12 @@ class TokenizersTokenizer(Tokenizer):
 
 # ---- Meta's tiktoken tokenizer.model (Llama 3) ----
 # Meta's llama3 tokenizer.py: the pre-tokenizer pattern and the special tokens after the ranks
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
+                   "<|python_tag|>"]
 LLAMA3_N_SPECIALS = 256
 LLAMA3_STOP = ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]
 TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\r?\n")
@@ -416,7 +428,8 @@ def _read_ranks(path: Path) -> dict[bytes, int]:
     except OSError as e:
         raise XllamaError(f"cannot read tokenizer {path}: {e.strerror}") from None
     except ValueError:
-        raise XllamaError(f"cannot read tokenizer {path}: line {n} is not 'base64-token rank'") from None
+        raise XllamaError(f"cannot read tokenizer {path}: line {n} is not 'base64-token "
+                          "rank'") from None
     return ranks
 
 
@@ -433,17 +446,19 @@ class TiktokenTokenizer(Tokenizer):
         names = LLAMA3_SPECIALS + [f"<|reserved_special_token_{i}|>"
                                    for i in range(2, 2 + LLAMA3_N_SPECIALS - len(LLAMA3_SPECIALS))]
         by_id = {n + i: t for i, t in enumerate(names)}
-        by_id.update({i: t for i, (t, _) in specials.added.items() if i >= n})  # the checkpoint's own names
+        # the checkpoint's own names
+        by_id.update({i: t for i, (t, _) in specials.added.items() if i >= n})
         self.added = {t: i for i, t in by_id.items()}
         try:
-            self.enc = tiktoken.Encoding(name=path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
-                                         special_tokens=self.added)
+            self.enc = tiktoken.Encoding(name=path.name, pat_str=LLAMA3_PATTERN,
+                                         mergeable_ranks=ranks, special_tokens=self.added)
         except ValueError as e:
             raise XllamaError(f"cannot read tokenizer {path}: {e}") from None
         self.vocab_size = max([n - 1, *by_id]) + 1
         self.special_ids = frozenset(by_id)
         self.by_id = by_id
-        own = {"bos": [self.added["<|begin_of_text|>"]] if "<|begin_of_text|>" in self.added else [],
+        bos = self.added.get("<|begin_of_text|>")
+        own = {"bos": [bos] if bos is not None else [],
                "eos": [self.added[t] for t in LLAMA3_STOP if t in self.added]}
         self._resolve(specials, own)
 
@@ -481,8 +496,8 @@ def _is_tiktoken(path: Path) -> bool:
         return TIKTOKEN_LINE.match(f.read(256)) is not None
 
 
-# file name -> (sniff, implementation), tried in order; a folder with both files uses tokenizer.json,
-# as transformers does
+# file name -> (sniff, implementation), tried in order; a folder with both files uses
+# tokenizer.json, as transformers does
 KINDS: list[tuple[str, Callable[[Path], bool], type[Tokenizer]]] = [
     ("tokenizer.json", lambda p: True, TokenizersTokenizer),
     ("tokenizer.model", _is_tiktoken, TiktokenTokenizer),
@@ -507,7 +522,8 @@ def open_tokenizer_file(path: Path, specials: Specials | None = None) -> Tokeniz
 def find_tokenizer_file(folder: Path) -> Path | None:
     """The folder's tokenizer.json, else its tokenizer.model, else the parent's tokenizer.model
     (Meta's downloads keep one tokenizer beside the model folders)."""
-    for p in (folder / "tokenizer.json", folder / "tokenizer.model", folder.parent / "tokenizer.model"):
+    for p in (folder / "tokenizer.json", folder / "tokenizer.model",
+              folder.parent / "tokenizer.model"):
         if p.is_file():
             return p
     return None
@@ -533,6 +549,7 @@ def load_tokenizer(path: str | Path | Checkpoint) -> Tokenizer:
             folder = open_checkpoint(resolve_model(path)).path
     tok_path = find_tokenizer_file(folder)
     if tok_path is None:
-        raise XllamaError(f"no tokenizer.model or tokenizer.json in {str(path)!r} (nor tokenizer.model in its "
-                          "parent folder); copy the checkpoint's tokenizer files there")
+        raise XllamaError(f"no tokenizer.model or tokenizer.json in {str(path)!r} (nor "
+                          "tokenizer.model in its parent folder); copy the checkpoint's tokenizer "
+                          "files there")
     return open_tokenizer_file(tok_path, read_specials(folder))

@@ -31,13 +31,15 @@ _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
 
 
 def parse_size(text: str | int) -> int:
-    """'5GB' -> 5_000_000_000, '500MB', '2GiB', '1.5G', '1000' (bytes); decimal units as HF uses them."""
+    """'5GB' -> 5_000_000_000, '500MB', '2GiB', '1.5G', '1000' (bytes); decimal units as HF uses
+    them."""
     if isinstance(text, int):
         size = text
     else:
         m = _SIZE.match(text)
         if not m:
-            raise XllamaError(f"cannot read the size {text!r}; write it like 5GB, 500MB, 2GiB or a byte count")
+            raise XllamaError(f"cannot read the size {text!r}; write it like 5GB, 500MB, 2GiB or a "
+                              "byte count")
         size = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
     if size <= 0:
         raise XllamaError(f"the size {text!r} must be positive")
@@ -52,15 +54,16 @@ def check_destination(out: str | Path, *, force: bool, sources: Iterable[str | P
     Checked before any work, by every command that writes (folders: convert, uptrain, download
     --out; files: bench --out/--plot): what exists is replaced only with `force`; never a source
     (a checkpoint the command reads, its files as linked, e.g. in the Hugging Face cache), a folder
-    holding one, a path inside one, nor the working folder or a folder holding it, even with `force`.
+    holding one, a path inside one, nor the working folder or a folder holding it, even with
+    `force`.
     """
     out = Path(out).expanduser().absolute()
     real = out.resolve()
     for src in sources:
         src = Path(src).expanduser().resolve()
         if real == src or real in src.parents or src in real.parents:
-            raise XllamaError(f"{flag} {out} would replace the source {src} (or a folder holding it); "
-                              "choose a folder outside it")
+            raise XllamaError(f"{flag} {out} would replace the source {src} (or a folder holding "
+                              "it); choose a folder outside it")
     cwd = Path.cwd().resolve()
     if real == cwd or real in cwd.parents:
         raise XllamaError(f"{flag} {out} is the working folder or holds it; choose a new folder")
@@ -70,9 +73,11 @@ def check_destination(out: str | Path, *, force: bool, sources: Iterable[str | P
         if not out.parent.is_dir():
             raise XllamaError(f"{flag} {out}: folder {out.parent} does not exist")
     elif out.exists() and not out.is_dir() and not force:
-        raise XllamaError(f"{flag} {out} is a file; choose a folder (or pass --force to replace it)")
+        raise XllamaError(f"{flag} {out} is a file; choose a folder (or pass --force to replace "
+                          "it)")
     if kind != "merge" and (out.exists() or out.is_symlink()) and not force:
-        raise XllamaError(f"{out} already exists; choose another {flag} or pass --force to replace it")
+        raise XllamaError(f"{out} already exists; choose another {flag} or pass --force to "
+                          "replace it")
     return out
 
 
@@ -100,7 +105,8 @@ def _remove(path: Path) -> None:
 
 
 def _remove_stale_temps(dst: Path) -> None:
-    """Temp folders left by a run that was killed outright (SIGKILL, power loss): their process is gone."""
+    """Temp folders left by a run that was killed outright (SIGKILL, power loss): their process
+    is gone."""
     prefix = _temp_prefix(dst)
     for p in dst.parent.glob(prefix + "*"):
         pid = p.name[len(prefix):].split("-")[0]
@@ -138,7 +144,8 @@ def atomic_dir(dst: str | Path, force: bool = False) -> Iterator[Path]:
     """
     dst = Path(dst).expanduser().absolute()
     if (dst.exists() or dst.is_symlink()) and not force:
-        raise XllamaError(f"{dst} already exists; choose another --out or pass --force to replace it")
+        raise XllamaError(f"{dst} already exists; choose another --out or pass --force to "
+                          "replace it")
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(dst)
@@ -150,8 +157,8 @@ def atomic_dir(dst: str | Path, force: bool = False) -> Iterator[Path]:
         with _sigterm_raises():
             yield tmp
             if (dst.exists() or dst.is_symlink()) and not force:
-                raise XllamaError(f"{dst} appeared while this run was writing; nothing was replaced "
-                                  "(pass --force to replace it)")
+                raise XllamaError(f"{dst} appeared while this run was writing; nothing was "
+                                  "replaced (pass --force to replace it)")
             if dst.exists() or dst.is_symlink():
                 old = dst.parent / f".{dst.name}.old-{os.getpid()}-{secrets.token_hex(3)}"
                 os.replace(dst, old)  # the old folder goes only once the new one is complete
@@ -162,14 +169,16 @@ def atomic_dir(dst: str | Path, force: bool = False) -> Iterator[Path]:
     except OSError as e:
         _remove(tmp)
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        raise XllamaError(f"writing {dst} failed: {e.strerror or e}{where}; nothing was written") from None
+        raise XllamaError(f"writing {dst} failed: {e.strerror or e}{where}; nothing was "
+                          "written") from None
     except BaseException:
         _remove(tmp)
         raise
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write through a temporary file in the destination folder, then rename: never a half-written file."""
+    """Write through a temporary file in the destination folder, then rename: never a
+    half-written file."""
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
         write(tmp)
@@ -182,7 +191,8 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
 
 # ---- files with their sha256 ----
 class HashedFiles:
-    """The files written into a folder and the sha256 of each, computed from the bytes as written."""
+    """The files written into a folder and the sha256 of each, computed from the bytes as
+    written."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -206,23 +216,27 @@ class HashedFiles:
 
 
 # ---- safetensors ----
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-              torch.uint8: "U8", torch.bool: "BOOL"}
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+              torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """Write a safetensors file tensor by tensor (no second copy of the whole shard); returns its sha256."""
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> str:
+    """Write a safetensors file tensor by tensor (no second copy of the whole shard); returns its
+    sha256."""
     header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for name, t in tensors.items():
         if t.dtype not in _ST_DTYPES:
             raise XllamaError(f"cannot store {name} of dtype {t.dtype} in safetensors")
         n = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}
         offset += n
     head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
+    # the data starts 8-byte aligned, as the safetensors library writes it
+    head += b" " * (-len(head) % 8)
     h = hashlib.sha256()
     with open(path, "wb") as f:
         for chunk in (struct.pack("<Q", len(head)), head):
@@ -271,18 +285,20 @@ class ShardWriter:
         self.pending, self.pending_bytes = {}, 0
 
     def close(self) -> list[str]:
-        """Write what is left, give the shards their final names and write the index; returns the names."""
+        """Write what is left, give the shards their final names and write the index; returns the
+        names."""
         self.flush()
         if not self.shards:
             raise XllamaError("the checkpoint holds no tensors")
         n = len(self.shards)
-        finals = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        finals = (["model.safetensors"] if n == 1
+                  else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)])
         weight_map: dict[str, str] = {}
         for (tmp, names, sha), final in zip(self.shards, finals):
             os.replace(self.files.folder / tmp, self.files.folder / final)
             self.files.sha256[final] = sha
             weight_map.update(dict.fromkeys(names, final))
         if n > 1:
-            self.files.write_json("model.safetensors.index.json",
-                                  {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            self.files.write_json("model.safetensors.index.json", index)
         return finals
