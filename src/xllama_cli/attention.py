@@ -36,7 +36,7 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(start, k, v)
         if T == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
             y = decode_attention(q, k, v, mask)
-        else:  # enable_gqa lets the kernel share each K/V head across its group instead of copying it
+        else:  # enable_gqa: the kernel shares each K/V head across its group instead of copying it
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                 enable_gqa=self.n_kv_heads != self.n_heads,
@@ -44,7 +44,8 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor:
     """Attention of one new token per row, q [B, H, 1, D] over k, v [B, n_kv, S, D], as two batched
     products with the softmax in float32; mask: bool [B|1, 1, 1, S] or None (every slot).
 
@@ -55,7 +56,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     buffer, is the product's untransposed operand and is read in place rather than copied."""
     B, H, _, D = q.shape
     n_kv = k.shape[1]
-    scores = torch.matmul(k, q.view(B, n_kv, H // n_kv, D).transpose(-1, -2)).transpose(-1, -2).float()
+    grouped = q.view(B, n_kv, H // n_kv, D).transpose(-1, -2)
+    scores = torch.matmul(k, grouped).transpose(-1, -2).float()
     scores = scores * D ** -0.5
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))

@@ -37,7 +37,8 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     decode_tokens: int = 0  # tokens made by decode steps (all rows), the prefill's first excluded
-    compile_s: float = 0.0  # compiling the decode step (and recording its CUDA graph), before decode_s
+    # compiling the decode step (and recording its CUDA graph), apart from decode_s
+    compile_s: float = 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -46,7 +47,8 @@ class GenerationStats:
     def summary(self) -> str:
         compile = f" | compile {self.compile_s:.1f} s" if self.compile_s else ""
         return (f"prompt tokens {self.prompt_tokens} | new tokens {self.new_tokens} | "
-                f"prefill {self.prefill_s * 1e3:.1f} ms{compile} | decode {self.decode_tok_s:.1f} tok/s")
+                f"prefill {self.prefill_s * 1e3:.1f} ms{compile} | "
+                f"decode {self.decode_tok_s:.1f} tok/s")
 
 
 @dataclass
@@ -56,7 +58,8 @@ class Generation:
 
 
 def context_length(model: Transformer | ModelConfig) -> int:
-    """How many positions the model may use: its trained length, stretched by linear/dynamic RoPE."""
+    """How many positions the model may use: its trained length, stretched by linear or dynamic
+    RoPE."""
     cfg = model if isinstance(model, ModelConfig) else model.config
     if cfg.rope_type in ("linear", "dynamic"):
         return int(cfg.max_seq_len * float(cfg.rope_scaling["factor"]))
@@ -68,13 +71,15 @@ def check_token_ids(ids: list[int], model: Transformer | ModelConfig) -> None:
     cfg = model if isinstance(model, ModelConfig) else model.config
     if ids and (max(ids) >= cfg.vocab_size or min(ids) < 0):
         bad = max(ids) if max(ids) >= cfg.vocab_size else min(ids)
-        raise XllamaError(f"the text encodes to token id {bad}, but the model's vocabulary has {cfg.vocab_size} "
-                          "entries: the tokenizer does not belong to this model")
+        raise XllamaError(f"the text encodes to token id {bad}, but the model's vocabulary has "
+                          f"{cfg.vocab_size} entries: the tokenizer does not belong to this model")
 
 
-def check_prompts(model: Transformer | ModelConfig, prompts: list[list[int]], max_new_tokens: int) -> None:
+def check_prompts(model: Transformer | ModelConfig, prompts: list[list[int]],
+                  max_new_tokens: int) -> None:
     """Refuse a request that cannot run, before anything of it is shown or computed."""
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) \
+            or max_new_tokens < 1:
         raise XllamaError(f"max new tokens {max_new_tokens} is out of range: it must be at least 1")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise XllamaError("every prompt needs at least one token")
@@ -84,7 +89,8 @@ def check_prompts(model: Transformer | ModelConfig, prompts: list[list[int]], ma
     longest = max(len(p) for p in prompts)
     if longest > ctx:
         raise SettingError("the prompt has {longest} tokens but the model's context is {ctx}; "
-                           "shorten it or extend the context with {rope} linear|dynamic {rope_factor} F",
+                           "shorten it or extend the context with {rope} linear|dynamic "
+                           "{rope_factor} F",
                            longest=longest, ctx=ctx)
 
 
@@ -116,7 +122,8 @@ def compile_decode(model: Transformer, mode: str | None = None) -> Step:
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None) or e
             reason = (str(inner).strip().splitlines() or [type(inner).__name__])[0][:300]
-            raise SettingError("{compile} failed ({reason}); run without {compile}", reason=reason) from None
+            raise SettingError("{compile} failed ({reason}); run without {compile}",
+                               reason=reason) from None
 
     return step
 
@@ -165,8 +172,8 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
         if step is not None and max_new_tokens > 1:
             stats.compile_s = warm_up_step(step, nxt, longest, pad)
         t1 = time.perf_counter()
-        out, fed = decode(model, nxt, longest, max_new_tokens, sampling, gen, eos_ids, on_token, pad,
-                          step=step, tp=tp)
+        out, fed = decode(model, nxt, longest, max_new_tokens, sampling, gen, eos_ids, on_token,
+                          pad, step=step, tp=tp)
         stats.decode_tokens = fed * B
         stats.decode_s = time.perf_counter() - t1
     finally:
@@ -199,12 +206,14 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 
 def decode(model: Transformer, first: torch.Tensor, start: int, max_new_tokens: int,
            sampling: Sampling, generator: torch.Generator | None, eos_ids: list[int] | None,
-           on_token: OnToken | None = None, pad: torch.Tensor | None = None, *, step: Step | None = None,
+           on_token: OnToken | None = None, pad: torch.Tensor | None = None, *,
+           step: Step | None = None,
            tp: TensorParallel | None = None) -> tuple[list[list[int]], int]:
     """The decode loop over a filled cache: `first` [B] was sampled from the logits of slot start-1;
     each chosen token is fed back into slot start, start+1, ... until every row has made EOS or
-    max_new_tokens tokens. Returns each row's new tokens (EOS excluded) and how many slots it filled,
-    once the device is done (the last tokens are read back). step, tp: as in generate_tokens."""
+    max_new_tokens tokens. Returns each row's new tokens (EOS excluded) and how many slots it
+    filled, once the device is done (the last tokens are read back). step, tp: as in
+    generate_tokens."""
     step = step or eager_step(model)
     B = first.shape[0]
     eos = torch.tensor(eos_ids or [], device=first.device)

@@ -37,14 +37,17 @@ class KVCache(nn.Module):
     @torch.no_grad()
     def grow(self, max_len: int) -> None:
         """Make room for `max_len` slots, keeping every slot there is. The new slots are zeros, not
-        garbage: a masked slot's value still meets a zero weight in attention, and 0 * NaN is NaN."""
+        garbage: a masked slot's value still meets a zero weight in attention, and 0 * NaN is
+        NaN."""
         for name in ("k", "v"):  # one buffer at a time, so the old and new copies overlap least
             old = getattr(self, name)
-            new = torch.zeros((*old.shape[:2], max_len, old.shape[3]), dtype=old.dtype, device=old.device)
+            new = torch.zeros((*old.shape[:2], max_len, old.shape[3]), dtype=old.dtype,
+                              device=old.device)
             new[:, :, :old.shape[2]] = old
             setattr(self, name, new)
 
-    def update(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, start: int | torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, n_kv, T, D] at slots start..start+T; return every slot filled so far.
 
         A tensor `start` (the compiled decode step) keeps every shape static: the write is an

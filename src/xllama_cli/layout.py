@@ -24,12 +24,14 @@ def divisors(n: int) -> list[int]:
 
 
 def valid_groups(n_heads: int, n_kv: int) -> list[int]:
-    """Group counts reachable from n_kv heads: divisors of n_kv (pooling) or multiples of it (repeating)."""
+    """Group counts reachable from n_kv heads: divisors of n_kv (pooling) or multiples of it
+    (repeating)."""
     return [d for d in divisors(n_heads) if n_kv % d == 0 or d % n_kv == 0]
 
 
 def target_kv_heads(n_heads: int, n_kv: int, attn: str | None, groups: int | None) -> int:
-    """The KV head count that layout `attn` and group count `groups` ask for (n_kv when neither is given)."""
+    """The KV head count that layout `attn` and group count `groups` ask for (n_kv when neither
+    is given)."""
     if attn is None:
         if groups is None:
             return n_kv
@@ -49,14 +51,17 @@ def target_kv_heads(n_heads: int, n_kv: int, attn: str | None, groups: int | Non
                            value=groups, name=name, g=g)
     valid = valid_groups(n_heads, n_kv)
     if g not in valid:
-        why = "does not divide" if g <= 0 or n_heads % g else f"cannot be made from the checkpoint's {n_kv} KV heads for"
-        raise SettingError("{groups} {g} {why} the {n_heads} query heads; valid group counts: {valid}",
+        why = ("does not divide" if g <= 0 or n_heads % g
+               else f"cannot be made from the checkpoint's {n_kv} KV heads for")
+        raise SettingError("{groups} {g} {why} the {n_heads} query heads; "
+                           "valid group counts: {valid}",
                            g=g, why=why, n_heads=n_heads, valid=", ".join(map(str, valid)))
     return g
 
 
 def regroup_kv(w: torch.Tensor, n_kv: int, groups: int, method: str = "mean",
-               generator: torch.Generator | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
     """Rows of a k/v projection (weight [n_kv*D, dim] or bias [n_kv*D]) -> `groups` heads.
 
     Down: each new head is built from the n_kv/groups heads of its group (mean in float32,
@@ -65,7 +70,8 @@ def regroup_kv(w: torch.Tensor, n_kv: int, groups: int, method: str = "mean",
     """
     dtype = dtype or w.dtype
     if method not in METHODS:
-        raise SettingError("unknown {method} {value!r}; choose one of: {valid}", value=method, valid=", ".join(METHODS))
+        raise SettingError("unknown {method} {value!r}; choose one of: {valid}",
+                           value=method, valid=", ".join(METHODS))
     if groups == n_kv:
         return w.to(dtype)
     heads = w.reshape(n_kv, -1, *w.shape[1:])  # [n_kv, D, ...]

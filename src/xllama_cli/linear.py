@@ -47,7 +47,8 @@ def probed(name: str, check: Callable[[], bool]) -> bool:
 def agrees(got: torch.Tensor, want: torch.Tensor) -> bool:
     """A probe's verdict: `got` has want's shape and values, to the rounding of got's dtype."""
     tol = 1e-4 if got.dtype == torch.float32 else 2e-2
-    return got.shape == want.shape and torch.allclose(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+    return got.shape == want.shape and torch.allclose(got.float(), want, rtol=tol,
+                                                      atol=tol * want.abs().max().item())
 
 
 def onednn_works(dtype: torch.dtype) -> bool:
@@ -101,7 +102,9 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     op's dispatch costs more than a small product takes, and imports torch._dynamo at first use),
     or under torch.compile as one custom op (inductor lowers oneDNN's linear only for weights it
     packed itself)."""
-    return _packed_linear_op(x, weight) if torch.compiler.is_compiling() else onednn_linear(x, weight)
+    if torch.compiler.is_compiling():
+        return _packed_linear_op(x, weight)
+    return onednn_linear(x, weight)
 
 
 @torch.library.custom_op("xllama::packed_linear", mutates_args=())
@@ -115,13 +118,14 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ weight [N, K].T -> [..., N], by the fastest path for the device and row count."""
+    """x [..., K] @ weight [N, K].T -> [..., N], by the fastest path for the device and the row
+    count."""
     if not is_small(x):
         if (x.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
                 and not (x.requires_grad or weight.requires_grad)  # oneDNN's op has no backward
                 and not torch.compiler.is_compiling() and onednn_works(torch.float32)):
-            # many rows (prefill) of a plain float32 weight: oneDNN's GEMM, which reorders the weight
-            # as it goes, costs little against the arithmetic and beats ATen's (F.linear)
+            # many rows (prefill) of a plain float32 weight: oneDNN's GEMM, which reorders the
+            # weight as it goes, costs little against the arithmetic and beats ATen's (F.linear)
             return onednn_linear(x, weight)
         return F.linear(x, weight)
     n, k = weight.shape
@@ -134,7 +138,8 @@ def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if parts == 1 or n % parts or not weight.is_contiguous():
         return F.linear(x, weight)
     rows = x.numel() // k
-    y = torch.bmm(x.reshape(1, rows, k).expand(parts, rows, k), weight.view(parts, n // parts, k).transpose(1, 2))
+    y = torch.bmm(x.reshape(1, rows, k).expand(parts, rows, k),
+                  weight.view(parts, n // parts, k).transpose(1, 2))
     return y.transpose(0, 1).reshape(*x.shape[:-1], n)
 
 
@@ -145,7 +150,10 @@ class CpuLinear(nn.Linear):
     def __init__(self, linear: nn.Linear, packed: bool = False) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(pack(linear.weight), requires_grad=False) if packed else linear.weight
+        if packed:
+            self.weight = nn.Parameter(pack(linear.weight), requires_grad=False)
+        else:
+            self.weight = linear.weight
         self.bias = linear.bias
         self.packed = packed
 
@@ -163,7 +171,8 @@ def use_cpu_kernels(model: nn.Module, decode_batch: int | None = 1, pack: bool =
     plain: packing it would hold the embedding table twice. Other devices keep nn.Linear, whose
     product is already the fast one there."""
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+    targets = [(parent, name) for parent in model.modules()
+               for name, child in parent.named_children()
                if type(child) is nn.Linear and child.weight.device.type == "cpu"]
     # largest first (the head): its source and packed copy are resident together while few
     # other packed matrices are, so the peak stays near the packed model's own size

@@ -24,7 +24,8 @@ from .layout import target_kv_heads
 from .model import Transformer
 from .quantize import check_quantize, quantize_model
 from .report import human_bytes, human_count
-from .parallel import Shard, TensorParallel, agree_on_errors, apply_tensor_parallel, plan_shard, setup
+from .parallel import (Shard, TensorParallel, agree_on_errors, apply_tensor_parallel, plan_shard,
+                       setup)
 from .rope import with_rope
 from .tensors import checked_tensors
 
@@ -39,8 +40,8 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise SettingError("{device} {value} asked for, but CUDA is not available here; use {device} cpu",
-                               value=device)
+            raise SettingError("{device} {value} asked for, but CUDA is not available here; "
+                               "use {device} cpu", value=device)
         return torch.device(device)
     if device == "cpu":
         return torch.device("cpu")
@@ -51,7 +52,8 @@ def resolve_dtype(dtype: str, device: torch.device, quantize: str | None = None)
     if dtype == "auto":  # int8 weights compute in bfloat16 on every device
         return torch.bfloat16 if device.type == "cuda" or quantize else torch.float32
     if dtype not in DTYPES:
-        raise SettingError("unknown {dtype} {value!r}; choose auto, {valid}", value=dtype, valid=", ".join(DTYPES))
+        raise SettingError("unknown {dtype} {value!r}; choose auto, {valid}",
+                           value=dtype, valid=", ".join(DTYPES))
     return DTYPES[dtype]
 
 
@@ -90,7 +92,8 @@ def load(source: str | Path | Checkpoint, *, attn: str | None = None, groups: in
          quantize: str | None = None, compile: bool = False, pack: bool = True,
          decode_batch: int | None = 1) -> Loaded:
     """Load a checkpoint (a folder, HF or Meta; a downloaded repo id; or an opened Checkpoint) as a
-    Transformer with its runtime plug-ins (see `for_inference`); `loaded.model(tokens)` gives logits.
+    Transformer with its runtime plug-ins (see `for_inference`); `loaded.model(tokens)` gives
+    logits.
 
     attn, groups: the K/V layout (layout.target_kv_heads), K/V heads pooled by `method`.
     rope, rope_factor: the RoPE rule (rope.with_rope). quantize="int8": weight-only int8
@@ -113,7 +116,8 @@ def load(source: str | Path | Checkpoint, *, attn: str | None = None, groups: in
         check_fits(cfg, dt, dev)
         model = _load(ckpt, cfg, dev, dt, method)
     else:
-        with agree_on_errors(tp):  # a rank that fails to read its slices stops them all, with its message
+        # a rank that fails to read its slices stops them all, with its message
+        with agree_on_errors(tp):
             check_fits(cfg, dt, tp.device, tp.world)
             model = apply_tensor_parallel(_load(ckpt, cfg, tp.device, dt, method, tp), tp)
     loaded = for_inference(model, quantize, compile, pack, decode_batch)
@@ -140,11 +144,12 @@ def check_fits(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, world
     need = n * dtype.itemsize // world
     free = available_bytes(device)
     if need > free:
-        raise SettingError("the model's {count} parameters ({n:,}) need {need} in {dt}{per_rank}, but only "
-                           "{free} is free on {where}; use a smaller {dtype} or a machine with more memory",
-                           count=human_count(n), n=n, need=human_bytes(need), dt=str(dtype).removeprefix("torch."),
-                           per_rank=f" per rank of {world}" if world > 1 else "", free=human_bytes(free),
-                           where=device)
+        per_rank = f" per rank of {world}" if world > 1 else ""
+        raise SettingError("the model's {count} parameters ({n:,}) need {need} in {dt}{per_rank}, "
+                           "but only {free} is free on {where}; use a smaller {dtype} or a machine "
+                           "with more memory", count=human_count(n), n=n, need=human_bytes(need),
+                           dt=str(dtype).removeprefix("torch."), where=device,
+                           free=human_bytes(free), per_rank=per_rank)
 
 
 def for_inference(model: Transformer, quantize: str | None = None, compile: bool = False,

@@ -61,8 +61,8 @@ class Decoder(nn.Module):
         # on the meta device (every load builds there) nothing is to be initialised, and normal_
         # there runs torch's Python reference, whose import of torch._dynamo slows start-up
         meta = torch.get_default_device().type == "meta"
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim,
-                                         _weight=torch.empty(cfg.vocab_size, cfg.dim) if meta else None)
+        weight = torch.empty(cfg.vocab_size, cfg.dim) if meta else None
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=weight)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.rotary = RotaryEmbedding(cfg)
@@ -91,10 +91,10 @@ class Transformer(nn.Module):
         return self.model.layers[0].self_attn.kv_cache
 
     def setup_cache(self, batch: int, max_len: int) -> None:
-        """Make room for `batch` sequences of `max_len` tokens. A cache for as many sequences is kept:
-        as it is when it has the room (its old slots are overwritten or masked), else grown to
-        `max_len` slots with its contents kept, so a conversation goes on where it was. Any other
-        cache is freed before the new one is allocated. Callers size `max_len` with
+        """Make room for `batch` sequences of `max_len` tokens. A cache for as many sequences is
+        kept: as it is when it has the room (its old slots are overwritten or masked), else grown
+        to `max_len` slots with its contents kept, so a conversation goes on where it was. Any
+        other cache is freed before the new one is allocated. Callers size `max_len` with
         kv_cache.cache_capacity."""
         cfg, p = self.config, self.model.embed_tokens.weight  # the head may be int8
         cache = self.cache
@@ -105,7 +105,8 @@ class Transformer(nn.Module):
             return
         self.clear_cache()
         for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, p.dtype, p.device)
+            layer.self_attn.kv_cache = KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim,
+                                               p.dtype, p.device)
 
     def clear_cache(self) -> None:
         for layer in self.model.layers:

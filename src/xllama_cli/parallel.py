@@ -1,4 +1,5 @@
-"""Tensor parallelism across processes started by `torchrun` (torch.distributed: NCCL on CUDA, gloo on CPU).
+"""Tensor parallelism across processes started by `torchrun` (torch.distributed: NCCL on CUDA,
+gloo on CPU).
 
 The split is Megatron's: q/k/v and gate/up projections by output rows (whole heads per rank),
 o and down projections by input columns, each followed by one all-reduce (sum) of the partial
@@ -37,7 +38,8 @@ from .errors import XllamaError
 from .layout import divisors
 
 GRACE_S = 10  # how long a failed rank other than 0 leaves rank 0 to report the same error
-TIMEOUT_ENV = "XLLAMA_DIST_TIMEOUT"  # seconds a rank waits for the others (joining, or in a collective)
+# seconds a rank waits for the others (joining, or in a collective)
+TIMEOUT_ENV = "XLLAMA_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600
 _PROJ = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.(weight|bias)$")
 
@@ -71,8 +73,9 @@ def setup(device: torch.device) -> TensorParallel | None:
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():
-            raise XllamaError(f"LOCAL_RANK {local} but this machine has {torch.cuda.device_count()} GPU(s); "
-                              "start at most one process per GPU (torchrun --nproc-per-node)")
+            gpus = torch.cuda.device_count()
+            raise XllamaError(f"LOCAL_RANK {local} but this machine has {gpus} GPU(s); start at "
+                              "most one process per GPU (torchrun --nproc-per-node)")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -80,8 +83,9 @@ def setup(device: torch.device) -> TensorParallel | None:
         timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
         try:
             dist.init_process_group(backend, timeout=timeout)
-        except (RuntimeError, ValueError) as e:  # DistNetworkError and DistStoreError are RuntimeErrors
-            raise XllamaError(f"cannot join the other ranks with {backend}: {str(e).splitlines()[0]}") from None
+        except (RuntimeError, ValueError) as e:  # DistNetworkError, DistStoreError: RuntimeErrors
+            raise XllamaError(f"cannot join the other ranks with {backend}: "
+                              f"{str(e).splitlines()[0]}") from None
         atexit.register(shutdown)
     return TensorParallel(dist.get_rank(), dist.get_world_size(), device)
 
@@ -133,11 +137,13 @@ class Shard:
     kv_groups: int             # the whole model's KV heads after --attn/--groups
     q_heads: tuple[int, int]   # query heads [lo, hi)
     ffn: tuple[int, int]       # FFN rows [lo, hi)
-    kv_read: tuple[int, int] | None  # source KV heads to read [lo, hi); None: all (they are regrouped first)
+    # source KV heads to read [lo, hi); None: all (they are regrouped first)
+    kv_read: tuple[int, int] | None
     kv_pick: tuple[int, ...]   # heads kept, in order, counted from the first head read
 
     def select(self, name: str) -> tuple[int, int, int] | None:
-        """The (dim, start, stop) range of checkpoint tensor `name` this rank reads; None: all of it."""
+        """The (dim, start, stop) range of checkpoint tensor `name` this rank reads; None: all of
+        it."""
         m = _PROJ.search(name)
         if m is None:
             return None  # embeddings, norms, head: replicated
@@ -186,7 +192,8 @@ def plan_shard(cfg: ModelConfig, source_kv: int, rank: int, world: int) -> Shard
     regrouped = source_kv != n_kv  # --attn/--groups: regroup the whole K/V first, then slice
     lo = 0 if regrouped else kv[0]
     ffn = (rank * cfg.hidden_dim // world, (rank + 1) * cfg.hidden_dim // world)
-    local = cfg.replace(n_heads=per, n_kv_heads=len(kv), hidden_dim=ffn[1] - ffn[0], head_dim=cfg.head_dim)
+    local = cfg.replace(n_heads=per, n_kv_heads=len(kv), hidden_dim=ffn[1] - ffn[0],
+                        head_dim=cfg.head_dim)
     return Shard(local, cfg.head_dim, n_kv, q, ffn, None if regrouped else (kv[0], kv[-1] + 1),
                  tuple(k - lo for k in kv))
 
@@ -206,7 +213,7 @@ def apply_tensor_parallel(model: nn.Module, tp: TensorParallel) -> nn.Module:
     return model
 
 
-def _all_reduce_hook(bias: torch.Tensor | None) -> Callable[[nn.Module, object, torch.Tensor], torch.Tensor]:
+def _all_reduce_hook(bias: torch.Tensor | None) -> Callable[..., torch.Tensor]:
     def hook(_module: nn.Module, _args: object, out: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(out)
         return out if bias is None else out + bias

@@ -76,10 +76,12 @@ def check_quantize(method: str | None, dtype: torch.dtype) -> None:
     if method is None:
         return
     if method not in METHODS:
-        raise SettingError("unknown {quantize} {value!r}; choose: {valid}", value=method, valid=", ".join(METHODS))
+        raise SettingError("unknown {quantize} {value!r}; choose: {valid}",
+                           value=method, valid=", ".join(METHODS))
     if dtype not in COMPUTE_DTYPES:
-        raise SettingError("{quantize} int8 computes in bfloat16 or float16 (ATen's CPU int8 kernel is slower "
-                           "than float32 itself with float32 inputs); use {dtype} bfloat16")
+        raise SettingError("{quantize} int8 computes in bfloat16 or float16 (ATen's CPU int8 "
+                           "kernel is slower than float32 itself with float32 inputs); "
+                           "use {dtype} bfloat16")
 
 
 def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
@@ -89,8 +91,9 @@ def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
     dtype = model.model.embed_tokens.weight.dtype
     check_quantize(method, dtype)
     if model.model.embed_tokens.weight.device.type == "cpu":
-        int8_kernel_works(dtype)  # tried now, eagerly: a compiled step must find the answer, not the trial
-    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+        int8_kernel_works(dtype)  # tried now: a compiled step must find the answer, not the trial
+    targets = [(parent, name) for parent in model.modules()
+               for name, child in parent.named_children()
                if isinstance(child, nn.Linear) and not isinstance(child, Int8Linear)]
     for parent, name in targets:
         setattr(parent, name, Int8Linear(getattr(parent, name), dtype))

@@ -115,7 +115,8 @@ class RotaryEmbedding(nn.Module):
             # the base depends on each sequence's length so far (its largest position + 1)
             lengths = (positions.max(dim=1).values + 1).tolist()
             if max(lengths) > self.cfg.max_seq_len:
-                inv_freq = torch.stack([self.rule(self.cfg, n) for n in lengths]).to(inv_freq.device)
+                per_row = [self.rule(self.cfg, n) for n in lengths]
+                inv_freq = torch.stack(per_row).to(inv_freq.device)
         inv_freq = inv_freq.expand(positions.shape[0], -1) if inv_freq.dim() == 1 else inv_freq
         freqs = positions.to(torch.float32)[:, :, None] * inv_freq[:, None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
