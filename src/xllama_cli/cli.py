@@ -242,8 +242,8 @@ def bench(
     model: Model = None,
     preset: Optional[str] = typer.Option(
         None, "--preset", "-p",
-        help="An architecture with random weights (no download): small, tinyllama-1.1b, "
-             "llama2-7b, llama2-13b, llama2-70b, llama3-8b. See --list-presets."),
+        help="A named architecture with random weights (no download), e.g. small, llama2-7b, "
+             "llama3-8b; --list-presets shows them all."),
     config: Optional[Path] = typer.Option(
         None, "--config",
         help="A JSON architecture with random weights: a Hugging Face config.json, or ModelConfig "
