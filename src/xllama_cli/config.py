@@ -251,8 +251,8 @@ def _check_meta_params(params: Mapping[str, Any], source: str) -> None:
     checkpoint xllama does not run, refused by name."""
     for key, what in META_REFUSED.items():
         if params.get(key) is not None:
-            raise XllamaError(f"{source}: {key} marks {what}, which is not supported; use a "
-                              "Llama text model's bf16 or fp16 checkpoint")
+            raise XllamaError(f"{source}: {key} {show_json(params[key])} marks {what}, which is "
+                              "not supported; use a Llama text model's bf16 or fp16 checkpoint")
     for key, rule in META_RULES.items():
         if key in params and not rule.ok(params[key]):
             raise XllamaError(f"{source}: {key} must be {rule.allowed}, got "
