@@ -114,7 +114,8 @@ def test_params_json_of_each_release_gives_its_hf_config(name):
     (dict(rope_high_freq_factor=1.0), ["rope_high_freq_factor must be null or a finite number > 1", "got 1.0"]),
     (dict(rope_scaling_factor=0), ["rope_scaling_factor must be null or a finite number > 0", "got 0"]),
     (dict(use_scaled_rope="yes"), ["use_scaled_rope must be true or false", 'got "yes"']),
-    (dict(quantization_args={"group_size": 256}), ['quantization_args {"group_size": 256} marks a quantized checkpoint', "not supported"]),
+    (dict(quantization_args={"group_size": 256}),
+     ['quantization_args {"group_size": 256} marks a quantized checkpoint', "not supported"]),
     (dict(vision_chunk_size=560), ["vision_chunk_size 560 marks a Llama 3.2 Vision checkpoint"]),
     (dict(moe_args={"num_experts": 16}), ['moe_args {"num_experts": 16} marks a Llama 4']),
 ])

@@ -152,11 +152,11 @@ class ModelConfig:
     @classmethod
     def from_meta(cls, params: Any, *, vocab_size: int, hidden_dim: int,
                   source: str = "params.json") -> "ModelConfig":
-        """Meta's params.json, read as Meta's own code reads it. The vocabulary and FFN sizes are the
-        weights' (params.json may say -1; what it says must agree). What a params.json leaves out
-        (the context, the RoPE base and scaling, the special ids, a tied head) is its release's:
-        META_RELEASES. tie_embeddings says the release ties its head; the caller keeps it only
-        when the weights agree."""
+        """Meta's params.json, read as Meta's own code reads it. The vocabulary and FFN sizes are
+        the weights' (params.json may say -1; what it says must agree). What a params.json leaves
+        out (the context, the RoPE base and scaling, the special ids, a tied head) is its
+        release's: META_RELEASES. tie_embeddings says the release ties its head; the caller keeps
+        it only when the weights agree."""
         params = json_object(params, source)
         _check_meta_params(params, source)
         data = {**params, META_KEYS["vocab_size"]: vocab_size, META_KEYS["hidden_dim"]: hidden_dim}
@@ -196,13 +196,14 @@ LLAMA3_VOCAB = 128256  # Llama 3's tiktoken tokenizer: 128,000 ranks and 256 spe
 # A params.json names no release. The first row whose test holds is the release; rows go from the
 # most to the least specific. Llama 3.2's text models (1B: dim 2048, 3B: dim 3072) are the only
 # use_scaled_rope checkpoints narrower than 4096, and the only ones with factor 32 and a tied head
-# (transformers' --llama_version 3.2; torchtune's llama3_2 builders); 3.1, 3.3 and 3.2 Vision's
-# text model are 4096 wide or wider, with factor 8. params.json's own max_seq_len,
-# rope_theta and rope_scaling_factor / rope_high_freq_factor (Meta's later ModelArgs names) win.
+# (transformers' --llama_version 3.2; torchtune's llama3_2 builders); 3.1 and 3.3 are 4096 wide or
+# wider, with factor 8 (so is 3.2 Vision's text model, but its params.json is refused).
+# params.json's own max_seq_len, rope_theta and rope_scaling_factor / rope_high_freq_factor (Meta's
+# later ModelArgs names) win.
 META_RELEASES: tuple[MetaRelease, ...] = (
     MetaRelease("Llama 3.2 1B/3B", lambda v: v["use_scaled_rope"] and v["dim"] < 4096,
                 max_seq_len=131072, rope_theta=500000.0, rope_factor=32.0, tied=True),
-    MetaRelease("Llama 3.1, 3.2 Vision, 3.3", lambda v: v["use_scaled_rope"],
+    MetaRelease("Llama 3.1, 3.3", lambda v: v["use_scaled_rope"],
                 max_seq_len=131072, rope_theta=500000.0, rope_factor=8.0),
     MetaRelease("Llama 3", lambda v: v["vocab_size"] == LLAMA3_VOCAB,
                 max_seq_len=8192, rope_theta=500000.0),
@@ -409,7 +410,8 @@ META_RULES: dict[str, Rule] = {
     "vocab_size": Rule("-1 or an integer from 1 to 4194304",
                        lambda v: v == -1 and type(v) is int or RULES["vocab_size"].ok(v)),
     "multiple_of": _ints(1, 1 << 20),
-    "ffn_dim_multiplier": Rule("null or a finite number > 0", lambda v: v is None or POSITIVE.ok(v)),
+    "ffn_dim_multiplier": Rule("null or a finite number > 0",
+                               lambda v: v is None or POSITIVE.ok(v)),
     "use_scaled_rope": FLAG,
     "rope_scaling_factor": Rule(f"null or {ROPE_RULES['factor'].allowed}",
                                 lambda v: v is None or ROPE_RULES["factor"].ok(v)),
