@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
@@ -81,3 +82,16 @@ def story_hf() -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def meta_tiktoken_file(tokenizer_json: Path, out: Path) -> Path:
+    """Meta's Llama 3 tokenizer.model (base64 token bytes and rank a line) from its tokenizer.json,
+    whose byte-level vocabulary is the same ranks."""
+    from xllama_cli.tokenizer import _byte_decoder
+
+    vocab = json.loads(tokenizer_json.read_text())["model"]["vocab"]
+    byte_of = _byte_decoder()
+    lines = [base64.b64encode(bytes(byte_of[c] for c in piece)).decode() + f" {rank}"
+             for piece, rank in sorted(vocab.items(), key=lambda kv: kv[1])]
+    out.write_text("\n".join(lines) + "\n")
+    return out

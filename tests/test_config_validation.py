@@ -68,6 +68,14 @@ META_CASES: list[tuple[str, object]] = [
     *[("n_kv_heads", v) for v in [*DERIVED, 3, 10**5]],
     *[(key, v) for key in ("norm_eps", "rope_theta") for v in NUMBER],
     *[("use_scaled_rope", v) for v in ["true", 1, None, [True]]],
+    # the keys that are no ModelConfig field; vocab_size and the FFN's must agree with the weights
+    *[("vocab_size", v) for v in ["512", 512.0, None, True, [512], {}, 0, -2, 513, 10**9]],
+    *[("multiple_of", v) for v in ["4", 4.0, None, True, 0, -1, 3, 10**7]],
+    *[("ffn_dim_multiplier", v) for v in ["1", True, [1.0], NAN, INF, 0, -1, 1.5]],
+    *[("rope_scaling_factor", v) for v in ["8", True, NAN, 0, -8, 1e300]],
+    *[("rope_high_freq_factor", v) for v in ["4", True, NAN, 0, 1.0, 0.5]],
+    *[(key, v) for key, v in [("quantization_args", {"group_size": 256}), ("lora_args", {"rank": 16}),
+                              ("vision_chunk_size", 560), ("moe_args", {})]],
     *[(key, MISSING) for key in ("dim", "n_layers", "n_heads")],
 ]
 INDEX_CASES: list[object] = [

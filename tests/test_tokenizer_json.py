@@ -4,16 +4,13 @@ special tokens from the checkpoint's files; streaming decode."""
 
 from __future__ import annotations
 
-import base64
-import json
 import shutil
-from pathlib import Path
 
 import pytest
 
-from conftest import fixture
+from conftest import fixture, meta_tiktoken_file
 from xllama_cli import XllamaError, load_tokenizer
-from xllama_cli.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, TokenizersTokenizer, _byte_decoder
+from xllama_cli.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, TokenizersTokenizer
 
 TEXTS = {
     "multilingual": "Il était une fois, « naïve café » à Zürich. Жили-были дед и баба. 昔々、ある所におじいさんが"
@@ -67,17 +64,6 @@ def hf_llama3():
 @pytest.fixture(scope="module")
 def llama3():
     return load_tokenizer(fixture(LLAMA3))
-
-
-def meta_tiktoken_file(tokenizer_json: Path, out: Path) -> Path:
-    """Meta's Llama 3 tokenizer.model (base64 token bytes and rank a line) from its tokenizer.json,
-    whose byte-level vocabulary is the same ranks."""
-    vocab = json.loads(tokenizer_json.read_text())["model"]["vocab"]
-    byte_of = _byte_decoder()
-    lines = [base64.b64encode(bytes(byte_of[c] for c in piece)).decode() + f" {rank}"
-             for piece, rank in sorted(vocab.items(), key=lambda kv: kv[1])]
-    out.write_text("\n".join(lines) + "\n")
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -288,8 +288,13 @@ def _meta_name(name: str) -> str | None:
     return None  # rope.freqs and the like: derived, not loaded
 
 
-def _split_dim(name: str) -> int | None:
+def _split_dim(name: str, shard: torch.Tensor, dim: int) -> int | None:
+    """The dimension a Meta tensor is split along over model-parallel shards. The embedding is the
+    one that differs by release: Llama 1/2 split it over the model dimension (ParallelEmbedding),
+    Llama 3 over the vocabulary (VocabParallelEmbedding); a shard's width tells which."""
     kind = name.split(".")[-2]
+    if kind == "tok_embeddings" and shard.shape[-1] == dim:
+        return 0
     return _META_SPLIT.get(kind)
 
 
@@ -300,7 +305,10 @@ def _open_meta(path: Path) -> Checkpoint:
         raise XllamaError(f"{path} has params.json but no consolidated.NN.pth weights")
     first = _torch_load(files[0])
     try:
-        vocab = first["tok_embeddings.weight"].shape[0]
+        embedding = first["tok_embeddings.weight"]
+        by_rows = len(files) > 1 and _split_dim("tok_embeddings.weight", embedding,
+                                                params.get("dim")) == 0
+        vocab = embedding.shape[0] * (len(files) if by_rows else 1)
         hidden = first["layers.0.feed_forward.w1.weight"].shape[0] * len(files)
     except KeyError as e:
         raise XllamaError(f"{files[0]} lacks {e.args[0]!r}: not a Meta Llama checkpoint") from None
@@ -308,9 +316,26 @@ def _open_meta(path: Path) -> Checkpoint:
         raise XllamaError(f"{files[0]} does not hold a Meta Llama checkpoint's tensors") from None
     cfg = ModelConfig.from_meta(params, vocab_size=vocab, hidden_dim=hidden,
                                 source=str(path / "params.json"))
-    if "output.weight" not in first:
-        cfg.tie_embeddings = True
+    cfg.tie_embeddings = _tied_head(first, len(files), release_ties=cfg.tie_embeddings)
     return _checked(Checkpoint(path, "meta", cfg, files), "params.json")
+
+
+def _tied_head(first: dict[str, torch.Tensor], n_files: int, release_ties: bool) -> bool:
+    """Whether a Meta checkpoint's head is its embedding: no output.weight, or (for a release that
+    ties them, Llama 3.2 1B/3B, whose files hold both) an output.weight that is the embedding's
+    own storage or equal to it. Only then are the values compared: the two tensors are the
+    largest of the file."""
+    if "output.weight" not in first:
+        return True
+    if not release_ties or n_files > 1:
+        return False
+    head, embedding = first["output.weight"], first["tok_embeddings.weight"]
+    if head.shape != embedding.shape or head.dtype != embedding.dtype:
+        return False
+    same = (head.untyped_storage().data_ptr() == embedding.untyped_storage().data_ptr()
+            and head.storage_offset() == embedding.storage_offset()
+            and head.stride() == embedding.stride())
+    return same or torch.equal(head, embedding)
 
 
 def _meta_tensors(ckpt: Checkpoint, select: Select | None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -321,7 +346,7 @@ def _meta_tensors(ckpt: Checkpoint, select: Select | None) -> Iterator[tuple[str
         if hf_name is None:
             continue
         part = select(hf_name) if select else None
-        t = _meta_merged(shards, name, _split_dim(name), part)
+        t = _meta_merged(shards, name, _split_dim(name, shards[0][name], ckpt.config.dim), part)
         qk = name.endswith(("attention.wq.weight", "attention.wk.weight"))
         if qk and t.shape[0] % head_dim == 0:
             # per head, so a range of whole heads unpermutes on its own (a bad shape fails the

@@ -152,21 +152,130 @@ class ModelConfig:
     @classmethod
     def from_meta(cls, params: Any, *, vocab_size: int, hidden_dim: int,
                   source: str = "params.json") -> "ModelConfig":
-        """Meta's params.json; vocab and FFN sizes come from the weights (params may say -1)."""
+        """Meta's params.json, read as Meta's own code reads it. The vocabulary and FFN sizes are
+        the weights' (params.json may say -1; what it says must agree). What a params.json leaves
+        out (the context, the RoPE base and scaling, the special ids, a tied head) is its
+        release's: META_RELEASES. tie_embeddings says the release ties its head; the caller keeps
+        it only when the weights agree."""
         params = json_object(params, source)
+        _check_meta_params(params, source)
         data = {**params, META_KEYS["vocab_size"]: vocab_size, META_KEYS["hidden_dim"]: hidden_dim}
-        defaults = {**META_DEFAULTS, "max_seq_len": 4096 if vocab_size == 32000 else 2048}
-        values = _read(data, META_KEYS, defaults, source)
-        scaled = params.get("use_scaled_rope", False)
-        if type(scaled) is not bool:
-            raise XllamaError(f"{source}: use_scaled_rope must be true or false, got "
-                              f"{show_json(scaled)}")
-        # Llama 3.1's layout: its frequency bands are fixed, not in params.json
-        llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-        values["rope_scaling"] = llama3 if scaled else None
+        # the release's fields are read only when params.json has them: the release decides
+        # the rest, once the sizes it is told by are seen to be good
+        keys = {name: key for name, key in META_KEYS.items()
+                if name not in ("max_seq_len", "rope_theta") or key in data}
+        values = _read(data, keys, META_DEFAULTS, source)
         check_values(values, source, META_KEYS)
-        return cls._derived(values)
+        _check_meta_sizes(params, values, source)
+        scaled = params.get("use_scaled_rope", False)
+        release = meta_release({**values, "use_scaled_rope": scaled})
+        bos, eos = META_SPECIAL_IDS.get(vocab_size, (1, [2]))
+        values = {"max_seq_len": release.max_seq_len, "rope_theta": release.rope_theta,
+                  "bos_id": bos, "eos_id": list(eos), **values}
+        values["rope_scaling"] = _meta_rope_scaling(params, release) if scaled else None
+        check_values(values, source, META_KEYS)
+        return cls._derived({**values, "tie_embeddings": release.tied})
+
+
+# ---- what Meta's params.json leaves to the release ----
+@dataclass(frozen=True)
+class MetaRelease:
+    """The values a Meta release's params.json leaves out, as Meta's conversion to HF
+    (transformers' convert_llama_weights_to_hf.py, --llama_version) fills them in."""
+
+    name: str
+    # is a params.json this release? (its checked values, and use_scaled_rope)
+    test: Callable[[Mapping[str, Any]], bool]
+    max_seq_len: int
+    rope_theta: float = 10000.0  # Meta's ModelArgs default for the release
+    rope_factor: float | None = None  # the llama3 RoPE factor, with use_scaled_rope
+    tied: bool = False  # its head is its embedding
+
+
+LLAMA3_VOCAB = 128256  # Llama 3's tiktoken tokenizer: 128,000 ranks and 256 special tokens
+# A params.json names no release. The first row whose test holds is the release; rows go from the
+# most to the least specific. Llama 3.2's text models (1B: dim 2048, 3B: dim 3072) are the only
+# use_scaled_rope checkpoints narrower than 4096, and the only ones with factor 32 and a tied head
+# (transformers' --llama_version 3.2; torchtune's llama3_2 builders); 3.1 and 3.3 are 4096 wide or
+# wider, with factor 8 (so is 3.2 Vision's text model, but its params.json is refused).
+# params.json's own max_seq_len, rope_theta and rope_scaling_factor / rope_high_freq_factor (Meta's
+# later ModelArgs names) win.
+META_RELEASES: tuple[MetaRelease, ...] = (
+    MetaRelease("Llama 3.2 1B/3B", lambda v: v["use_scaled_rope"] and v["dim"] < 4096,
+                max_seq_len=131072, rope_theta=500000.0, rope_factor=32.0, tied=True),
+    MetaRelease("Llama 3.1, 3.3", lambda v: v["use_scaled_rope"],
+                max_seq_len=131072, rope_theta=500000.0, rope_factor=8.0),
+    MetaRelease("Llama 3", lambda v: v["vocab_size"] == LLAMA3_VOCAB,
+                max_seq_len=8192, rope_theta=500000.0),
+    MetaRelease("Code Llama", lambda v: v.get("rope_theta", 10000.0) > 10000.0, max_seq_len=16384),
+    # Llama 1's params.json says norm_eps 1e-06, Llama 2's 1e-05
+    MetaRelease("Llama 1", lambda v: v["vocab_size"] == 32000 and v["norm_eps"] == 1e-6,
+                max_seq_len=2048),
+    MetaRelease("Llama 2", lambda v: v["vocab_size"] == 32000, max_seq_len=4096),
+    MetaRelease("another Llama", lambda v: True, max_seq_len=2048),
+)
+# Meta's llama3 apply_scaling: the bands' constants, fixed in the code, not in params.json
+META_LLAMA3_BANDS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192}
+# the vocabulary's BOS and EOS ids (transformers' conversion of a base model; an instruct model's
+# end-of-turn ids come from its tokenizer); any other vocabulary: Llama 1/2's 1 and 2
+META_SPECIAL_IDS: dict[int, tuple[int, list[int]]] = {LLAMA3_VOCAB: (128000, [128001])}
+
+
+def meta_release(values: Mapping[str, Any]) -> MetaRelease:
+    """The release of a Meta checkpoint, from its checked params.json values (the vocabulary: the
+    weights') and use_scaled_rope."""
+    return next(r for r in META_RELEASES if r.test(values))
+
+
+def meta_ffn_size(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's FeedForward size: 2/3 of 4 * dim, times ffn_dim_multiplier, rounded up to a multiple
+    of multiple_of (transformers' compute_intermediate_size)."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _meta_rope_scaling(params: Mapping[str, Any], release: MetaRelease) -> dict[str, Any]:
+    """The llama3 scaling of a use_scaled_rope params.json: its own factors, else the release's
+    (a use_scaled_rope params.json is always a release with a factor)."""
+    factor = params.get("rope_scaling_factor")
+    high = params.get("rope_high_freq_factor")
+    return {"rope_type": "llama3", **META_LLAMA3_BANDS,
+            "factor": float(factor if factor is not None else release.rope_factor),
+            **({"high_freq_factor": float(high)} if high is not None else {})}
+
+
+def _check_meta_params(params: Mapping[str, Any], source: str) -> None:
+    """The keys of params.json that are no ModelConfig field, against META_RULES; the kinds of
+    checkpoint xllama does not run, refused by name."""
+    for key, what in META_REFUSED.items():
+        if params.get(key) is not None:
+            raise XllamaError(f"{source}: {key} {show_json(params[key])} marks {what}, which is "
+                              "not supported; use a Llama text model's bf16 or fp16 checkpoint")
+    for key, rule in META_RULES.items():
+        if key in params and not rule.ok(params[key]):
+            raise XllamaError(f"{source}: {key} must be {rule.allowed}, got "
+                              f"{show_json(params[key])}")
+
+
+def _check_meta_sizes(params: Mapping[str, Any], values: Mapping[str, Any], source: str) -> None:
+    """params.json's vocab_size and FFN settings against the weights' sizes: they must agree."""
+    vocab, hidden = values["vocab_size"], values["hidden_dim"]
+    if params.get("vocab_size", -1) not in (-1, vocab):
+        raise XllamaError(f"{source}: vocab_size {params['vocab_size']} must equal the rows of "
+                          f"tok_embeddings.weight, {vocab} (or be -1)")
+    if "multiple_of" not in params and params.get("ffn_dim_multiplier") is None:
+        return  # nothing said: the weights' size stands
+    multiple_of = params.get("multiple_of", 256)
+    multiplier = params.get("ffn_dim_multiplier")
+    want = meta_ffn_size(values["dim"], multiple_of, multiplier)
+    if want != hidden:
+        raise XllamaError(f"{source}: multiple_of {multiple_of} and ffn_dim_multiplier "
+                          f"{show_json(multiplier)} with dim {values['dim']} give a feed-forward "
+                          f"size of {want} (Meta's rule), but feed_forward.w1.weight has {hidden} "
+                          "rows; params.json and the weights must agree")
 
 
 # ---- named architectures ----
@@ -295,7 +404,29 @@ META_KEYS = {
     "hidden_dim": "the rows of feed_forward.w1.weight",
     "norm_eps": "norm_eps", "max_seq_len": "max_seq_len", "rope_theta": "rope_theta",
 }
-META_DEFAULTS = {"n_kv_heads": None, "norm_eps": 1e-5, "rope_theta": 10000.0}
+META_DEFAULTS = {"n_kv_heads": None, "norm_eps": 1e-5}
+# params.json's keys that are no ModelConfig field (null: not given)
+META_RULES: dict[str, Rule] = {
+    "vocab_size": Rule("-1 or an integer from 1 to 4194304",
+                       lambda v: v == -1 and type(v) is int or RULES["vocab_size"].ok(v)),
+    "multiple_of": _ints(1, 1 << 20),
+    "ffn_dim_multiplier": Rule("null or a finite number > 0",
+                               lambda v: v is None or POSITIVE.ok(v)),
+    "use_scaled_rope": FLAG,
+    "rope_scaling_factor": Rule(f"null or {ROPE_RULES['factor'].allowed}",
+                                lambda v: v is None or ROPE_RULES["factor"].ok(v)),
+    "rope_high_freq_factor": Rule("null or a finite number > 1 (low_freq_factor is 1)",
+                                  lambda v: v is None or POSITIVE.ok(v) and v > 1),
+}
+# keys of Meta's ModelArgs that mark checkpoints these weights' names do not describe
+META_REFUSED = {
+    "quantization_args": "a quantized checkpoint (int4/fp8 weights and scales)",
+    "lora_args": "a checkpoint with LoRA adapters",
+    "vision_chunk_size": "a Llama 3.2 Vision checkpoint",
+    "vision_num_cross_attention_layers": "a Llama 3.2 Vision checkpoint",
+    "vision_args": "a Llama 4 checkpoint",
+    "moe_args": "a Llama 4 (mixture of experts) checkpoint",
+}
 
 
 def show_json(value: Any, limit: int = 40) -> str:
