@@ -300,6 +300,7 @@ def test_free_memory_is_a_positive_number_of_bytes_below_the_machines_total():
 @pytest.mark.parametrize("changes", [
     {}, {"tie_embeddings": True}, {"attention_bias": True}, {"mlp_bias": True}, {"n_kv_heads": 1},
     {"head_dim": 6, "n_kv_heads": 2}, {"attention_bias": True, "mlp_bias": True, "tie_embeddings": True},
+    {"family": "qwen2", "qkv_bias": True, "n_kv_heads": 2},
 ])
 def test_parameter_count_from_the_arithmetic_equals_the_built_models(changes):
     from xllama_cli.model import Transformer
@@ -317,7 +318,7 @@ def test_every_rule_refuses_what_it_says_it_refuses():
     for name, rule in RULES.items():
         assert rule.ok(good[name]), name
         assert not rule.ok("1") and not rule.ok(NAN) and not rule.ok({}), name
-        assert rule.ok(None) == (name in ("bos_id", "eos_id")), name
+        assert rule.ok(None) == (name in ("bos_id", "eos_id", "sliding_window", "window_layers")), name
 
 
 def test_programmatic_configs_are_checked_too():
