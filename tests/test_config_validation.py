@@ -70,6 +70,17 @@ META_CASES: list[tuple[str, object]] = [
     *[("use_scaled_rope", v) for v in ["true", 1, None, [True]]],
     *[(key, MISSING) for key in ("dim", "n_layers", "n_heads")],
 ]
+# keys of one family: (model_type, the other keys set, the key, a bad value)
+QWEN2_WINDOW = {"use_sliding_window": True, "sliding_window": 4}
+FAMILY_CASES: list[tuple[str, dict, str, object]] = [
+    *[("mistral", {}, "sliding_window", v) for v in ["4096", 4096.0, True, [4], {}, 0, -1, 2**31]],
+    *[("qwen2", {}, "use_sliding_window", v) for v in ["true", 1, None, [True]]],
+    *[("qwen2", {"use_sliding_window": True}, "sliding_window", v) for v in ["4", 4.0, False, 0]],
+    *[("qwen2", QWEN2_WINDOW, "max_window_layers", v) for v in ["1", 1.0, None, True, -1, 10**5]],
+    *[("qwen2", QWEN2_WINDOW, "layer_types", v) for v in [
+        "sliding_attention", 5, {}, ["full_attention"], ["full_attention"] * 6, ["local"] * 5]],
+    *[(v, {}, "model_type", v) for v in ["gemma", "qwen3", "Mistral", "qwen2_moe"]],
+]
 INDEX_CASES: list[object] = [
     "[]", '"model.safetensors"', "{not json", {}, {"weight_map": None}, {"weight_map": []},
     {"weight_map": "model.safetensors"}, {"weight_map": {}},
@@ -128,6 +139,14 @@ def meta_params() -> dict:
 def test_each_bad_config_json_value_is_one_error_line(tmp_path, key, value):
     folder = case_folder(tmp_path, "stories260K-hf", {"config.json": with_key(hf_config(), key, value)})
     refused(gen(folder), str(folder / "config.json"), key, *shown(value))
+
+
+@pytest.mark.parametrize("family,others,key,value", FAMILY_CASES,
+                         ids=[f"{f}-{k}={show_json(v)}" for f, _, k, v in FAMILY_CASES])
+def test_each_bad_family_key_is_one_error_line(tmp_path, family, others, key, value):
+    config = {**hf_config(), "model_type": family, **others, key: value}
+    folder = case_folder(tmp_path, "stories260K-hf", {"config.json": json.dumps(config)})
+    refused(gen(folder), str(folder / "config.json"), key, show_json(value))
 
 
 @pytest.mark.parametrize("rope_key", ["rope_scaling", "rope_parameters"])
