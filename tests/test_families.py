@@ -142,12 +142,21 @@ def test_a_config_json_with_keys_left_out_reads_as_transformers_reads_it(family,
     assert ours.rope_theta == hf.rope_parameters["rope_theta"]
     assert ours.bos_id == hf.bos_token_id
     assert ours.eos_id == ([] if hf.eos_token_id is None else [hf.eos_token_id])
-    windowed = [t == "sliding_attention" for t in getattr(hf, "layer_types", None) or []]
-    if family == "mistral":  # every layer
-        windowed = [hf.sliding_window is not None] * hf.num_hidden_layers
-    window = hf.sliding_window if any(windowed) else None
-    assert [ours.layer_window(i) for i in range(ours.n_layers)] == [
-        window if w else None for w in windowed or [False] * ours.n_layers]
+    assert layer_windows(ours) == hf_layer_windows(hf)
+
+
+def layer_windows(cfg: ModelConfig) -> list[int | None]:
+    return [cfg.layer_window(i) for i in range(cfg.n_layers)]
+
+
+def hf_layer_windows(hf) -> list[int | None]:
+    """Each layer's window as transformers' attention takes it (Mistral: config.sliding_window
+    in every layer; Qwen2: in its "sliding_attention" layers; Llama: none)."""
+    n = hf.num_hidden_layers
+    if hf.model_type == "mistral":
+        return [hf.sliding_window] * n
+    types = getattr(hf, "layer_types", None) or ["full_attention"] * n
+    return [hf.sliding_window if t == "sliding_attention" else None for t in types]
 
 
 @pytest.mark.parametrize("changes", [
@@ -156,6 +165,7 @@ def test_a_config_json_with_keys_left_out_reads_as_transformers_reads_it(family,
     dict(family="qwen2", qkv_bias=True, bos_id=None, eos_id=[]),
     dict(family="qwen2", qkv_bias=True, sliding_window=9, window_layers=[False] * 3 + [True]),
     dict(family="qwen2", qkv_bias=True, sliding_window=9, window_layers=[True, False] * 2),
+    dict(family="qwen2", qkv_bias=True, sliding_window=9, window_layers=[False] * 4),
 ])
 def test_to_hf_writes_what_transformers_loads_as_the_same_family(changes):
     from transformers import AutoConfig
@@ -164,7 +174,10 @@ def test_to_hf_writes_what_transformers_loads_as_the_same_family(changes):
                       **changes)
     hf = AutoConfig.for_model(**cfg.to_hf())
     assert hf.model_type == cfg.family and hf.architectures == [CLASSES[cfg.family]]
-    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+    back = ModelConfig.from_hf(cfg.to_hf())
+    assert layer_windows(back) == layer_windows(cfg) == hf_layer_windows(hf)
+    if any(cfg.window_layers or [True]):
+        assert back == cfg
 
 
 @pytest.mark.parametrize("changes,needles", [

@@ -1,5 +1,6 @@
-"""ModelConfig: the architecture of a Llama-family model (Llama, Mistral, Qwen2: FAMILIES), read from
-HF or Meta metadata, or one of the named architectures (ARCHITECTURES, `ModelConfig.from_name`).
+"""ModelConfig: the architecture of a Llama-family model (Llama, Mistral, Qwen2: FAMILIES), read
+from HF or Meta metadata, or one of the named architectures (ARCHITECTURES,
+`ModelConfig.from_name`).
 
 Every value is checked against one table (RULES) before a ModelConfig is made, wherever it comes
 from (config.json, params.json, bench's --config, code), so a bad value is one clear error here
@@ -167,8 +168,7 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_embeddings,
             "hidden_act": "silu",
             "bos_token_id": self.bos_id,
-            "eos_token_id": (self.eos_id[0] if len(self.eos_id) == 1
-                             else self.eos_id or None),
+            "eos_token_id": self.eos_id[0] if len(self.eos_id) == 1 else self.eos_id,
         }
         if self.family == "llama":
             out.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
@@ -181,9 +181,9 @@ class ModelConfig:
     def _qwen2_window_keys(self) -> dict[str, Any]:
         """Qwen2's keys for its sliding window: which layers use it is max_window_layers (the
         layers from that one on) where that can say it, else layer_types, one entry per layer."""
-        if self.sliding_window is None:
-            return {"use_sliding_window": False, "sliding_window": None}
         windowed = self.window_layers or [True] * self.n_layers
+        if self.sliding_window is None or not any(windowed):
+            return {"use_sliding_window": False, "sliding_window": None}
         first = windowed.index(True)
         out = {"use_sliding_window": True, "sliding_window": self.sliding_window,
                "max_window_layers": first}
