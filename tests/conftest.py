@@ -49,26 +49,32 @@ def cli_fails(args: list[str], *needles: str) -> str:
     return err
 
 
-def tiny_hf_config(**overrides):
-    from transformers import LlamaConfig
+def tiny_hf_config(family: str = "llama", **overrides):
+    """A tiny transformers config of `family` (its model_type: llama, mistral, qwen2)."""
+    from transformers import AutoConfig
 
     base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
                 num_key_value_heads=8, vocab_size=128, max_position_embeddings=64,
                 rms_norm_eps=1e-5, tie_word_embeddings=False)
     base.update(overrides)
-    return LlamaConfig(**base)
+    return AutoConfig.for_model(family, **base)
 
 
-def make_hf_checkpoint(path: Path, seed: int = 0, tokenizer: bool = False, **overrides):
-    """Save a random LlamaForCausalLM (float32) as an HF folder; returns the transformers model."""
-    from transformers import LlamaForCausalLM
+def make_hf_checkpoint(path: Path, seed: int = 0, tokenizer: bool = False, family: str = "llama",
+                       **overrides):
+    """Save a random model of `family` (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM;
+    float32) as an HF folder; returns the transformers model."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_hf_config(**overrides)).float().eval()
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(family, **overrides)).float().eval()
     with torch.no_grad():  # HF's init gives near-zero logits; widen so greedy choices are clear-cut
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.15)
+        for name, p in model.named_parameters():  # after the weights, which keep their draws
+            if name.endswith(".bias"):  # HF's init zeroes them: a bias not loaded would pass
+                p.normal_(0, 0.3)
     model.save_pretrained(path)
     if tokenizer:
         shutil.copy(fixture("llama2c/tok512.model"), path / "tokenizer.model")

@@ -78,6 +78,17 @@ META_CASES: list[tuple[str, object]] = [
                               ("vision_chunk_size", 560), ("moe_args", {})]],
     *[(key, MISSING) for key in ("dim", "n_layers", "n_heads")],
 ]
+# keys of one family: (model_type, the other keys set, the key, a bad value)
+QWEN2_WINDOW = {"use_sliding_window": True, "sliding_window": 4}
+FAMILY_CASES: list[tuple[str, dict, str, object]] = [
+    *[("mistral", {}, "sliding_window", v) for v in ["4096", 4096.0, True, [4], {}, 0, -1, 2**31]],
+    *[("qwen2", {}, "use_sliding_window", v) for v in ["true", 1, None, [True]]],
+    *[("qwen2", {"use_sliding_window": True}, "sliding_window", v) for v in ["4", 4.0, False, 0]],
+    *[("qwen2", QWEN2_WINDOW, "max_window_layers", v) for v in ["1", 1.0, None, True, -1, 10**5]],
+    *[("qwen2", QWEN2_WINDOW, "layer_types", v) for v in [
+        "sliding_attention", 5, {}, ["full_attention"], ["full_attention"] * 6, ["local"] * 5]],
+    *[(v, {}, "model_type", v) for v in ["gemma", "qwen3", "Mistral", "qwen2_moe"]],
+]
 INDEX_CASES: list[object] = [
     "[]", '"model.safetensors"', "{not json", {}, {"weight_map": None}, {"weight_map": []},
     {"weight_map": "model.safetensors"}, {"weight_map": {}},
@@ -136,6 +147,14 @@ def meta_params() -> dict:
 def test_each_bad_config_json_value_is_one_error_line(tmp_path, key, value):
     folder = case_folder(tmp_path, "stories260K-hf", {"config.json": with_key(hf_config(), key, value)})
     refused(gen(folder), str(folder / "config.json"), key, *shown(value))
+
+
+@pytest.mark.parametrize("family,others,key,value", FAMILY_CASES,
+                         ids=[f"{f}-{k}={show_json(v)}" for f, _, k, v in FAMILY_CASES])
+def test_each_bad_family_key_is_one_error_line(tmp_path, family, others, key, value):
+    config = {**hf_config(), "model_type": family, **others, key: value}
+    folder = case_folder(tmp_path, "stories260K-hf", {"config.json": json.dumps(config)})
+    refused(gen(folder), str(folder / "config.json"), key, show_json(value))
 
 
 @pytest.mark.parametrize("rope_key", ["rope_scaling", "rope_parameters"])
@@ -308,6 +327,7 @@ def test_free_memory_is_a_positive_number_of_bytes_below_the_machines_total():
 @pytest.mark.parametrize("changes", [
     {}, {"tie_embeddings": True}, {"attention_bias": True}, {"mlp_bias": True}, {"n_kv_heads": 1},
     {"head_dim": 6, "n_kv_heads": 2}, {"attention_bias": True, "mlp_bias": True, "tie_embeddings": True},
+    {"family": "qwen2", "qkv_bias": True, "n_kv_heads": 2},
 ])
 def test_parameter_count_from_the_arithmetic_equals_the_built_models(changes):
     from xllama_cli.model import Transformer
@@ -325,7 +345,7 @@ def test_every_rule_refuses_what_it_says_it_refuses():
     for name, rule in RULES.items():
         assert rule.ok(good[name]), name
         assert not rule.ok("1") and not rule.ok(NAN) and not rule.ok({}), name
-        assert rule.ok(None) == (name in ("bos_id", "eos_id")), name
+        assert rule.ok(None) == (name in ("bos_id", "eos_id", "sliding_window", "window_layers")), name
 
 
 def test_programmatic_configs_are_checked_too():

@@ -18,10 +18,15 @@ from xllama_cli.tokenizer import load_tokenizer
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 PROMPTS = [[5, 9, 33, 70, 2, 11, 4], [8, 41, 6]]
+# (family, overrides): the windows are shorter than the prompts, so every mask path meets them
+FAMILIES = {"llama": ("llama", {}), "mistral-window": ("mistral", dict(sliding_window=4)),
+            "qwen2-window": ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1))}
 
 
-def test_float32_greedy_tokens_on_cuda_match_transformers(tmp_path):
-    hf = make_hf_checkpoint(tmp_path, seed=3, num_key_value_heads=2)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_float32_greedy_tokens_on_cuda_match_transformers(tmp_path, family):
+    kind, overrides = FAMILIES[family]
+    hf = make_hf_checkpoint(tmp_path, seed=3, num_key_value_heads=2, family=kind, **overrides)
     ours = load_model(tmp_path, device="cuda", dtype="float32")
     for prompt in PROMPTS:
         with torch.no_grad():
@@ -30,9 +35,11 @@ def test_float32_greedy_tokens_on_cuda_match_transformers(tmp_path):
         assert generate_tokens(ours, [prompt], 24).tokens[0] == want
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_compiled_step_with_cuda_graphs_gives_the_eager_tokens(tmp_path, dtype):
-    make_hf_checkpoint(tmp_path, seed=4, num_key_value_heads=2)
+def test_compiled_step_with_cuda_graphs_gives_the_eager_tokens(tmp_path, dtype, family):
+    kind, overrides = FAMILIES[family]
+    make_hf_checkpoint(tmp_path, seed=4, num_key_value_heads=2, family=kind, **overrides)
     eager = load_model(tmp_path, device="cuda", dtype=dtype)
     compiled = load(tmp_path, device="cuda", dtype=dtype, compile=True)
     want = generate_tokens(eager, PROMPTS, 20).tokens

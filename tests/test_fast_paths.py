@@ -148,6 +148,16 @@ def test_compiled_decode_gives_the_eager_tokens(tmp_path):
     assert generate_tokens(compiled.model, prompts[:1], 20, step=compiled.step).tokens[0] == want[0]
 
 
+def test_compiled_decode_with_a_sliding_window_gives_the_eager_tokens(tmp_path):
+    """The compiled step attends over the whole cache: keys past a layer's window are masked."""
+    make_hf_checkpoint(tmp_path, seed=5, family="mistral", num_key_value_heads=2, sliding_window=4)
+    eager = load_model(tmp_path, device="cpu", dtype="float32")
+    compiled = load(tmp_path, device="cpu", dtype="float32", compile=True)
+    prompts = [[5, 9, 33, 70, 2, 11, 4], [8, 41, 6]]  # past the window, and padded
+    want = generate_tokens(eager, prompts, 20).tokens
+    assert generate_tokens(compiled.model, prompts, 20, step=compiled.step).tokens == want
+
+
 def test_cuda_graph_mode_of_the_compiled_step_runs_on_the_cpu_too(tmp_path):
     """CUDA compiles the step with mode="reduce-overhead" (CUDA graphs); CI has no GPU, so the same
     call runs here, where inductor compiles it without graphs and must give the eager tokens."""

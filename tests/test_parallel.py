@@ -85,6 +85,9 @@ def two_ranks(tmp_path_factory):
                              rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8,
                                               "rope_theta": 10000.0})
+    make_hf_checkpoint(tmp / "qwen2", seed=5, family="qwen2", num_key_value_heads=2, num_hidden_layers=3,
+                       use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    make_hf_checkpoint(tmp / "mistral", seed=6, family="mistral", num_key_value_heads=4, sliding_window=4)
     (tmp / "bin").mkdir()
     torch.save(gqa.state_dict(), tmp / "bin" / "pytorch_model.bin")
     (tmp / "bin" / "config.json").write_text((tmp / "gqa" / "config.json").read_text())
@@ -101,6 +104,8 @@ def two_ranks(tmp_path_factory):
         dict(name="random_mqa_bias_dynamic", model=str(tmp / "mqa"), prompts=rand, n=24, sample=True),
         dict(name="random_gqa_head_dim_tied_llama3", model=str(tmp / "gqa"), prompts=rand, n=24),
         dict(name="random_gqa_bin", model=str(tmp / "bin"), prompts=rand, n=24),
+        dict(name="random_qwen2_window", model=str(tmp / "qwen2"), prompts=rand, n=24),
+        dict(name="random_mistral_window", model=str(tmp / "mistral"), prompts=rand, n=24),
         dict(name="broken_meta", model=str(broken_meta_mp2(tmp / "broken")), prompts=[ids], n=4),
         dict(name="story_int8", model=story, quantize="int8", dtype="auto", prompts=[ids], n=30),
         dict(name="story_compiled", model=story, compile=True, prompts=[ids], n=30),
@@ -118,6 +123,7 @@ LOCAL = {  # (query heads, KV heads, FFN rows) on each of 2 ranks
     "story_hf": (4, 2, 86), "story_meta_mp2": (4, 2, 86), "story_gqa2": (4, 1, 86),
     "story_mqa": (4, 1, 86), "story_mha": (4, 4, 86), "story_packed": (4, 2, 86), "random_mqa_bias_dynamic": (4, 1, 48),
     "random_gqa_head_dim_tied_llama3": (4, 1, 48), "random_gqa_bin": (4, 1, 48),
+    "random_qwen2_window": (4, 1, 48), "random_mistral_window": (4, 2, 48),
 }
 
 

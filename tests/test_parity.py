@@ -25,6 +25,11 @@ CASES = {
                    rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8,
                                     "rope_theta": 10000.0}),
+    # Llama 3.2's release: factor 32, theta 500000, tied head
+    "llama3.2": dict(num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+                     rope_parameters={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8,
+                                      "rope_theta": 500000.0}),
 }
 
 

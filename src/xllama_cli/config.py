@@ -1,5 +1,6 @@
-"""ModelConfig: the architecture of a Llama-family model, read from HF or Meta metadata, or one of
-the named architectures (ARCHITECTURES, `ModelConfig.from_name`).
+"""ModelConfig: the architecture of a Llama-family model (Llama, Mistral, Qwen2: FAMILIES), read
+from HF or Meta metadata, or one of the named architectures (ARCHITECTURES,
+`ModelConfig.from_name`).
 
 Every value is checked against one table (RULES) before a ModelConfig is made, wherever it comes
 from (config.json, params.json, bench's --config, code), so a bad value is one clear error here
@@ -34,10 +35,16 @@ class ModelConfig:
     # {"rope_type": "linear"|"dynamic"|"llama3", "factor": ..., ...}; None: plain rotary
     rope_scaling: dict[str, Any] | None = None
     tie_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # bias on q, k, v and o (Llama's attention_bias)
+    qkv_bias: bool = False  # bias on q, k and v only (Qwen2's)
     mlp_bias: bool = False
     bos_id: int | None = 1
     eos_id: list[int] = field(default_factory=lambda: [2])
+    family: str = "llama"  # a key of FAMILIES: the model_type written back to config.json
+    # a query at position p attends to the keys at (p - sliding_window, p]; None: all before it
+    sliding_window: int | None = None
+    # per layer, whether it uses sliding_window (Qwen2 windows some layers only); None: all do
+    window_layers: list[bool] | None = None
 
     def __post_init__(self) -> None:
         check_values({**self.values(), "head_dim": self.head_dim or None}, "model config")
@@ -47,6 +54,12 @@ class ModelConfig:
     @property
     def rope_type(self) -> str:
         return (self.rope_scaling or {}).get("rope_type", "rotary")
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer`, or None when it attends to every earlier key."""
+        if self.window_layers is not None and not self.window_layers[layer]:
+            return None
+        return self.sliding_window
 
     def values(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -78,7 +91,9 @@ class ModelConfig:
         """Exact parameter count of the architecture, from its sizes alone (nothing is built)."""
         d, f = self.dim, self.hidden_dim
         q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        attn = d * (2 * q + 2 * kv) + (q + 2 * kv + d if self.attention_bias else 0)  # q, k, v, o
+        qkv_bias = self.attention_bias or self.qkv_bias
+        attn = (d * (2 * q + 2 * kv) + (q + 2 * kv if qkv_bias else 0)  # q, k, v, o
+                + (d if self.attention_bias else 0))
         mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)  # gate, up, down
         layer = attn + mlp + 2 * d  # and two RMSNorm weights
         # tok_embeddings and lm_head
@@ -88,11 +103,13 @@ class ModelConfig:
     # ---- Hugging Face config.json ----
     @classmethod
     def from_hf(cls, hf: Any, source: str = "config.json") -> "ModelConfig":
+        """config.json as transformers reads it for the checkpoint's model_type: a key left out
+        takes that family's default (FAMILIES)."""
         hf = json_object(hf, source)
-        model_type = hf.get("model_type", "llama")
-        if model_type not in ("llama", "mistral"):
-            raise XllamaError(f"{source}: model_type {show_json(model_type)} is not a Llama-family "
-                              "model (supported: llama, mistral)")
+        family = hf.get("model_type", "llama")
+        if not isinstance(family, str) or family not in FAMILIES:
+            raise XllamaError(f"{source}: model_type {show_json(family)} is not a family xllama "
+                              f"runs (supported: {', '.join(FAMILIES)})")
         act = hf.get("hidden_act", "silu")
         # the MLP is SwiGLU; another activation would load and be wrong
         if act not in ("silu", "swish"):
@@ -105,14 +122,22 @@ class ModelConfig:
                               f'{{"rope_type": "linear", "factor": 2.0}} or null, got '
                               f"{show_json(rope_params)}")
         rope_params = rope_params or {}
-        keys, data = dict(HF_KEYS), dict(hf)
+        kind = FAMILIES[family]
+        # the family's own fields (its biases) have no key: transformers' class fixes them
+        keys = {name: key for name, key in HF_KEYS.items() if name not in kind.fixed}
+        data = {**{keys[name]: v for name, v in kind.absent.items()}, **hf}
         if "rope_theta" not in hf and "rope_theta" in rope_params:  # transformers 5 keeps it there
             keys["rope_theta"] = f"{rope_key}.rope_theta"
             data[keys["rope_theta"]] = rope_params["rope_theta"]
-        values = _read(data, keys, HF_DEFAULTS, source)
+        values = _read(data, keys, {**HF_DEFAULTS, **kind.defaults}, source)
+        values.update(kind.fixed, family=family, sliding_window=_hf_window_size(hf, family, source))
         values["rope_scaling"] = normalize_rope_scaling(rope_params, f"{source}: {rope_key}")
-        keys["rope_scaling"] = rope_key
+        keys.update(rope_scaling=rope_key, sliding_window="sliding_window")
         check_values(values, source, keys)
+        if family == "qwen2" and values["sliding_window"] is not None:
+            windowed = _qwen2_window_layers(hf, values["n_layers"], source)
+            values["sliding_window"] = values["sliding_window"] if any(windowed) else None
+            values["window_layers"] = None if all(windowed) or not any(windowed) else windowed
         eos = values["eos_id"]
         values["eos_id"] = list(eos) if isinstance(eos, list) else ([] if eos is None else [eos])
         return cls._derived(values)
@@ -125,9 +150,10 @@ class ModelConfig:
                       "n_kv_heads": values["n_kv_heads"] or values["n_heads"]})
 
     def to_hf(self) -> dict[str, Any]:
+        """config.json of this config, which transformers loads as the family's own class."""
         out: dict[str, Any] = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [FAMILIES[self.family].architecture],
+            "model_type": self.family,
             "hidden_size": self.dim,
             "intermediate_size": self.hidden_dim,
             "num_hidden_layers": self.n_layers,
@@ -140,12 +166,29 @@ class ModelConfig:
             "rope_theta": self.rope_theta,
             "rope_scaling": None if self.rope_scaling is None else dict(self.rope_scaling),
             "tie_word_embeddings": self.tie_embeddings,
-            "attention_bias": self.attention_bias,
-            "mlp_bias": self.mlp_bias,
             "hidden_act": "silu",
             "bos_token_id": self.bos_id,
             "eos_token_id": self.eos_id[0] if len(self.eos_id) == 1 else self.eos_id,
         }
+        if self.family == "llama":
+            out.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+        elif self.family == "mistral":
+            out["sliding_window"] = self.sliding_window
+        else:
+            out.update(self._qwen2_window_keys())
+        return out
+
+    def _qwen2_window_keys(self) -> dict[str, Any]:
+        """Qwen2's keys for its sliding window: which layers use it is max_window_layers (the
+        layers from that one on) where that can say it, else layer_types, one entry per layer."""
+        windowed = self.window_layers or [True] * self.n_layers
+        if self.sliding_window is None or not any(windowed):
+            return {"use_sliding_window": False, "sliding_window": None}
+        first = windowed.index(True)
+        out = {"use_sliding_window": True, "sliding_window": self.sliding_window,
+               "max_window_layers": first}
+        if not all(windowed[first:]):
+            out["layer_types"] = [QWEN2_LAYER_TYPES[w] for w in windowed]
         return out
 
     # ---- Meta params.json ----
@@ -278,6 +321,62 @@ def _check_meta_sizes(params: Mapping[str, Any], values: Mapping[str, Any], sour
                           "rows; params.json and the weights must agree")
 
 
+# ---- families ----
+@dataclass(frozen=True)
+class Family:
+    architecture: str  # transformers' class, written to config.json's "architectures"
+    fixed: dict[str, Any]  # fields the family's class fixes: config.json has no key for them
+    defaults: dict[str, Any] = field(default_factory=dict)  # for a key left out or null
+    absent: dict[str, Any] = field(default_factory=dict)  # for a key left out (null: derived)
+
+
+# What transformers' LlamaConfig, MistralConfig and Qwen2Config give for a key left out; the rest
+# are HF_DEFAULTS. A sliding window is read by _hf_window_size.
+FAMILIES: dict[str, Family] = {
+    "llama": Family("LlamaForCausalLM", dict(qkv_bias=False)),
+    "mistral": Family("MistralForCausalLM",
+                      dict(attention_bias=False, qkv_bias=False, mlp_bias=False),
+                      dict(max_seq_len=4096 * 32), dict(n_kv_heads=8)),
+    "qwen2": Family("Qwen2ForCausalLM", dict(attention_bias=False, qkv_bias=True, mlp_bias=False),
+                    dict(max_seq_len=32768, bos_id=None, eos_id=None), dict(n_kv_heads=32)),
+}
+QWEN2_LAYER_TYPES = {False: "full_attention", True: "sliding_attention"}
+WINDOW_DEFAULT = 4096  # Mistral's and Qwen2's sliding_window when the key is left out
+
+
+def _hf_window_size(hf: dict[str, Any], family: str, source: str) -> Any:
+    """config.json's sliding window (unchecked), as the family's class reads it: Mistral's
+    sliding_window; Qwen2's only under use_sliding_window (false when left out); Llama has none."""
+    if family == "llama":
+        return None
+    if family == "qwen2":
+        use = hf.get("use_sliding_window", False)
+        if not FLAG.ok(use):
+            raise XllamaError(f"{source}: use_sliding_window must be {FLAG.allowed}, got "
+                              f"{show_json(use)}")
+        if not use:
+            return None
+    return hf.get("sliding_window", WINDOW_DEFAULT)
+
+
+def _qwen2_window_layers(hf: dict[str, Any], n_layers: int, source: str) -> list[bool]:
+    """Which of Qwen2's layers use its window: layer_types when given, else the layers from
+    max_window_layers on (28 when left out), as Qwen2Config decides."""
+    types = hf.get("layer_types")
+    if types is not None:
+        if (not isinstance(types, list) or len(types) != n_layers
+                or any(t not in QWEN2_LAYER_TYPES.values() for t in types)):
+            raise XllamaError(f"{source}: layer_types must be a list of {n_layers} entries (one "
+                              'per layer), each "full_attention" or "sliding_attention", got '
+                              f"{show_json(types)}")
+        return [t == QWEN2_LAYER_TYPES[True] for t in types]
+    first = hf.get("max_window_layers", 28)
+    if not LAYER_INDEX.ok(first):
+        raise XllamaError(f"{source}: max_window_layers must be {LAYER_INDEX.allowed}, got "
+                          f"{show_json(first)}")
+    return [i >= first for i in range(n_layers)]
+
+
 # ---- named architectures ----
 @dataclass(frozen=True)
 class Architecture:
@@ -368,11 +467,19 @@ RULES: dict[str, Rule] = {
     "rope_theta": POSITIVE,
     "tie_embeddings": FLAG,
     "attention_bias": FLAG,
+    "qkv_bias": FLAG,
     "mlp_bias": FLAG,
     "bos_id": Rule("a token id (an integer >= 0) or null",
                    lambda v: v is None or _token_ids(v) and type(v) is int),
     "eos_id": Rule("a token id (an integer >= 0), a list of them, or null", _token_ids),
+    "family": Rule("one of " + ", ".join(FAMILIES), lambda v: isinstance(v, str) and v in FAMILIES),
+    "sliding_window": Rule(f"an integer from 1 to {MAX_CONTEXT} or null",
+                           lambda v: v is None or _ints(1, MAX_CONTEXT).ok(v)),
+    "window_layers": Rule("a list of true or false, one per layer, or null",
+                          lambda v: v is None or isinstance(v, list)
+                          and all(type(w) is bool for w in v)),
 }
+LAYER_INDEX = _ints(0, 1 << 12)
 # fields that may be left out (or null): derived from others
 DERIVED = ("n_kv_heads", "head_dim")
 ROPE_TYPES = ("linear", "dynamic", "llama3")
@@ -494,6 +601,7 @@ def check_values(values: Mapping[str, Any], source: str,
         raise XllamaError(f"{source}: {key('dim')} {values['dim']} / {key('n_heads')} {n_heads} "
                           f"gives a head size of {head_dim}, but RoPE needs an even head size of "
                           f"at least 2; fix the sizes or set {key('head_dim')}")
+    _check_family(values, source, key)
     vocab = values["vocab_size"]
     for name in ("bos_id", "eos_id"):
         ids = values.get(name)
@@ -503,6 +611,24 @@ def check_values(values: Mapping[str, Any], source: str,
                 raise XllamaError(f"{source}: {key(name)} {which} is not in the vocabulary "
                                   f"({key('vocab_size')} {vocab}: ids 0 to {vocab - 1})")
     check_rope_scaling(values.get("rope_scaling"), head_dim, f"{source}: {key('rope_scaling')}")
+
+
+def _check_family(values: Mapping[str, Any], source: str, key: Callable[[str], str]) -> None:
+    """The fields a family fixes hold its values (so that config.json can say them), and a
+    per-layer window list has one entry per layer."""
+    family = values.get("family", "llama")
+    fixed = {**FAMILIES[family].fixed,
+             **({"sliding_window": None} if family == "llama" else {}),
+             **({"window_layers": None} if family != "qwen2" else {})}
+    for name, value in fixed.items():
+        if values.get(name, value) != value:
+            raise XllamaError(f"{source}: {key(name)} must be {show_json(value)} for the family "
+                              f"{family} (its transformers class fixes it), got "
+                              f"{show_json(values[name])}")
+    layers = values.get("window_layers")
+    if layers is not None and len(layers) != values["n_layers"]:
+        raise XllamaError(f"{source}: {key('window_layers')} must have one entry per layer "
+                          f"({values['n_layers']}), got {len(layers)}")
 
 
 def check_rope_scaling(scaling: Any, head_dim: int, where: str) -> None:

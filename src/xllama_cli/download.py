@@ -506,10 +506,12 @@ def _check_config(repo_id: str, config_path: Path) -> None:
         model_type = json.loads(config_path.read_text()).get("model_type")
     except (OSError, ValueError, AttributeError) as e:
         raise XllamaError(f"cannot read config.json of {repo_id}: {_first_line(e)}") from None
-    if model_type != "llama":
+    from .config import FAMILIES
+
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise XllamaError(f"{repo_id} holds no Llama checkpoint: its config.json has model_type "
-                          f"{model_type!r} (xllama runs model_type 'llama', or Meta's params.json "
-                          "layout)")
+                          f"{model_type!r} (xllama runs model_type {', '.join(FAMILIES)}, or "
+                          "Meta's params.json layout)")
 
 
 def download(repo_id: str, *, revision: str = "main", token: str | None = None,

@@ -41,8 +41,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
+        self.window = cfg.layer_window(index)  # which of the forward's masks this layer takes
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -63,7 +64,7 @@ class Decoder(nn.Module):
         meta = torch.get_default_device().type == "meta"
         weight = torch.empty(cfg.vocab_size, cfg.dim) if meta else None
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=weight)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.rotary = RotaryEmbedding(cfg)
 
@@ -75,6 +76,8 @@ class Transformer(nn.Module):
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
+        # the windows the layers use, each once (None: none)
+        self.windows = tuple(dict.fromkeys(layer.window for layer in self.model.layers))
 
     def init_rope(self, device: torch.device | str) -> None:
         """(Re)compute the RoPE frequencies on `device`, e.g. after building on the meta device."""
@@ -130,10 +133,12 @@ class Transformer(nn.Module):
         slots = torch.arange(T, device=tokens.device) + (0 if start is None else start)
         positions = slots.expand(B, T) if pad is None else (slots[None] - pad[:, None]).clamp(min=0)
         cos, sin = self.model.rotary(positions)
-        mask = self._mask(slots, pad, start, self.cache_len)
+        # one mask per window the layers use (a sliding window, or none); every cached key is
+        # kept, and a key that has left a layer's window is masked
+        masks = {w: self._mask(slots, pad, start, self.cache_len, w) for w in self.windows}
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, start)
+            x = layer(x, cos, sin, masks[layer.window], start)
         x = self.model.norm(x)
         if last_only:
             x = x[:, -1:]
@@ -141,14 +146,21 @@ class Transformer(nn.Module):
 
     @staticmethod
     def _mask(slots: torch.Tensor, pad: torch.Tensor | None, start: int | torch.Tensor | None,
-              cache_len: int) -> torch.Tensor | None:
-        """Bool [B|1, 1, T, S] or None where SDPA's own causal rule (or no rule) is exact."""
+              cache_len: int, window: int | None = None) -> torch.Tensor | None:
+        """Bool [B|1, 1, T, S] or None where SDPA's own causal rule (or no rule) is exact.
+        window: a query attends to the `window` slots up to its own, itself included (the same
+        count of positions in a left-padded row, whose positions and slots differ by a
+        constant)."""
         T = slots.shape[0]
         static = isinstance(start, torch.Tensor)  # S is the whole cache, its future slots masked
-        if not static and pad is None and (not start or T == 1):
+        last = None if static else (start or 0) + T - 1
+        within = window is None or (last is not None and last < window)
+        if not static and pad is None and (not start or T == 1) and within:
             return None
-        keys = torch.arange(cache_len if static else int(slots[-1]) + 1, device=slots.device)
+        keys = torch.arange(cache_len if static else last + 1, device=slots.device)
         mask = keys[None, :] <= slots[:, None]  # causal, [T, S]
+        if window is not None:
+            mask = mask & (keys[None, :] > slots[:, None] - window)
         if pad is not None:
             mask = mask[None] & (keys[None, None, :] >= pad[:, None, None])
             # a padding slot attends to itself alone, so it never meets an all-masked row (NaN)
