@@ -86,6 +86,19 @@ def story_hf() -> Path:
     return fixture("stories260K-hf")
 
 
+# chat messages of each role, for the dialog tables of the chat tests
+def U(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def A(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+def S(text: str) -> dict[str, str]:
+    return {"role": "system", "content": text}
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import ROOT, fixture, make_hf_checkpoint
+from conftest import A, ROOT, S, U, fixture, make_hf_checkpoint
 from xllama_cli import XllamaError, format_llama2_chat, load_model
 from xllama_cli.chat import ChatSession, choose_template, format_plain
 from xllama_cli.cli import app
@@ -50,18 +50,6 @@ def raw_sp():
     import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_file=str(fixture("tokenizers/llama2-tokenizer.model")))
-
-
-def U(text):
-    return {"role": "user", "content": text}
-
-
-def A(text):
-    return {"role": "assistant", "content": text}
-
-
-def S(text):
-    return {"role": "system", "content": text}
 
 
 DIALOGS = {

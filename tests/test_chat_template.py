@@ -10,7 +10,7 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from conftest import fixture, make_hf_checkpoint
+from conftest import A, S, U, fixture, make_hf_checkpoint
 from xllama_cli import XllamaError, load_tokenizer, render_chat_template
 from xllama_cli.chat_template import ChatTemplate, find_chat_template
 
@@ -19,18 +19,6 @@ TEMPLATE_FILES = ["Qwen-Qwen2.5-7B-Instruct.jinja", "deepseek-ai-DeepSeek-R1-Dis
                   "google-gemma-2-2b-it.jinja", "meta-llama-Llama-3.1-8B-Instruct.jinja",
                   "meta-llama-Llama-3.2-3B-Instruct.jinja", "microsoft-Phi-3.5-mini-instruct.jinja",
                   "mistralai-Mistral-Nemo-Instruct-2407.jinja", "tokenizer_config.json"]
-
-
-def U(text):
-    return {"role": "user", "content": text}
-
-
-def A(text):
-    return {"role": "assistant", "content": text}
-
-
-def S(text):
-    return {"role": "system", "content": text}
 
 
 CHATS = {
