@@ -74,13 +74,13 @@ Temperature = Annotated[float, typer.Option(
     "--temperature", "-t",
     help="Sampling temperature; 0 means greedy (always the most likely token).")]
 TopK = Annotated[Optional[int], typer.Option(
-    "--top-k", help="Sample only among the k most likely tokens.")]
+    "--top-k", help="Sample only among the k most likely tokens; 0 means no limit.")]
 TopP = Annotated[Optional[float], typer.Option(
     "--top-p",
-    help="Sample only among the most likely tokens whose probabilities add up to p (nucleus); 1 "
-         "disables.")]
+    help="Sample only among the most likely tokens whose probabilities add up to p (nucleus), "
+         "0 < p <= 1; 1 disables.")]
 Seed = Annotated[Optional[int], typer.Option(
-    "--seed", help="Random seed: the same seed gives the same text.")]
+    "--seed", help="Random seed (0 to 2**64-1): the same seed gives the same text.")]
 
 
 def model_path(model: str | None) -> str:
