@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .errors import XllamaError
+from .errors import XllamaError, is_real
 
 
 @dataclass
@@ -435,10 +435,6 @@ class Rule:
     ok: Callable[[Any], bool]
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _ints(lo: int, hi: int, even: bool = False) -> Rule:
     return Rule(f"an {'even ' if even else ''}integer from {lo} to {hi}",
                 lambda v: type(v) is int and lo <= v <= hi and not (even and v % 2))
@@ -449,7 +445,7 @@ def _token_ids(v: Any) -> bool:
     return v is None or all(type(i) is int and i >= 0 for i in ids)
 
 
-POSITIVE = Rule("a finite number > 0", lambda v: _is_number(v) and math.isfinite(v) and v > 0)
+POSITIVE = Rule("a finite number > 0", lambda v: is_real(v) and math.isfinite(v) and v > 0)
 FLAG = Rule("true or false", lambda v: type(v) is bool)
 MAX_CONTEXT = 1 << 30
 # upper bounds far above any released Llama-family model: an absurd size is refused here, before

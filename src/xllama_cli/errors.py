@@ -32,6 +32,16 @@ class SettingError(XllamaError):
         return partial(type(self), self.template, **self.values), ()
 
 
+def is_whole(x: object) -> bool:
+    """An int that is not a bool (JSON and Python both let True pass as 1)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_real(x: object) -> bool:
+    """An int or float that is not a bool; NaN passes here and fails every range check after."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def require_utf8(text: str, what: str) -> str:
     """`text` as given, if it came from valid UTF-8. Arguments and stdin reach Python with invalid
     bytes kept as lone surrogates (surrogateescape), which no tokenizer can encode."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from .config import ModelConfig
-from .errors import SettingError, XllamaError
+from .errors import SettingError, XllamaError, is_whole
 from .kv_cache import cache_capacity
 from .model import Transformer
 from .sampling import Sampling, make_generator, sample
@@ -78,8 +78,7 @@ def check_token_ids(ids: list[int], model: Transformer | ModelConfig) -> None:
 def check_prompts(model: Transformer | ModelConfig, prompts: list[list[int]],
                   max_new_tokens: int) -> None:
     """Refuse a request that cannot run, before anything of it is shown or computed."""
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) \
-            or max_new_tokens < 1:
+    if not is_whole(max_new_tokens) or max_new_tokens < 1:
         raise XllamaError(f"max new tokens {max_new_tokens} is out of range: it must be at least 1")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise XllamaError("every prompt needs at least one token")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import XllamaError
+from .errors import XllamaError, is_real, is_whole
 
 
 @dataclass
@@ -21,27 +21,18 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not _real(self.temperature) or not 0 <= self.temperature < math.inf:
+        if not is_real(self.temperature) or not 0 <= self.temperature < math.inf:
             raise XllamaError(f"temperature {self.temperature} is out of range: it must be a "
                               "finite number >= 0 (0 means greedy)")
-        if self.top_k is not None and (not _integer(self.top_k) or self.top_k < 0):
+        if self.top_k is not None and (not is_whole(self.top_k) or self.top_k < 0):
             raise XllamaError(f"top-k {self.top_k} is out of range: it must be a whole number >= 0 "
                               "(0 means off)")
-        if self.top_p is not None and (not _real(self.top_p) or not 0 < self.top_p <= 1):
+        if self.top_p is not None and (not is_real(self.top_p) or not 0 < self.top_p <= 1):
             raise XllamaError(f"top-p {self.top_p} is out of range: it must be > 0 and <= 1 "
                               "(1 means off)")
-        if self.seed is not None and (not _integer(self.seed) or not 0 <= self.seed < 2**64):
+        if self.seed is not None and (not is_whole(self.seed) or not 0 <= self.seed < 2**64):
             raise XllamaError(f"seed {self.seed} is out of range: it must be a whole number from 0 "
                               "to 2**64 - 1")
-
-
-def _real(x: object) -> bool:
-    """A number (not a bool): NaN passes here and fails the range checks, which NaN never meets."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _integer(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .errors import XllamaError
+from .errors import XllamaError, is_real, is_whole
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -46,12 +46,12 @@ class TrainConfig:
                                  ("--context", self.context, 2),
                                  ("--save-every", self.save_every, 0),
                                  ("warmup", self.warmup, 0), ("--seed", self.seed, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            if not is_whole(value) or value < low:
                 raise XllamaError(f"{flag} {value} is out of range: it must be a whole number "
                                   f">= {low}")
 
         def finite(x: object) -> bool:  # NaN: False
-            return isinstance(x, (int, float)) and math.isfinite(x)
+            return is_real(x) and math.isfinite(x)
 
         decay, ratio = self.weight_decay, self.min_lr_ratio
         for flag, value, ok, rule in (
