@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 from . import report
 from .errors import SettingError, XllamaError, read_utf8, require_utf8
 from .options import (DEMO_MODEL, Attn, Compile, Device, Dtype, Groups, LoadOptions, Model,
-                      Quantize, SamplingOptions, model_path, with_groups)
+                      Quantize, SamplingOptions, Template, model_path, with_groups)
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -356,13 +356,7 @@ def chat(
     system: Optional[str] = typer.Option(
         None, "--system", "-s",
         help="System prompt (Llama 2 folds it into the first user message)."),
-    template: Optional[str] = typer.Option(
-        None, "--template",
-        help="auto (the default): the checkpoint's own chat template (tokenizer_config.json, "
-             "chat_template.jinja or chat_template.json), Llama 2's [INST] one as llama2; without "
-             "one, llama2 when the model's folder or repo name contains 'chat', else plain. "
-             "llama2: Meta's [INST] chat format, token for token. plain: the turns joined as "
-             "text, for base models. FILE.jinja: that Jinja chat template."),
+    template: Template = None,
     max_new_tokens: int = typer.Option(
         512, "--max-new-tokens", "-n",
         help="Most new tokens per answer (an answer also stops at EOS and at the context's end)."),
@@ -393,6 +387,70 @@ def chat(
     session = ChatSession(m.model, opened.tokenizer, chosen, system, sampling, max_new_tokens,
                           context, notify=report.info, step=m.step, tp=m.tp)
     run(session, sys.stdin)
+
+
+@command()
+def serve(
+    model: Model = None,
+    host: str = typer.Option(
+        "127.0.0.1", "--host",
+        help="Address to listen on; another than loopback exposes the model to the network (use "
+             "--api-key)."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on (0: any free port)."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="XLLAMA_API_KEY", show_default=False,
+        help="Require 'Authorization: Bearer KEY' on /v1 (also from XLLAMA_API_KEY; never "
+             "logged)."),
+    max_batch: int = typer.Option(
+        8, "--max-batch", help="Requests decoded together (sequence slots in the KV cache)."),
+    max_queue: int = typer.Option(
+        64, "--max-queue", help="Requests that may wait for a slot; past that the server answers "
+                                "503."),
+    cors: Optional[list[str]] = typer.Option(
+        None, "--cors", metavar="ORIGIN",
+        help="Let web pages from ORIGIN (e.g. http://localhost:3000, or *) call the API; "
+             "repeatable. Default: no cross-origin access."),
+    drain_seconds: float = typer.Option(
+        30.0, "--drain-seconds",
+        help="On Ctrl-C or SIGTERM, how long running requests may finish before they are "
+             "cancelled."),
+    max_body: str = typer.Option(
+        "1MB", "--max-body", help="Largest request body (e.g. 1MB, 256KiB); larger: 413."),
+    max_tokens: Optional[int] = typer.Option(
+        None, "--max-tokens",
+        help="Largest max_tokens a request may ask (default: the model's context)."),
+    max_messages: int = typer.Option(
+        256, "--max-messages", help="Most messages in one chat request."),
+    template: Template = None,
+    load: LoadOptions = LoadOptions(),
+    compile: Compile = False,
+) -> None:
+    """Serve a model over HTTP: the OpenAI API (/v1/chat/completions, /v1/completions,
+    /v1/models), /health, and the LlamaChat page at /. Requests are decoded together (continuous
+    batching); Ctrl-C lets running ones finish (--drain-seconds), then stops.
+
+    Needs the serve extra: pip install 'xllama-cli\\[serve]'."""
+    import os
+
+    from .api import Limits
+    from .writer import parse_size
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise XllamaError("serve runs in one process; start it without torchrun")
+    try:
+        body = parse_size(max_body)
+    except XllamaError as e:
+        raise XllamaError(f"--max-body: {e}") from None
+    from . import serve as server  # its missing dependencies are one error line
+
+    settings = server.Settings(host, port, api_key, max_queue, tuple(cors or ()), drain_seconds,
+                               Limits(body, max_tokens, max_messages))
+    opened = load.open(model)
+    try:
+        server.run(opened, model or "demo", settings, max_batch=max_batch, template=template,
+                   compile=compile)
+    except KeyboardInterrupt:  # Ctrl-C once the requests have drained: not an error
+        raise typer.Exit(130) from None
 
 
 @command()

@@ -70,6 +70,14 @@ Compile = Annotated[bool, typer.Option(
     help="torch.compile the decode step (CUDA graphs on CUDA). Compiling takes tens of seconds "
          "(printed as 'compile' in the summary) and pays back over long generations.")]
 
+Template = Annotated[Optional[str], typer.Option(
+    "--template",
+    help="auto (the default): the checkpoint's own chat template (tokenizer_config.json, "
+         "chat_template.jinja or chat_template.json), Llama 2's [INST] one as llama2; without "
+         "one, llama2 when the model's folder or repo name contains 'chat', else plain. "
+         "llama2: Meta's [INST] chat format, token for token. plain: the turns joined as "
+         "text, for base models. FILE.jinja: that Jinja chat template.")]
+
 Temperature = Annotated[float, typer.Option(
     "--temperature", "-t",
     help="Sampling temperature; 0 means greedy (always the most likely token).")]
