@@ -443,12 +443,11 @@ def serve(
         raise XllamaError(f"--max-body: {e}") from None
     from . import serve as server  # its missing dependencies are one error line
 
-    settings = server.Settings(host, port, api_key, max_queue, tuple(cors or ()), drain_seconds,
-                               Limits(body, max_tokens, max_messages))
+    settings = server.Settings(host, port, api_key, max_batch, max_queue, tuple(cors or ()),
+                               drain_seconds, Limits(body, max_tokens, max_messages))
     opened = load.open(model)
     try:
-        server.run(opened, model or "demo", settings, max_batch=max_batch, template=template,
-                   compile=compile)
+        server.run(opened, model or "demo", settings, template=template, compile=compile)
     except KeyboardInterrupt:  # Ctrl-C once the requests have drained: not an error
         raise typer.Exit(130) from None
 

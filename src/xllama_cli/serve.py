@@ -45,7 +45,10 @@ except ImportError as e:
 from .engine import Engine, Event, Request
 
 if TYPE_CHECKING:
+    from .chat import Format
+    from .loading import Loaded
     from .options import OpenedModel
+    from .tokenizer import Tokenizer
 
 Log = Callable[[str], None]
 PAGE = "llamachat.html"
@@ -58,6 +61,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    max_batch: int = 8  # requests decoded together: the engine's slots
     max_queue: int = 64  # requests waiting for a slot, beyond the engine's max_batch running
     cors: tuple[str, ...] = ()  # origins allowed to call the API from a browser
     drain_seconds: float = 30.0
@@ -67,6 +71,9 @@ class Settings:
         if not 0 <= self.port <= 65535:
             raise XllamaError(f"--port {self.port} is out of range: it must be from 0 (any free "
                               "port) to 65535")
+        if self.max_batch < 1:
+            raise XllamaError(f"--max-batch {self.max_batch} is out of range: it must be at "
+                              "least 1")
         if self.max_queue < 0:
             raise XllamaError(f"--max-queue {self.max_queue} is out of range: it must be >= 0")
         if not 0 <= self.drain_seconds < float("inf"):
@@ -81,7 +88,7 @@ class Settings:
                                   "http(s)://host[:port] with no path, or *")
         lim = self.limits
         for flag, value in (("--max-messages", lim.max_messages), ("--max-body", lim.max_body),
-                            ("--max-tokens", lim.max_tokens or 1)):
+                            ("--max-tokens", 1 if lim.max_tokens is None else lim.max_tokens)):
             if value < 1:
                 raise XllamaError(f"{flag} {value} is out of range: it must be at least 1")
 
@@ -538,29 +545,34 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def run(opened: OpenedModel, name: str, settings: Settings, *, max_batch: int = 8,
-        template: str | None = None, compile: bool = False, log: Log = report.info) -> None:
+def make_app(loaded: Loaded, tokenizer: Tokenizer, name: str, chat_format: Format,
+             settings: Settings, log: Log = report.info) -> Starlette:
+    """The app serving a loaded model: an Engine with `settings.max_batch` slots on its worker
+    thread."""
+    from .generation import context_length
+
+    engine = Engine(loaded.model, tokenizer, settings.max_batch, step=loaded.step, tp=loaded.tp)
+    model = Model(name, tokenizer, chat_format, context_length(loaded.model), settings.limits)
+    return create_app(EngineWorker(engine, log), model, settings, log)
+
+
+def run(opened: OpenedModel, name: str, settings: Settings, *, template: str | None = None,
+        compile: bool = False, log: Log = report.info) -> None:
     """Serve a checkpoint until Ctrl-C or SIGTERM: every setting checked, the chat template chosen
     and the port bound before the weights load."""
     from .chat import TEMPLATES, choose_template
-    from .generation import context_length
 
-    if max_batch < 1:
-        raise XllamaError(f"--max-batch {max_batch} is out of range: it must be at least 1")
     chosen, why = choose_template(opened.checkpoint.path, template or "auto")
-    context = context_length(opened.config)
+    if not settings.api_key and not is_loopback(settings.host):
+        log(f"warning: listening on {settings.host} without --api-key: anyone who can reach this "
+            "address can use the model; set --api-key or XLLAMA_API_KEY")
     sock = listen(settings.host, settings.port)
     try:
-        if not settings.api_key and not is_loopback(settings.host):
-            log(f"warning: listening on {settings.host} without --api-key: anyone who can reach "
-                "this address can use the model; set --api-key or XLLAMA_API_KEY")
-        m = opened.load(compile=compile, decode_batch=max_batch)
-        engine = Engine(m.model, opened.tokenizer, max_batch, step=m.step, tp=m.tp)
+        loaded = opened.load(compile=compile, decode_batch=settings.max_batch)
         fmt = TEMPLATES[chosen] if isinstance(chosen, str) else chosen
-        model = Model(name, opened.tokenizer, fmt, context, settings.limits)
-        app = create_app(EngineWorker(engine, log), model, settings, log)
+        app = make_app(loaded, opened.tokenizer, name, fmt, settings, log)
         log(f"serving {name} at {url_of(sock)} (LlamaChat at /, the OpenAI API at /v1): max batch "
-            f"{max_batch}, queue {settings.max_queue}, template {chosen} ({why})")
+            f"{settings.max_batch}, queue {settings.max_queue}, template {chosen} ({why})")
         server(app, settings.drain_seconds, log).run(sockets=[sock])
     finally:
         sock.close()
