@@ -20,16 +20,21 @@ def test_batch_of_different_lengths_equals_each_alone(tmp_path):
     assert batch == alone
 
 
-def test_batch_logits_of_padded_rows_match_unpadded(tmp_path):
+def test_rows_at_their_own_cache_slots_give_the_logits_of_each_alone(tmp_path):
+    """Each row prefilled into its own cache row, then one decode step with every row at its own
+    slot (a [B] start): the logits of each sequence run alone, without a cache."""
     make_hf_checkpoint(tmp_path, num_key_value_heads=2)
     model = load_model(tmp_path, device="cpu")
-    short, long = [5, 9, 17], [4, 8, 15, 16, 23, 42]
+    short, long = [5, 9, 17, 3], [4, 8, 15, 16, 23, 42, 7]
     model.setup_cache(2, 16)
-    tokens = torch.tensor([[0, 0, 0] + short, long])
-    padded = model(tokens, start=0, pad=torch.tensor([3, 0]))
-    model.clear_cache()
-    alone = model(torch.tensor([short]))
-    assert (padded[0, 3:] - alone[0]).abs().max() < 1e-5
+    with torch.no_grad():
+        model(torch.tensor([short[:-1]]), start=0, row=0)
+        model(torch.tensor([long[:-1]]), start=0, row=1)
+        step = model(torch.tensor([[short[-1]], [long[-1]]]), start=torch.tensor([3, 6]), span=7)
+        model.clear_cache()
+        alone = [model(torch.tensor([p]))[0, -1] for p in (short, long)]
+    for row in range(2):
+        assert (step[row, 0] - alone[row]).abs().max() < 1e-5
 
 
 def test_stops_at_eos_per_row(tmp_path):

@@ -194,9 +194,9 @@ class Recorder:
         self.calls: list[tuple[int, list[int]]] = []
         self.model, self.orig = model, model.forward
 
-        def forward(tokens, start=None, pad=None, last_only=False):
+        def forward(tokens, start=None, last_only=False, **where):
             self.calls.append((start, tokens[0].tolist()))
-            return self.orig(tokens, start=start, pad=pad, last_only=last_only)
+            return self.orig(tokens, start=start, last_only=last_only, **where)
 
         model.forward = forward
 

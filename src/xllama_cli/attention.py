@@ -23,9 +23,10 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, start: int | None) -> torch.Tensor:
+                mask: torch.Tensor | None, start: int | torch.Tensor | None, row: int = 0,
+                span: int | None = None) -> torch.Tensor:
         """x: [B, T, dim]. mask: bool [B, 1, T, S] (True = may attend) or None for plain causal.
-        start: the cache slot of x's first token, or None to run without the cache."""
+        start, row, span: where x goes in the cache (KVCache.update); start None: no cache."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -33,7 +34,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if start is not None:
             assert self.kv_cache is not None, "call model.setup_cache() before using start="
-            k, v = self.kv_cache.update(start, k, v)
+            k, v = self.kv_cache.update(start, k, v, row, span)
         if T == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
             y = decode_attention(q, k, v, mask)
         else:  # enable_gqa: the kernel shares each K/V head across its group instead of copying it

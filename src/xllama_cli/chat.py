@@ -7,14 +7,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .chat_template import ChatTemplate, find_chat_template, read_template_source
 from .errors import XllamaError
 
 if TYPE_CHECKING:  # torch loads with the session, so the formats stay usable without it
-    from .generation import Step
-    from .kv_cache import KVCache
+    from .engine import Event, Step
     from .model import Transformer
     from .parallel import TensorParallel
     from .sampling import Sampling
@@ -152,15 +151,6 @@ def choose_template(path: str | Path, choice: str = "auto") -> tuple[str | Jinja
     return "plain", "no chat template and no 'chat' in the model's name"
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 @dataclass
 class TurnStats:
     """What the last turn cost."""
@@ -191,17 +181,18 @@ def check_settings(limit: int, context: int | None, max_new_tokens: int) -> None
 
 
 class ChatSession:
-    """A conversation with one model. The KV cache lives across turns and always holds a prefix of
-    the formatted dialog: a new turn runs only the tokens past the longest prefix the cache already
-    holds (its own message, and the few tokens that close the previous answer)."""
+    """A conversation with one model, on an engine of one slot. The KV cache lives across turns
+    and always holds a prefix of the formatted dialog: a new turn runs only the tokens past the
+    longest prefix the cache already holds (its own message, and the few tokens that close the
+    previous answer)."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, template: str | Format = "llama2",
                  system: str | None = None, sampling: Sampling | None = None,
                  max_new_tokens: int = 512, context: int | None = None,
                  notify: Callable[[str], None] | None = None, *, step: Step | None = None,
-                 tp: TensorParallel | None = None) -> None:
-        from .generation import context_length
-        from .sampling import Sampling, make_generator
+                 tp: TensorParallel | None = None, stop: Sequence[str] = ()) -> None:
+        from .engine import Engine, context_length
+        from .sampling import Sampling
 
         sampling = sampling or Sampling()  # greedy
         if isinstance(template, str) and template not in TEMPLATES:
@@ -210,19 +201,19 @@ class ChatSession:
         limit = context_length(model)
         check_settings(limit, context, max_new_tokens)
         self.model, self.tokenizer, self.template = model, tokenizer, template
-        self.step, self.tp = step, tp  # decode step and tensor-parallel group (generation.decode)
         self.format = TEMPLATES[template] if isinstance(template, str) else template
         self.context = context or limit
+        self.engine = Engine(model, tokenizer, max_batch=1, step=step, tp=tp, context=self.context)
         self.system = system.strip() if system and system.strip() else None
-        self.sampling, self.max_new_tokens = sampling, max_new_tokens
+        self.sampling, self.max_new_tokens, self.stop = sampling, max_new_tokens, tuple(stop)
         self.notify = notify or (lambda _message: None)
-        self.device = model.lm_head.weight.device
-        self.generator = make_generator(sampling, self.device)
         self.turns: list[Message] = []  # user and assistant messages in turn
-        # the tokens whose keys and values the cache holds, slot by slot
-        self.cached: list[int] = []
-        self._cache: KVCache | None = None  # the model's cache when this session last filled it
         self.last = TurnStats()
+
+    @property
+    def cached(self) -> list[int]:
+        """The tokens whose keys and values the cache holds, slot by slot."""
+        return self.engine.kept(0)
 
     @property
     def dialog(self) -> list[Message]:
@@ -242,8 +233,7 @@ class ChatSession:
         return self.last.summary(self.context)
 
     def close(self) -> None:
-        self.model.clear_cache()
-        self.cached, self._cache = [], None
+        self.engine.clear()
 
     def _fit(self, turns: list[Message]) -> tuple[list[int], int]:
         """The tokens of `turns`, the oldest exchanges dropped until they and an answer fit the
@@ -259,28 +249,15 @@ class ChatSession:
             raise XllamaError(f"this message takes {len(tokens)} tokens"
                               f"{' with the system prompt' if self.system else ''}, but the "
                               f"context holds {self.context}; shorten it")
-        from .generation import check_token_ids
+        from .engine import check_token_ids
 
         check_token_ids(tokens, self.model)
         return tokens, dropped
 
-    def _reserve(self, tokens: int) -> None:
-        """Make room in the cache for `tokens` (this turn's prompt and answer). The cache grows with
-        the conversation, keeping what it holds; one that is not this session's (the first turn, or
-        the model's cache was cleared or replaced) holds nothing of the dialog."""
-        from .kv_cache import cache_capacity
-
-        if self.model.cache is not self._cache:
-            self.cached = []
-        self.model.setup_cache(1, cache_capacity(tokens, self.context))
-        self._cache = self.model.cache
-
     def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
         """Answer a user message: the answer streams through `on_text` and is returned. An exception
         while answering (Ctrl-C) keeps what was said so far in the dialog and the session usable."""
-        import torch
-
-        from .generation import continuation_text, decode, prefill
+        from .engine import Request
 
         if not text.strip():
             raise XllamaError("the message is empty")
@@ -291,48 +268,28 @@ class ChatSession:
             what = "oldest exchange" if dropped == 1 else f"{dropped} oldest exchanges"
             self.notify(f"context full: dropped the {what}"
                         f"{' (the system prompt stays)' if self.system else ''}")
-        max_new = min(self.max_new_tokens, self.context - len(tokens))
-        self._reserve(len(tokens) + max_new)
-        # the slots past `keep` are rewritten; the last prompt token always runs, for the answer's
-        # first logits
-        keep = min(_common_prefix(self.cached, tokens), len(tokens) - 1)
-        new = tokens[keep:]
-        self.cached = self.cached[:keep]
-        stats = TurnStats(prefill_tokens=len(new))
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            first = prefill(self.model, torch.tensor([new], device=self.device), keep,
-                            self.sampling, self.generator, tp=self.tp)
-            stats.prefill_s = time.perf_counter() - t0
-        self.cached = tokens
+        pieces: list[str] = []
+
+        def on_event(event: Event) -> None:
+            pieces.append(event.text)
+            if on_text is not None and event.text:
+                on_text(event.text)
+
+        handle = self.engine.add(Request(tokens, self.max_new_tokens, self.sampling, self.stop,
+                                         on_event=on_event))
         self.turns.append(user)
-
-        answer_ids: list[int] = []
-        stream = self.tokenizer.stream()
-
-        def on_token(_row: int, tok: int) -> None:
-            answer_ids.append(tok)
-            if on_text is not None:
-                on_text(stream.push(tok))
-
-        fed = 0
-        t1 = time.perf_counter()
         try:
-            _, fed = decode(self.model, first, len(tokens), max_new, self.sampling, self.generator,
-                            self.tokenizer.eos_ids, on_token, step=self.step, tp=self.tp)
-            if on_text is not None:
-                on_text(stream.flush())
+            self.engine.run()
         except BaseException:
-            # stopped: the newest token may not have reached its cache slot, so count it as not
-            # there
-            fed = max(len(answer_ids) - 1, 0)
+            # stopped (Ctrl-C): the request ends, and its slot keeps what surely reached the cache
+            self.engine.cancel(handle)
+            self.engine.step()
             raise
         finally:
-            answer = continuation_text(self.tokenizer, answer_ids)
+            answer = "".join(pieces)
             self.turns.append({"role": "assistant", "content": answer})
-            self.cached = tokens + answer_ids[:fed]
-            stats.decode_s = time.perf_counter() - t1
-            stats.decode_tokens, stats.new_tokens = fed, len(answer_ids)
-            stats.context_tokens = len(self.cached)
-            self.last = stats
+            self.last = TurnStats(context_tokens=len(self.cached),
+                                  prefill_tokens=handle.prefill_tokens,
+                                  prefill_s=handle.prefill_s, new_tokens=len(handle.tokens),
+                                  decode_tokens=handle.decode_tokens, decode_s=handle.decode_s)
         return answer

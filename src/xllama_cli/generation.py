@@ -1,33 +1,29 @@
-"""Generation: prefill the prompts in one forward pass, then decode one token per step.
-
-As in gpt-fast's generate.py, three small functions make every token: `prefill`, one decode
-`Step` per token (the model's eager forward, or the step `compile_decode` makes), and `decode`,
-the loop over steps; generate, chat and bench are their clients. Under tensor parallelism
-they are given the TensorParallel (parallel.py), whose `broadcast` makes every rank take rank 0's
-sampled tokens.
+"""Generation: token-id prompts in, new tokens out, on the engine (engine.py), whose decode loop
+generate, chat, bench and the server share; and the compiled decode step (`compile_decode`), a
+plug-in the engine is given. Under tensor parallelism the engine is given the TensorParallel
+(parallel.py), whose `broadcast` makes every rank take rank 0's sampled tokens.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from .config import ModelConfig
+from .engine import (Engine, Event, Request, Step, check_token_ids,  # noqa: F401 - re-exported
+                     context_length, eager_step)
 from .errors import SettingError, XllamaError, is_whole
-from .kv_cache import cache_capacity
 from .model import Transformer
-from .sampling import Sampling, make_generator, sample
-from .tokenizer import Tokenizer
+from .sampling import Sampling
 
 if TYPE_CHECKING:
     from .parallel import TensorParallel
+    from .tokenizer import Tokenizer
 
 OnToken = Callable[[int, int], None]  # (row, token id)
-# One decode step: (tokens [B, 1], cache slot, left padding [B] or None) -> logits [B, 1, vocab]
-Step = Callable[[torch.Tensor, int, Optional[torch.Tensor]], torch.Tensor]
+OnText = Callable[[int, str], None]  # (row, text)
 
 
 @dataclass
@@ -55,24 +51,7 @@ class GenerationStats:
 class Generation:
     tokens: list[list[int]]  # the new tokens of each prompt (EOS excluded)
     stats: GenerationStats = field(default_factory=GenerationStats)
-
-
-def context_length(model: Transformer | ModelConfig) -> int:
-    """How many positions the model may use: its trained length, stretched by linear or dynamic
-    RoPE."""
-    cfg = model if isinstance(model, ModelConfig) else model.config
-    if cfg.rope_type in ("linear", "dynamic"):
-        return int(cfg.max_seq_len * float(cfg.rope_scaling["factor"]))
-    return cfg.max_seq_len
-
-
-def check_token_ids(ids: list[int], model: Transformer | ModelConfig) -> None:
-    """Refuse ids the model has no embedding for: a tokenizer that does not belong to the model."""
-    cfg = model if isinstance(model, ModelConfig) else model.config
-    if ids and (max(ids) >= cfg.vocab_size or min(ids) < 0):
-        bad = max(ids) if max(ids) >= cfg.vocab_size else min(ids)
-        raise XllamaError(f"the text encodes to token id {bad}, but the model's vocabulary has "
-                          f"{cfg.vocab_size} entries: the tokenizer does not belong to this model")
+    texts: list[str] = field(default_factory=list)  # their text, when a tokenizer was given
 
 
 def check_prompts(model: Transformer | ModelConfig, prompts: list[list[int]],
@@ -93,31 +72,22 @@ def check_prompts(model: Transformer | ModelConfig, prompts: list[list[int]],
                            longest=longest, ctx=ctx)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def eager_step(model: Transformer) -> Step:
-    """The decode step as the model's own forward."""
-    return lambda tokens, start, pad=None: model(tokens, start=start, pad=pad)
-
-
 def compile_decode(model: Transformer, mode: str | None = None) -> Step:
     """The one-token decode step compiled with torch.compile (default mode: CUDA graphs on CUDA,
-    "reduce-overhead"). Its shapes are static: the cache slot is a tensor and attention spans
-    the whole cache, masked. Compiling happens at the step's first call; a compiler that cannot
-    run (e.g. no C++ compiler for inductor's CPU kernels) is a SettingError then."""
+    "reduce-overhead"). Its shapes are static: each row's cache slot is a tensor, and the engine
+    gives it few row counts and attention spans (powers of two), one compiled graph each.
+    Compiling happens at the step's first call; a compiler that cannot run (e.g. no C++ compiler
+    for inductor's CPU kernels) is a SettingError then."""
     if mode is None and model.model.embed_tokens.weight.device.type == "cuda":
         mode = "reduce-overhead"
     # every model shares Transformer.forward's code: allow a compiled graph for each of many
-    # models (bench's group counts) and shapes (batch, cache length) before falling back to eager
+    # models (bench's group counts) and shapes (rows, span) before falling back to eager
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     compiled = torch.compile(model.forward, mode=mode, dynamic=False)
 
-    def step(tokens: torch.Tensor, start: int, pad: torch.Tensor | None = None) -> torch.Tensor:
+    def step(tokens: torch.Tensor, starts: torch.Tensor, span: int) -> torch.Tensor:
         try:
-            return compiled(tokens, start=torch.tensor(start, device=tokens.device), pad=pad)
+            return compiled(tokens, start=starts, span=span)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None) or e
             reason = (str(inner).strip().splitlines() or [type(inner).__name__])[0][:300]
@@ -128,111 +98,47 @@ def compile_decode(model: Transformer, mode: str | None = None) -> Step:
 
 
 @torch.inference_mode()
-def prefill(model: Transformer, tokens: torch.Tensor, start: int, sampling: Sampling,
-            generator: torch.Generator | None, pad: torch.Tensor | None = None,
-            tp: TensorParallel | None = None) -> torch.Tensor:
-    """Run tokens [B, T] through the model into cache slots start.. (the cache set up to hold them)
-    and sample each row's next token [B] from the last position. Returns once the device is done,
-    so that the call can be timed."""
-    logits = model(tokens, start=start, pad=pad, last_only=True)
-    nxt = next_token(logits, sampling, generator, tp)
-    _sync(nxt.device)
-    return nxt
-
-
-@torch.inference_mode()
 def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
                     sampling: Sampling = Sampling(), eos_ids: list[int] | None = None,
                     on_token: OnToken | None = None, *, step: Step | None = None,
-                    tp: TensorParallel | None = None) -> Generation:
-    """Generate for a batch of token-id prompts of any lengths (left-padded together).
+                    tp: TensorParallel | None = None, tokenizer: Tokenizer | None = None,
+                    stop: Sequence[str] = (), on_text: OnText | None = None) -> Generation:
+    """Generate for token-id prompts of any lengths, together on one engine; each gets the tokens
+    it would get alone (its own generator, seeded by `sampling.seed`).
 
-    step: the decode step (`compile_decode`'s); None: the model's eager forward.
-    tp: this rank's group under tensor parallelism, so that every rank samples rank 0's tokens."""
+    eos_ids: ids that end a prompt's generation (None: none). step: the decode step
+    (`compile_decode`'s); None: the model's eager forward. tp: this rank's group under tensor
+    parallelism, so that every rank samples rank 0's tokens. tokenizer: for the texts (and
+    `on_text`, their pieces as they come) and for `stop` strings, which end a prompt's
+    generation and are left out of its text."""
     check_prompts(model, prompts, max_new_tokens)
-    device = model.lm_head.weight.device
-    ctx = context_length(model)
-    longest = max(len(p) for p in prompts)
-    max_new_tokens = min(max_new_tokens, ctx - longest)
-    B = len(prompts)
-    pad_counts = [longest - len(p) for p in prompts]
-    tokens = torch.tensor([[0] * n + p for n, p in zip(pad_counts, prompts)], device=device)
-    pad = torch.tensor(pad_counts, device=device) if any(pad_counts) else None
-    gen = make_generator(sampling, device)
-    stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
-    if max_new_tokens == 0:
-        return Generation([[] for _ in range(B)], stats)
+    engine = Engine(model, tokenizer, max_batch=len(prompts), step=step, tp=tp)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    texts = ["" for _ in prompts]
 
-    model.setup_cache(B, cache_capacity(longest + max_new_tokens, ctx))
+    def receiver(row: int) -> Callable[[Event], None]:
+        def on_event(event: Event) -> None:
+            tokens[row] += event.tokens
+            texts[row] += event.text
+            for tok in event.tokens if on_token is not None else ():
+                on_token(row, tok)
+            if on_text is not None and event.text:
+                on_text(row, event.text)
+        return on_event
+
+    for row, prompt in enumerate(prompts):
+        if len(prompt) < engine.context:  # a prompt filling the context has no room for more
+            engine.add(Request(prompt, max_new_tokens, sampling, stop, list(eos_ids or []),
+                               on_event=receiver(row)))
     try:
-        t0 = time.perf_counter()
-        nxt = prefill(model, tokens, 0, sampling, gen, pad, tp)
-        stats.prefill_s = time.perf_counter() - t0
-        if step is not None and max_new_tokens > 1:
-            stats.compile_s = warm_up_step(step, nxt, longest, pad)
-        t1 = time.perf_counter()
-        out, fed = decode(model, nxt, longest, max_new_tokens, sampling, gen, eos_ids, on_token,
-                          pad, step=step, tp=tp)
-        stats.decode_tokens = fed * B
-        stats.decode_s = time.perf_counter() - t1
+        engine.run()
     finally:
         model.clear_cache()
-    stats.new_tokens = sum(len(o) for o in out)
-    return Generation(out, stats)
-
-
-def warm_up_step(step: Step, first: torch.Tensor, start: int, pad: torch.Tensor | None) -> float:
-    """Run the compiled decode step on the token decode feeds first, at the slot it goes to, so that
-    compiling (and CUDA graph recording, which takes a few calls) is timed apart from decode.
-    Decode then writes the same keys and values into that slot again: nothing changes."""
-    t0 = time.perf_counter()
-    for _ in range(3):
-        step(first[:, None], start, pad)
-    _sync(first.device)
-    return time.perf_counter() - t0
-
-
-@torch.inference_mode()
-def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
-               tp: TensorParallel | None = None) -> torch.Tensor:
-    """Sample from the last position's logits [B, T, V]; under tensor parallelism (`tp`) every
-    rank takes rank 0's choice, so the ranks never drift apart."""
-    nxt = sample(logits[:, -1], sampling, generator)
-    if tp is not None:
-        tp.broadcast(nxt)
-    return nxt
-
-
-def decode(model: Transformer, first: torch.Tensor, start: int, max_new_tokens: int,
-           sampling: Sampling, generator: torch.Generator | None, eos_ids: list[int] | None,
-           on_token: OnToken | None = None, pad: torch.Tensor | None = None, *,
-           step: Step | None = None,
-           tp: TensorParallel | None = None) -> tuple[list[list[int]], int]:
-    """The decode loop over a filled cache: `first` [B] was sampled from the logits of slot start-1;
-    each chosen token is fed back into slot start, start+1, ... until every row has made EOS or
-    max_new_tokens tokens. Returns each row's new tokens (EOS excluded) and how many slots it
-    filled, once the device is done (the last tokens are read back). step, tp: as in
-    generate_tokens."""
-    step = step or eager_step(model)
-    B = first.shape[0]
-    eos = torch.tensor(eos_ids or [], device=first.device)
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=first.device)
-    nxt, fed = first, 0
-    for i in range(max_new_tokens):
-        done |= torch.isin(nxt, eos)
-        ids = nxt.tolist()  # also the point where the device is waited for
-        for row, (tok, finished) in enumerate(zip(ids, done.tolist())):
-            if not finished and len(out[row]) == i:
-                out[row].append(tok)
-                if on_token is not None:
-                    on_token(row, tok)
-        if bool(done.all()) or i == max_new_tokens - 1:
-            break
-        logits = step(nxt[:, None], start + i, pad)
-        fed += 1
-        nxt = next_token(logits, sampling, generator, tp)
-    return out, fed
+    stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts),
+                            new_tokens=sum(len(t) for t in tokens), prefill_s=engine.prefill_s,
+                            decode_s=engine.decode_s, decode_tokens=engine.decode_tokens,
+                            compile_s=engine.compile_s)
+    return Generation(tokens, stats, texts if tokenizer is not None else [])
 
 
 def generate(model: Transformer, tokenizer: Tokenizer, prompts: str | list[str], *,

@@ -46,18 +46,24 @@ class KVCache(nn.Module):
             new[:, :, :old.shape[2]] = old
             setattr(self, name, new)
 
-    def update(self, start: int | torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, n_kv, T, D] at slots start..start+T; return every slot filled so far.
+    def update(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int = 0,
+               span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, n_kv, T, D] into cache rows row..row+B-1 and return those rows' slots
+        that attention reads (views of the cache, not copies).
 
-        A tensor `start` (the compiled decode step) keeps every shape static: the write is an
-        index_copy_ and the whole cache is returned, its unfilled slots masked by the caller."""
+        start int: every row's T tokens at slots start..start+T-1; returns slots 0..start+T-1.
+        start [B] tensor: row b's at slots start[b]..start[b]+T-1 (a scatter, so the compiled step
+        keeps static shapes); returns slots 0..span-1, of which the caller masks those a row has
+        not filled."""
+        B, T = k.shape[0], k.shape[2]
+        keys, values = self.k[row:row + B], self.v[row:row + B]
         if isinstance(start, torch.Tensor):
-            slots = start + torch.arange(k.shape[2], device=k.device)
-            self.k.index_copy_(2, slots, k)
-            self.v.index_copy_(2, slots, v)
-            return self.k, self.v
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+            slots = start[:, None] + torch.arange(T, device=k.device)  # [B, T]
+            index = slots[:, None, :, None].expand_as(k)
+            keys.scatter_(2, index, k)
+            values.scatter_(2, index, v)
+            return keys[:, :, :span], values[:, :, :span]
+        end = start + T
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return keys[:, :, :end], values[:, :, :end]

@@ -49,8 +49,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start)
+    def forward(self, x, cos, sin, mask, start, row=0, span=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start, row, span)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -120,50 +120,52 @@ class Transformer(nn.Module):
         return 0 if self.cache is None else self.cache.max_len
 
     def forward(self, tokens: torch.Tensor, start: int | torch.Tensor | None = None,
-                pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, vocab] (float32).
+                last_only: bool = False, *, row: int = 0, span: int | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab] (float32). Row b's tokens go to cache row row+b.
 
-        start: cache slot of tokens[:, 0] (None: no cache, positions from 0); a 0-d tensor
-            keeps shapes static for the compiled step (see KVCache.update).
-        pad: [B] count of left-padding slots per row; those slots are never attended to and
-        each row's positions count from its first real token.
+        start: where the tokens go in the cache, and so their positions:
+            None: no cache; positions 0..T-1.
+            int: every row's tokens at slots start..start+T-1 (a prefill, or rows decoding in
+                step); attention over slots 0..start+T-1.
+            [B] tensor: row b's tokens at slots start[b].. (rows at their own positions, as the
+                engine decodes them); attention over slots 0..span-1, each row masked to the
+                slots it has filled. A tensor keeps the compiled step's shapes static.
+        span: with a tensor start, how many cache slots attention spans (more than any row's
+            last slot; the host knows each row's length, so the model never reads `start`).
         last_only: compute logits for the last position only (generation needs no more).
         """
         B, T = tokens.shape
-        slots = torch.arange(T, device=tokens.device) + (0 if start is None else start)
-        positions = slots.expand(B, T) if pad is None else (slots[None] - pad[:, None]).clamp(min=0)
+        steps = torch.arange(T, device=tokens.device)
+        if isinstance(start, torch.Tensor):
+            assert span is not None, "a tensor start needs the span of slots to attend over"
+            slots = start[:, None] + steps  # [B, T]: each row its own
+            keys = span
+        else:
+            slots = steps + (start or 0)  # [T]: the same for every row
+            keys = (start or 0) + T
+        positions = slots.expand(B, T)
         cos, sin = self.model.rotary(positions)
         # one mask per window the layers use (a sliding window, or none); every cached key is
         # kept, and a key that has left a layer's window is masked
-        masks = {w: self._mask(slots, pad, start, self.cache_len, w) for w in self.windows}
+        masks = {w: self._mask(slots, keys, w) for w in self.windows}
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, masks[layer.window], start)
+            x = layer(x, cos, sin, masks[layer.window], start, row, span)
         x = self.model.norm(x)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x).float()
 
     @staticmethod
-    def _mask(slots: torch.Tensor, pad: torch.Tensor | None, start: int | torch.Tensor | None,
-              cache_len: int, window: int | None = None) -> torch.Tensor | None:
-        """Bool [B|1, 1, T, S] or None where SDPA's own causal rule (or no rule) is exact.
-        window: a query attends to the `window` slots up to its own, itself included (the same
-        count of positions in a left-padded row, whose positions and slots differ by a
-        constant)."""
-        T = slots.shape[0]
-        static = isinstance(start, torch.Tensor)  # S is the whole cache, its future slots masked
-        last = None if static else (start or 0) + T - 1
-        within = window is None or (last is not None and last < window)
-        if not static and pad is None and (not start or T == 1) and within:
-            return None
-        keys = torch.arange(cache_len if static else last + 1, device=slots.device)
-        mask = keys[None, :] <= slots[:, None]  # causal, [T, S]
+    def _mask(slots: torch.Tensor, keys: int, window: int | None = None) -> torch.Tensor | None:
+        """Bool [B|1, 1, T, keys] (True: may attend), or None where SDPA's own causal rule (or no
+        rule) is exact. slots: [T], the same for every row, or [B, T], each row's own.
+        window: a query attends to the `window` slots up to its own, itself included."""
+        T = slots.shape[-1]
+        if slots.dim() == 1 and (window is None or keys <= window) and (keys == T or T == 1):
+            return None  # causal from slot 0 (is_causal), or one query over every filled slot
+        key = torch.arange(keys, device=slots.device)
+        mask = key <= slots[..., None]  # causal: [T, S] or [B, T, S]
         if window is not None:
-            mask = mask & (keys[None, :] > slots[:, None] - window)
-        if pad is not None:
-            mask = mask[None] & (keys[None, None, :] >= pad[:, None, None])
-            # a padding slot attends to itself alone, so it never meets an all-masked row (NaN)
-            mask = mask | (keys[None, None, :] == slots[None, :, None])
-            return mask[:, None]
-        return mask[None, None]
+            mask = mask & (key > slots[..., None] - window)
+        return mask[:, None] if slots.dim() == 2 else mask[None, None]

@@ -15,15 +15,17 @@ from torch import nn
 from .config import ROPE_RULES, ModelConfig
 from .errors import SettingError, XllamaError
 
-InvFreqFn = Callable[[ModelConfig, int], torch.Tensor]
+InvFreqFn = Callable[[ModelConfig, "int | torch.Tensor"], torch.Tensor]
 
 
-def _base_inv_freq(base: float | torch.Tensor, dim: int) -> torch.Tensor:
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+def _base_inv_freq(base: float | torch.Tensor, dim: int,
+                   device: torch.device | None = None) -> torch.Tensor:
+    device = base.device if isinstance(base, torch.Tensor) else device
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(torch.float32) / dim
     return 1.0 / (base ** exponents)
 
 
-def rotary(cfg: ModelConfig, seq_len: int) -> torch.Tensor:
+def rotary(cfg: ModelConfig, seq_len: int | torch.Tensor) -> torch.Tensor:
     return _base_inv_freq(cfg.rope_theta, cfg.head_dim)
 
 
@@ -32,17 +34,20 @@ def linear(cfg: ModelConfig, seq_len: int) -> torch.Tensor:
     return rotary(cfg, seq_len) / float(cfg.rope_scaling["factor"])
 
 
-def dynamic(cfg: ModelConfig, seq_len: int) -> torch.Tensor:
-    """NTK-aware scaling: past the trained length the base grows with the sequence."""
+def dynamic(cfg: ModelConfig, seq_len: int | torch.Tensor) -> torch.Tensor:
+    """NTK-aware scaling: past the trained length the base grows with the sequence. seq_len may
+    be a 0-d tensor on the model's device: both rules are computed and one is selected there, so
+    the forward pass never reads a length back to the host nor branches on it."""
     max_pos = cfg.max_seq_len
-    if seq_len <= max_pos:
-        return rotary(cfg, seq_len)
     factor = float(cfg.rope_scaling["factor"])
     d = cfg.head_dim
-    # float32 tensor arithmetic, as transformers does it, so the frequencies agree to the last bit
-    n = torch.tensor(seq_len, dtype=torch.int64)
-    base = cfg.rope_theta * ((factor * n / max_pos) - (factor - 1)) ** (d / (d - 2))
-    return _base_inv_freq(base, d)
+    # float32 tensor arithmetic, as transformers does it, so the frequencies agree to the last bit;
+    # the clamp only keeps the unselected rule finite at or below the trained length
+    n = torch.as_tensor(seq_len, dtype=torch.int64)
+    stretch = (factor * n.clamp(min=max_pos) / max_pos) - (factor - 1)
+    base = cfg.rope_theta * stretch ** (d / (d - 2))
+    plain = _base_inv_freq(cfg.rope_theta, d, n.device)  # rotary's
+    return torch.where(n > max_pos, _base_inv_freq(base, d), plain)
 
 
 def llama3(cfg: ModelConfig, seq_len: int) -> torch.Tensor:
@@ -112,11 +117,10 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq
         if self.cfg.rope_type == "dynamic":
-            # the base depends on each sequence's length so far (its largest position + 1)
-            lengths = (positions.max(dim=1).values + 1).tolist()
-            if max(lengths) > self.cfg.max_seq_len:
-                per_row = [self.rule(self.cfg, n) for n in lengths]
-                inv_freq = torch.stack(per_row).to(inv_freq.device)
+            # the base depends on each row's length so far (its largest position + 1), computed
+            # per row on the device, as transformers computes one sequence's
+            lengths = positions.max(dim=1).values + 1
+            inv_freq = torch.stack([self.rule(self.cfg, n) for n in lengths.unbind()])
         inv_freq = inv_freq.expand(positions.shape[0], -1) if inv_freq.dim() == 1 else inv_freq
         freqs = positions.to(torch.float32)[:, :, None] * inv_freq[:, None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
