@@ -42,7 +42,7 @@ except ImportError as e:
     raise XllamaError(f"xllama serve needs {e.name or 'starlette and uvicorn'}, which is not "
                       "installed: pip install 'xllama-cli[serve]'") from None
 
-from .engine import Engine, Event, Request
+from .engine import Engine, Event, Request, context_length
 
 if TYPE_CHECKING:
     from .chat import Format
@@ -549,8 +549,6 @@ def make_app(loaded: Loaded, tokenizer: Tokenizer, name: str, chat_format: Forma
              settings: Settings, log: Log = report.info) -> Starlette:
     """The app serving a loaded model: an Engine with `settings.max_batch` slots on its worker
     thread."""
-    from .generation import context_length
-
     engine = Engine(loaded.model, tokenizer, settings.max_batch, step=loaded.step, tp=loaded.tp)
     model = Model(name, tokenizer, chat_format, context_length(loaded.model), settings.limits)
     return create_app(EngineWorker(engine, log), model, settings, log)
