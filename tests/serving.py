@@ -1,6 +1,6 @@
-"""Servers for the tests of `xllama serve`: the app on a uvicorn thread in this process (model loaded
-once per module), or the real command in a subprocess (flags, signals, the log on stderr). Both
-listen on 127.0.0.1 on a port the system picks."""
+"""Servers for the tests of `xllama serve`: the app on a uvicorn thread in this process (model
+loaded once per module), or the real command in a subprocess (flags, signals, the log on
+stderr). Both listen on 127.0.0.1 on a port the system picks."""
 
 from __future__ import annotations
 

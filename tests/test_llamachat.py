@@ -97,7 +97,8 @@ def test_a_message_streams_an_answer_that_stop_cuts_and_clear_removes(page, tmp_
 
 def test_html_in_a_message_is_shown_as_text_and_code_fences_as_code(page):
     page.fill("#max-tokens", "16")
-    text = "<img src=x onerror=\"document.title='owned'\"> look:\n```python\nprint('<b>hi</b>')\n```"
+    text = ("<img src=x onerror=\"document.title='owned'\"> look:\n"
+            "```python\nprint('<b>hi</b>')\n```")
     page.fill("#prompt", text)
     page.click("#send")
     page.wait_for_selector("#send:not([hidden])")
