@@ -67,8 +67,9 @@ class SlowEngine:
 
 @contextmanager
 def server_thread(model_path: Path, *, max_batch: int = 8, slow_s: float = 0.0,
-                  template: str = "auto", **settings: Any) -> Iterator[Running]:
-    """The app for `model_path` (float32 on the CPU) served from a thread of this process."""
+                  template: str = "auto", wrap: Any = None, **settings: Any) -> Iterator[Running]:
+    """The app for `model_path` (float32 on the CPU) served from a thread of this process; its
+    engine made slow (`slow_s` a step) or wrapped by `wrap(engine)`."""
     from xllama_cli import serve
     from xllama_cli.api import Model
     from xllama_cli.chat import TEMPLATES, choose_template
@@ -86,6 +87,8 @@ def server_thread(model_path: Path, *, max_batch: int = 8, slow_s: float = 0.0,
     engine: Any = Engine(loaded.model, tokenizer, max_batch)
     if slow_s:
         engine = SlowEngine(engine, slow_s)
+    if wrap is not None:
+        engine = wrap(engine)
     worker = serve.EngineWorker(engine, log.append)
     model = Model(str(model_path.name), tokenizer, fmt, context_length(loaded.model),
                   config.limits)

@@ -56,10 +56,10 @@ def alone(story):
     return run
 
 
-def post(url: str, path: str, body, headers: dict | None = None, **kw):
+def post(url: str, path: str, body, headers: dict | None = None, timeout: float = DEADLINE_S):
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(url + path, content=data, timeout=DEADLINE_S,
-                      headers={"Content-Type": "application/json", **(headers or {})}, **kw)
+    return httpx.post(url + path, content=data, timeout=timeout,
+                      headers={"Content-Type": "application/json", **(headers or {})})
 
 
 def error_of(r, status: int) -> dict:
@@ -260,6 +260,42 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(story, tmp_path):
         assert new < 400
         r = post(p.url, "/v1/chat/completions", {"messages": user("Hi"), "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_client_that_gives_up_on_a_whole_answer_cancels_it(story):
+    with server_thread(story, max_batch=1, slow_s=0.05) as slow:
+        with pytest.raises(httpx.ReadTimeout):
+            post(slow.url, "/v1/completions", {"prompt": "Once", "max_tokens": 400},
+                 timeout=0.5)
+        until(lambda: any("cancelled" in line for line in slow.log), "no cancelled line")
+        until(lambda: httpx.get(slow.url + "/health").json()["slots_in_use"] == 0,
+              "the slot was not freed")
+
+
+class FailOnce:
+    """An engine whose second step raises, as a bug or a device failure would."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.steps = engine, 0
+
+    def step(self) -> bool:
+        self.steps += 1
+        if self.steps == 2:
+            raise RuntimeError("device lost")
+        return self.engine.step()
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+
+def test_an_engine_failure_is_a_500_and_the_next_request_is_served(story):
+    with server_thread(story, wrap=FailOnce) as broken:
+        error = error_of(post(broken.url, "/v1/completions", {"prompt": "Once",
+                                                               "max_tokens": 20}), 500)
+        assert error["type"] == "server_error" and "engine failed" in error["message"]
+        assert any("error: the engine failed: RuntimeError: device lost" in x for x in broken.log)
+        r = post(broken.url, "/v1/completions", {"prompt": "Once", "max_tokens": 5})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
 
 
 # ---- errors: OpenAI's error object and the right status ----
@@ -473,10 +509,28 @@ def test_sigterm_lets_a_running_answer_finish_then_stops(story, tmp_path):
         assert rest[-2:] == ["data: [DONE]", ""] or rest[-1] == "data: [DONE]"
         chunks = [json.loads(x[6:]) for x in rest if x.startswith("data: {")]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-        assert p.proc.wait(DEADLINE_S) == -signal.SIGTERM
+        assert p.proc.wait(DEADLINE_S) == 128 + signal.SIGTERM
         assert "stopping: running requests have 60 s to finish" in p.stderr()
         with pytest.raises(httpx.ConnectError):
             httpx.get(p.url + "/health")
+
+
+def test_ctrl_c_after_the_drain_time_cancels_what_runs_and_exits_130(story, tmp_path):
+    with server_process(["--model", str(story), "--drain-seconds", "0"], tmp_path) as p:
+        body = {"prompt": "Once upon a time", "stream": True, "max_tokens": 400,
+                "temperature": 1.0, "seed": 3}
+        with httpx.stream("POST", p.url + "/v1/completions", json=body, timeout=DEADLINE_S) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            p.proc.send_signal(signal.SIGINT)
+            try:
+                rest = list(lines)
+            except httpx.HTTPError:  # the server dropped the connection mid-answer
+                rest = []
+        assert "data: [DONE]" not in rest
+        assert p.proc.wait(DEADLINE_S) == 130
+        err = p.stderr()
+        assert "cancelled" in err and "Traceback" not in err
 
 
 def test_without_the_serve_extra_the_command_names_it(monkeypatch, story):

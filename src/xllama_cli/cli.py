@@ -447,9 +447,11 @@ def serve(
                                drain_seconds, Limits(body, max_tokens, max_messages))
     opened = load.open(model)
     try:
-        server.run(opened, model or "demo", settings, template=template, compile=compile)
-    except KeyboardInterrupt:  # Ctrl-C once the requests have drained: not an error
+        signal = server.run(opened, model or "demo", settings, template=template, compile=compile)
+    except KeyboardInterrupt:  # Ctrl-C while loading: not an error
         raise typer.Exit(130) from None
+    if signal is not None:  # stopped by Ctrl-C or SIGTERM, as a shell reports it
+        raise typer.Exit(128 + signal)
 
 
 @command()

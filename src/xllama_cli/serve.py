@@ -17,13 +17,14 @@ import ipaddress
 import json
 import queue
 import re
+import signal
 import socket
 import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
 
 from . import report
 from .api import ApiError, Job, Limits, Model, Reply, parse_chat, parse_completion
@@ -181,12 +182,19 @@ class EngineWorker:
     def cancel(self, ticket: Ticket) -> None:
         self.inbox.put(("cancel", ticket))
 
+    def cancel_all(self) -> None:
+        """End every request now (the drain time is over); each gets a "cancelled" event."""
+        self.inbox.put(("cancel_all", None))
+
     def _run(self) -> None:
         busy = stopping = False
         while True:
             for kind, ticket in self._commands(block=not busy and not stopping):
                 if kind == "stop":
                     stopping = True
+                elif kind == "cancel_all":
+                    for t in self.tickets.values():
+                        self.engine.cancel(t.handle)
                 elif kind == "add":
                     self._add(ticket)
                 elif ticket.handle is not None and id(ticket) in self.tickets:
@@ -233,7 +241,9 @@ class EngineWorker:
             for t in failed:
                 t.post(ApiError(500, f"the engine failed: {type(e).__name__}"))
                 self.engine.cancel(t.handle)
-            busy = bool(self.engine.live or self.engine.waiting)
+            # the cancelled rows leave at the next step, which a new request starts: a failure
+            # that repeats fails that request, not a loop
+            busy = False
         self.live, self.waiting = self.engine.live, self.engine.waiting
         return busy
 
@@ -314,6 +324,9 @@ class Service:
             if event.tokens and timing.first is None:
                 timing.first = time.perf_counter()
             ticket.done = event.finish_reason is not None
+            if event.finish_reason == "cancelled":  # not by this client: the server is stopping
+                raise ApiError(503, "the server is stopping: the answer was cut when its drain "
+                                    "time ended", code="server_stopping")
             yield event
 
     def release(self, ticket: Ticket) -> None:
@@ -342,7 +355,12 @@ class Service:
                 await asyncio.gather(work, return_exceptions=True)
             self.release(ticket)
         if reply.finish_reason != "cancelled":
-            work.result()  # an engine failure is raised here
+            try:
+                work.result()  # an engine failure or the server's stop is raised here
+            except ApiError as e:
+                reply.finish_reason = _ended_by(e)
+                e.logged = True  # in this request's own line
+                raise
         return reply.finish_reason == "cancelled"
 
     async def _stream(self, ticket: Ticket, reply: Reply, timing: Timing) -> AsyncIterator[str]:
@@ -361,7 +379,7 @@ class Service:
                 yield sse(reply.usage_chunk())
             yield "data: [DONE]\n\n"
         except ApiError as e:  # the stream has begun: the error goes in it, as OpenAI does
-            reply.finish_reason = "error"
+            reply.finish_reason = _ended_by(e)
             yield sse(e.body())
         finally:
             self.release(ticket)
@@ -374,10 +392,17 @@ class Service:
         timing.end = timing.end or time.perf_counter()
         status = reply.finish_reason or "error"
         if status == "cancelled":
-            status += " (client disconnected or server stopping)"
+            status += " (client disconnected)"
         self.log(f"{reply.id} | prompt {reply.prompt_tokens} tokens | new "
                  f"{reply.completion_tokens} tokens | {timing.line(reply.completion_tokens)} | "
                  f"{status}")
+
+
+def _ended_by(e: ApiError) -> str:
+    """How a request that failed once admitted ended, for its log line."""
+    if e.code == "server_stopping":
+        return "cancelled (server stopping)"
+    return f"error {e.status}: {e.message}"
 
 
 async def _disconnected(http: HttpRequest) -> None:
@@ -484,7 +509,8 @@ def create_app(worker: EngineWorker, model: Model, settings: Settings,
         return JSONResponse(service.health())
 
     async def on_api_error(http: HttpRequest, e: ApiError) -> Response:
-        log(f"- | {http.method} {http.url.path} | {e.status}: {e.message}")
+        if not e.logged:
+            log(f"- | {http.method} {http.url.path} | {e.status}: {e.message}")
         return error_response(e)
 
     async def on_http_error(http: HttpRequest, e: HTTPException) -> Response:
@@ -513,31 +539,57 @@ def create_app(worker: EngineWorker, model: Model, settings: Settings,
               Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"])]
     handlers = {ApiError: on_api_error, HTTPException: on_http_error, Exception: on_crash}
-    return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers,
-                     lifespan=lifespan)
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers,
+                    lifespan=lifespan)
+    app.state.worker = worker
+    return app
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, saying when a signal starts the drain."""
+    """uvicorn's server with xllama's drain: at the first Ctrl-C or SIGTERM it stops accepting
+    (uvicorn), and after `drain_seconds` the engine cancels what still runs, so that every request
+    ends through its own code (a 503 in its stream or as its answer) rather than by uvicorn
+    cancelling its task. The signal is kept (`stopped_by`) for the command's exit status instead
+    of being raised again."""
 
-    def __init__(self, config: uvicorn.Config, log: Log) -> None:
+    def __init__(self, config: uvicorn.Config, drain_seconds: float,
+                 on_deadline: Callable[[], None], log: Log) -> None:
         super().__init__(config)
-        self.log = log
+        self.drain_seconds, self.on_deadline, self.log = drain_seconds, on_deadline, log
+        self.stopped_by: int | None = None
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        before = {sig: signal.signal(sig, self.handle_exit)
+                  for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if not self.should_exit:
-            drain = self.config.timeout_graceful_shutdown
-            self.log(f"stopping: running requests have {drain:g} s to finish (again to stop now)")
+            self.log(f"stopping: running requests have {self.drain_seconds:g} s to finish (again "
+                     "to stop now)")
+            self.stopped_by = sig
+            deadline = threading.Timer(self.drain_seconds, self.on_deadline)
+            deadline.daemon = True
+            deadline.start()
         super().handle_exit(sig, frame)
 
 
-def server(app: Starlette, drain_seconds: float, log: Log = report.info) -> uvicorn.Server:
+def server(app: Starlette, drain_seconds: float, log: Log = report.info) -> _Server:
     """A uvicorn server for `app` (run it with `.run(sockets=[listen(...)])`): its own access log
     off (the app logs one line per request, never a header), and on Ctrl-C or SIGTERM it stops
     accepting, lets running requests finish for up to `drain_seconds`, then cancels them."""
+    # uvicorn's own limit only backs up the drain: by then every request has been cancelled
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=drain_seconds, server_header=False)
-    return _Server(config, log)
+                            timeout_graceful_shutdown=drain_seconds + 10, server_header=False)
+    return _Server(config, drain_seconds, app.state.worker.cancel_all, log)
 
 
 def url_of(sock: socket.socket) -> str:
@@ -555,9 +607,9 @@ def make_app(loaded: Loaded, tokenizer: Tokenizer, name: str, chat_format: Forma
 
 
 def run(opened: OpenedModel, name: str, settings: Settings, *, template: str | None = None,
-        compile: bool = False, log: Log = report.info) -> None:
-    """Serve a checkpoint until Ctrl-C or SIGTERM: every setting checked, the chat template chosen
-    and the port bound before the weights load."""
+        compile: bool = False, log: Log = report.info) -> int | None:
+    """Serve a checkpoint until Ctrl-C or SIGTERM (returned: the signal's number), every setting
+    checked, the chat template chosen and the port bound before the weights load."""
     from .chat import TEMPLATES, choose_template
 
     chosen, why = choose_template(opened.checkpoint.path, template or "auto")
@@ -571,6 +623,9 @@ def run(opened: OpenedModel, name: str, settings: Settings, *, template: str | N
         app = make_app(loaded, opened.tokenizer, name, fmt, settings, log)
         log(f"serving {name} at {url_of(sock)} (LlamaChat at /, the OpenAI API at /v1): max batch "
             f"{settings.max_batch}, queue {settings.max_queue}, template {chosen} ({why})")
-        server(app, settings.drain_seconds, log).run(sockets=[sock])
+        running = server(app, settings.drain_seconds, log)
+        running.run(sockets=[sock])
+        log("stopped")
+        return running.stopped_by
     finally:
         sock.close()
