@@ -184,6 +184,18 @@ def test_completion_logprobs_have_openais_legacy_shape(srv):
     assert lp.text_offset[0] == 0 and "".join(lp.tokens) == r.choices[0].text
 
 
+def test_penalties_reach_the_sampler(srv):
+    client = srv.client()
+
+    def text(**penalty) -> str:
+        return client.completions.create(model="x", prompt="Once upon a time", temperature=0,
+                                         max_tokens=60, **penalty).choices[0].text
+
+    plain = text()
+    assert text(frequency_penalty=2.0) != plain and text(presence_penalty=2.0) != plain
+    assert text(frequency_penalty=0.0, presence_penalty=0.0) == plain
+
+
 def test_models_and_health_name_the_served_model_and_its_slots(srv, story):
     models = srv.client().models.list().data
     assert [m.id for m in models] == [story.name]
@@ -399,6 +411,25 @@ def test_an_oversized_body_is_413_whether_its_length_is_declared_or_not(srv):
 
     r = httpx.post(srv.url + "/v1/chat/completions", content=chunked(), timeout=DEADLINE_S)
     error_of(r, 413)
+
+
+def test_cross_origin_calls_are_refused_unless_cors_names_the_origin(srv, story):
+    origin = {"Origin": "http://app.example"}
+    preflight = {**origin, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    r = httpx.get(srv.url + "/v1/models", headers=origin)
+    assert "access-control-allow-origin" not in r.headers
+    r = httpx.options(srv.url + "/v1/chat/completions", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers
+    with server_thread(story, max_batch=1, cors=("http://app.example",), api_key="k") as open_:
+        r = httpx.options(open_.url + "/v1/chat/completions", headers=preflight)
+        assert r.status_code == 200  # a preflight carries no key and needs none
+        assert r.headers["access-control-allow-origin"] == "http://app.example"
+        r = httpx.get(open_.url + "/v1/models", headers={**origin, "Authorization": "Bearer k"})
+        assert r.headers["access-control-allow-origin"] == "http://app.example"
+        r = httpx.get(open_.url + "/v1/models", headers={"Origin": "http://other.example",
+                                                         "Authorization": "Bearer k"})
+        assert "access-control-allow-origin" not in r.headers
 
 
 def test_the_page_is_served_with_a_policy_that_runs_only_its_own_script(srv):

@@ -254,6 +254,7 @@ class Timing:
     start: float = field(default_factory=time.perf_counter)
     first: float | None = None  # the first token's arrival
     end: float | None = None
+    closed: bool = False  # counted out and logged
 
     def line(self, new_tokens: int) -> str:
         ttft = f"{(self.first - self.start) * 1e3:.0f} ms" if self.first is not None else "-"
@@ -304,9 +305,8 @@ class Service:
             self.release(ticket)
             raise
         if job.stream:
-            return StreamingResponse(self._stream(ticket, reply, timing),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return _Stream(self._stream(ticket, reply, timing),
+                           lambda: self._close(ticket, reply, timing))
         try:
             gone = await self._collect(http, ticket, reply, timing)
         finally:
@@ -382,12 +382,20 @@ class Service:
             reply.finish_reason = _ended_by(e)
             yield sse(e.body())
         finally:
-            self.release(ticket)
-            if reply.finish_reason is None:
-                reply.finish_reason = "cancelled"
-            self._done(reply, timing)
+            self._close(ticket, reply, timing)
+
+    def _close(self, ticket: Ticket, reply: Reply, timing: Timing) -> None:
+        """A stream's end, however it came (also when it never started: a client gone before
+        the first chunk)."""
+        self.release(ticket)
+        if reply.finish_reason is None:
+            reply.finish_reason = "cancelled"
+        self._done(reply, timing)
 
     def _done(self, reply: Reply, timing: Timing) -> None:
+        if timing.closed:
+            return
+        timing.closed = True
         self.pending -= 1
         timing.end = timing.end or time.perf_counter()
         status = reply.finish_reason or "error"
@@ -409,6 +417,22 @@ async def _disconnected(http: HttpRequest) -> None:
     """Returns when the client closes the connection (the body has been read already)."""
     while (await http.receive())["type"] != "http.disconnect":
         pass
+
+
+class _Stream(StreamingResponse):
+    """Server-sent events that call `on_close` when the response ends, even if its body never
+    started (Starlette drops an unstarted generator without running its `finally`)."""
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def sse(data: dict[str, Any]) -> str:
