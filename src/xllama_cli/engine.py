@@ -35,8 +35,9 @@ if TYPE_CHECKING:
     from .tokenizer import StreamDecoder, Tokenizer
 
 # One decode step: (tokens [B, 1], each row's cache slot [B], cache slots attention spans) ->
-# logits [B, 1, vocab]; see Transformer.forward
-Step = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+# logits [B, 1, vocab]; see Transformer.forward. An eager step may be given one slot (an int) for
+# every row; the compiled one always gets the tensor, which keeps its shapes static.
+Step = Callable[[torch.Tensor, "torch.Tensor | int", int], torch.Tensor]
 # a compiled step's first calls at a new shape compile it (and on CUDA record its graph)
 WARM_UP_CALLS = 3
 
@@ -378,22 +379,28 @@ class Engine:
         n = live[-1] + 1
         if self._compiled:  # few shapes: one compiled graph each
             n = min(self._max_batch, 1 << (n - 1).bit_length())
-        if self._starts is None or self._starts.shape[0] != n:
-            self._starts = torch.tensor([len(self.held[r]) for r in range(n)], device=self.device)
-            self._advance = torch.tensor([self.slots[r] is not None for r in range(n)],
-                                         dtype=torch.long, device=self.device)
-        span = max(len(self.held[r]) for r in range(n)) + 1
-        if self._compiled:
-            span = cache_capacity(span, self.model.cache_len)
+        lengths = [len(self.held[row]) for row in range(n)]
+        if not self._compiled and min(lengths) == max(lengths):
+            # every row at one slot: the model's plain path (no mask, a sliced write)
+            start, span = lengths[0], lengths[0] + 1
+        else:
+            if self._starts is None or self._starts.shape[0] != n:
+                self._starts = torch.tensor(lengths, device=self.device)
+                self._advance = torch.tensor([self.slots[r] is not None for r in range(n)],
+                                             dtype=torch.long, device=self.device)
+            start, span = self._starts, max(lengths) + 1
+            if self._compiled:
+                span = cache_capacity(span, self.model.cache_len)
         tokens = self._next[:n, None]
         if self._compiled and (n, span) not in self._warm:
-            self._warm_up(tokens, span)
+            self._warm_up(tokens, start, span)
         t0 = time.perf_counter()
-        logits = self._step(tokens, self._starts, span)[:, -1]
+        logits = self._step(tokens, start, span)[:, -1]
         handles = self.slots[:n]
         ids, read = self._choose(logits, handles)
         self._next[:n] = ids
-        self._starts = self._starts + self._advance
+        # the rows' slots move on on the device (None: rebuilt from the host when next needed)
+        self._starts = start + self._advance if isinstance(start, torch.Tensor) else None
         values = self._unpack(to_host(read), handles)
         dt = time.perf_counter() - t0
         self.decode_s += dt
@@ -409,12 +416,12 @@ class Engine:
                 self._free(row)
         self._deliver(events)
 
-    def _warm_up(self, tokens: torch.Tensor, span: int) -> None:
+    def _warm_up(self, tokens: torch.Tensor, start: torch.Tensor, span: int) -> None:
         """Run the compiled step at a new shape before the timed step: compiling (and recording
         a CUDA graph) is counted apart. The real step writes the same keys and values again."""
         t0 = time.perf_counter()
         for _ in range(WARM_UP_CALLS):
-            self._step(tokens, self._starts, span)
+            self._step(tokens, start, span)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.compile_s += time.perf_counter() - t0
@@ -430,7 +437,7 @@ class Engine:
                 ids[i:i + 1] = h.sampler.choose(logits[i:i + 1])
         if self.tp is not None:
             self.tp.broadcast(ids)
-        parts = [ids.double()]
+        parts = []
         for i, h in enumerate(handles):
             if h is None:
                 continue
@@ -439,7 +446,7 @@ class Engine:
                 lp = logits[i].float().log_softmax(dim=-1)
                 top = lp.topk(h.request.logprobs)
                 parts += [lp[ids[i:i + 1]].double(), top.values.double(), top.indices.double()]
-        return ids, (torch.cat(parts) if len(parts) > 1 else ids)
+        return ids, (torch.cat([ids.double(), *parts]) if parts else ids)
 
     @staticmethod
     def _unpack(values: list, handles: Sequence[Handle | None]
