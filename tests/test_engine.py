@@ -89,6 +89,22 @@ def test_eight_prompts_arriving_at_different_steps_each_get_their_tokens_alone(l
     assert all(got.finish(i) in ("stop", "length") for i in range(8))
 
 
+def test_prompts_of_one_length_prefill_as_one_batch_and_each_gets_its_tokens_alone(monkeypatch):
+    model, tok = story()
+    prompts = [tok.encode(TEXTS[i])[:6] for i in (1, 3, 5, 7)] + [tok.encode(TEXTS[0])]
+    alone = [generate_tokens(model, [p], 20, GREEDY, []).tokens[0] for p in prompts]
+    prefills, forward = [], model.forward
+
+    def recorded(tokens, **kw):
+        if tokens.shape[1] > 1:
+            prefills.append(tuple(tokens.shape))
+        return forward(tokens, **kw)
+
+    monkeypatch.setattr(model, "forward", recorded)
+    assert generate_tokens(model, prompts, 20, GREEDY, []).tokens == alone
+    assert prefills == [(4, 6), (1, len(prompts[4]))]
+
+
 def test_rows_at_different_positions_past_a_sliding_window_get_their_tokens_alone(tmp_path):
     """Per-row masks keep each row's own window, in prefill and in decode."""
     make_hf_checkpoint(tmp_path, seed=5, family="mistral", num_key_value_heads=2, sliding_window=4)
@@ -323,6 +339,31 @@ def test_each_decode_step_reads_the_device_once(monkeypatch, tmp_path):
         steps += 1
         assert len(reads) == 3 + steps
     assert steps >= 20 and others == []
+
+
+def test_a_compiled_step_sees_rows_and_spans_rounded_to_powers_of_two():
+    """A step given to the engine (compile_decode's, here the eager forward recorded) gets every
+    row's slot as a tensor, a power-of-two row count and a span of cache_capacity's sizes, and
+    the tokens stay each request's own."""
+    model, tok = story()
+    prompts = [tok.encode(t) for t in TEXTS[:5]]
+    lengths = [300, 20, 30, 8, 40]
+    alone = [generate_tokens(model, [p], n, GREEDY, []).tokens[0] for p, n in zip(prompts, lengths)]
+    shapes = set()
+
+    def step(tokens, starts, span):
+        assert isinstance(starts, torch.Tensor) and starts.shape == (tokens.shape[0],)
+        assert span > int(starts.max())
+        shapes.add((tokens.shape[0], span))
+        return model(tokens, start=starts, span=span)
+
+    got = Collected()
+    requests = [got.request(i, p, n, eos_ids=[]) for i, (p, n) in enumerate(zip(prompts, lengths))]
+    engine = Engine(model, tok, max_batch=5, step=step)
+    run_arrivals(engine, requests, {0: [0], 2: [1, 2], 5: [3], 6: [4]})
+    assert [got.tokens(i) for i in range(5)] == alone
+    assert {rows for rows, _ in shapes} <= {1, 2, 4, 5} and {span for _, span in shapes} == {256, 512}
+    assert engine.compile_s > 0  # each new shape was run apart first
 
 
 # ---- the cache ----

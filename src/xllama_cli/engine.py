@@ -297,12 +297,7 @@ class Engine:
         """One iteration: end cancelled requests, prefill waiting ones into free slots, then one
         decode step for every live row. Returns whether work remains."""
         self._drop_cancelled()
-        while self.queue and None in self.slots:
-            handle = self.queue.popleft()
-            if handle.cancelled:
-                self._deliver([self._finish(handle, "cancelled")])
-            else:
-                self._prefill(handle, self._choose_slot(handle.request.prompt))
+        self._admit()
         if self.live:
             self._decode()
         return bool(self.queue) or self.live > 0
@@ -330,7 +325,6 @@ class Engine:
     def _choose_slot(self, prompt: list[int]) -> int:
         """The free slot whose held tokens share the longest prefix with `prompt` (the lowest
         among equals, so that decode steps span few rows)."""
-        self._forget_if_replaced()
         free = [row for row, h in enumerate(self.slots) if h is None]
         return max(free, key=lambda row: (common_prefix(self.held[row], prompt), -row))
 
@@ -346,31 +340,59 @@ class Engine:
         self._forget_if_replaced()  # a cache of another batch size was replaced
         self._cache = self.model.cache
 
-    def _prefill(self, h: Handle, row: int) -> None:
-        """Run h's prompt past the longest prefix its row holds (its last token always runs, for
-        the first logits) and take its first token."""
-        prompt = h.request.prompt
-        self._reserve(len(prompt) + h.max_new)
-        keep = min(common_prefix(self.held[row], prompt), len(prompt) - 1)
-        self.held[row] = self.held[row][:keep]
+    def _admit(self) -> None:
+        """Give waiting requests the free slots, then prefill them: each from the longest prefix
+        its row holds (its last prompt token always runs, for the first logits). Requests that
+        start at one slot with as many new tokens, on neighbouring rows, run as one batch (a
+        batch of equal prompts prefills as fast as it did before the engine)."""
+        placed: list[tuple[Handle, int, int]] = []  # (request, row, kept prefix)
+        while self.queue and None in self.slots:
+            h = self.queue.popleft()
+            if h.cancelled:
+                self._deliver([self._finish(h, "cancelled")])
+                continue
+            prompt = h.request.prompt
+            self._reserve(len(prompt) + h.max_new)
+            row = self._choose_slot(prompt)
+            keep = min(common_prefix(self.held[row], prompt), len(prompt) - 1)
+            self.held[row] = self.held[row][:keep]
+            self.slots[row] = h  # taken; a cancel before its prefill frees it again
+            placed.append((h, row, keep))
+        group: list[tuple[Handle, int, int]] = []
+        for h, row, keep in placed:
+            if group and not (row == group[-1][1] + 1 and keep == group[0][2]
+                              and len(h.request.prompt) == len(group[0][0].request.prompt)):
+                self._prefill(group)
+                group = []
+            group.append((h, row, keep))
+        if group:
+            self._prefill(group)
+
+    def _prefill(self, group: list[tuple[Handle, int, int]]) -> None:
+        """Prefill requests on neighbouring rows from one kept length, and take their first
+        tokens."""
+        handles, first, keep = [h for h, _, _ in group], group[0][1], group[0][2]
         t0 = time.perf_counter()
-        h.sampler = Sampler(h.request.sampling, prompt, self.model.config.vocab_size, self.device)
-        tokens = torch.tensor([prompt[keep:]], device=self.device)
-        logits = self.model(tokens, start=keep, last_only=True, row=row)[:, -1]
-        ids, read = self._choose(logits, [h])
-        self._next[row:row + 1] = ids
-        values = to_host(read)
-        h.prefill_s = time.perf_counter() - t0
-        h.ttft_s = time.perf_counter() - h.added
-        h.prefill_tokens = len(prompt) - keep
-        self.prefill_s += h.prefill_s
-        self.held[row] = list(prompt)
-        self.slots[row], h.row = h, row
+        for h in handles:
+            h.sampler = Sampler(h.request.sampling, h.request.prompt,
+                                self.model.config.vocab_size, self.device)
+        tokens = torch.tensor([h.request.prompt[keep:] for h in handles], device=self.device)
+        logits = self.model(tokens, start=keep, last_only=True, row=first)[:, -1]
+        ids, read = self._choose(logits, handles)
+        self._next[first:first + len(handles)] = ids
+        values = self._unpack(to_host(read), handles)
+        dt = time.perf_counter() - t0
+        self.prefill_s += dt
         self._starts = None
-        event = self._accept(h, *self._unpack(values, [h])[0])
-        if h.done:
-            self._free(row)
-        self._deliver([event])
+        events = []
+        for (h, row, _), value in zip(group, values):
+            h.prefill_s, h.ttft_s = dt, time.perf_counter() - h.added
+            h.prefill_tokens = len(h.request.prompt) - keep
+            self.held[row], h.row = list(h.request.prompt), row
+            events.append(self._accept(h, *value))
+            if h.done:
+                self._free(row)
+        self._deliver(events)
 
     def _decode(self) -> None:
         """One step for rows 0..n-1, n past the last live row; an idle row among them writes
