@@ -315,7 +315,8 @@ class Engine:
     # ---- inside a step ----
     def _drop_cancelled(self) -> None:
         events = [self._finish(h, "cancelled") for h in self.queue if h.cancelled]
-        self.queue = deque(h for h in self.queue if not h.cancelled)
+        if events:
+            self.queue = deque(h for h in self.queue if not h.cancelled)
         for row, h in enumerate(self.slots):
             if h is not None and h.cancelled:
                 events.append(self._finish(h, "cancelled"))
@@ -358,19 +359,29 @@ class Engine:
             self.held[row] = self.held[row][:keep]
             self.slots[row] = h  # taken; a cancel before its prefill frees it again
             placed.append((h, row, keep))
-        group: list[tuple[Handle, int, int]] = []
+        groups: list[list[tuple[Handle, int, int]]] = []
         for h, row, keep in placed:
-            if group and not (row == group[-1][1] + 1 and keep == group[0][2]
-                              and len(h.request.prompt) == len(group[0][0].request.prompt)):
-                self._prefill(group)
-                group = []
-            group.append((h, row, keep))
-        if group:
-            self._prefill(group)
+            last = groups[-1][-1] if groups else None
+            if last and row == last[1] + 1 and keep == last[2] \
+                    and len(h.request.prompt) == len(last[0].request.prompt):
+                groups[-1].append((h, row, keep))
+            else:
+                groups.append([(h, row, keep)])
+        events: list[Event] = []
+        try:
+            for group in groups:
+                events += self._prefill(group)
+        except BaseException:  # stopped midway (Ctrl-C): the requests not prefilled wait again
+            for h, row, _ in reversed(placed):
+                if h.row is None:
+                    self.slots[row] = None
+                    self.queue.appendleft(h)
+            raise
+        self._deliver(events)
 
-    def _prefill(self, group: list[tuple[Handle, int, int]]) -> None:
+    def _prefill(self, group: list[tuple[Handle, int, int]]) -> list[Event]:
         """Prefill requests on neighbouring rows from one kept length, and take their first
-        tokens."""
+        tokens; returns their events."""
         handles, first, keep = [h for h, _, _ in group], group[0][1], group[0][2]
         t0 = time.perf_counter()
         for h in handles:
@@ -392,7 +403,7 @@ class Engine:
             events.append(self._accept(h, *value))
             if h.done:
                 self._free(row)
-        self._deliver(events)
+        return events
 
     def _decode(self) -> None:
         """One step for rows 0..n-1, n past the last live row; an idle row among them writes
