@@ -75,7 +75,8 @@ def test_shared_options_are_listed_in_every_command_that_loads_a_model(command):
     for flag in ("--model", "--attn", "--groups", "--rope", "--rope-factor", "--device", "--dtype",
                  "--quantize"):
         assert flag in r.stdout, flag
-    sampling = ("--temperature", "--top-k", "--top-p", "--seed", "--compile")
+    sampling = ("--temperature", "--top-k", "--top-p", "--seed", "--compile", "--min-p",
+                "--repetition-penalty", "--frequency-penalty", "--presence-penalty", "--stop")
     assert all((flag in r.stdout) == (command != "eval") for flag in sampling)
 
 
@@ -100,10 +101,13 @@ def test_an_option_group_expands_in_place_and_builds_its_dataclass():
         return first, sample, last
 
     run = with_groups(command)
-    assert list(inspect.signature(run).parameters) == ["first", "temperature", "top_k", "top_p",
-                                                       "seed", "last"]
-    assert run(first=3, temperature=0.0, top_k=5, top_p=1.0, seed=7, last=4) == (
-        3, SamplingOptions(0.0, 5, 1.0, 7), 4)
+    assert list(inspect.signature(run).parameters) == [
+        "first", "temperature", "top_k", "top_p", "seed", "min_p", "repetition_penalty",
+        "frequency_penalty", "presence_penalty", "stop", "last"]
+    assert run(first=3, temperature=0.0, top_k=5, top_p=1.0, seed=7, min_p=0.1,
+               repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=-0.5,
+               stop=["\n"], last=4) == (3, SamplingOptions(0.0, 5, 1.0, 7, 0.1, 1.2, 0.5, -0.5,
+                                                           ["\n"]), 4)
 
     def clash(seed: int = 0, sample: SamplingOptions = SamplingOptions()):
         pass

@@ -1,6 +1,6 @@
 """Mistral (sliding-window attention) and Qwen2 (q/k/v biases) against transformers'
 MistralForCausalLM and Qwen2ForCausalLM on random tiny checkpoints (fp32, CPU): logits, greedy
-tokens alone and in a padded batch, past the window in prefill and in decode; then through the CLI:
+tokens alone and in a batch of unequal prompts, past the window in prefill and in decode; then through the CLI:
 generate, chat, convert (K/V pooling) and download. Llama's own cases are in test_parity.py."""
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def test_greedy_generation_with_cache_matches_transformers(pair):
     assert generate_tokens(ours, [prompt], 32).tokens[0] == hf_greedy(hf, prompt, 32), name
 
 
-def test_a_padded_batch_gives_each_prompt_the_tokens_transformers_gives_it_alone(pair):
+def test_a_batch_of_unequal_prompts_gives_each_the_tokens_transformers_gives_it_alone(pair):
     name, hf, ours, _ = pair
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (3, 16, 9)]

@@ -128,7 +128,7 @@ def test_greedy_tokens_match_transformers_with_fast_products(tmp_path, threads, 
             want = hf.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
                                eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
         assert generate_tokens(ours, [prompt], 24).tokens[0] == want
-    # and as one left-padded batch of unequal prompts, as generate runs several
+    # and as one batch of unequal prompts, each row at its own position, as generate runs several
     assert generate_tokens(ours, prompts, 24).tokens == [generate_tokens(ours, [p], 24).tokens[0] for p in prompts]
 
 
@@ -136,7 +136,7 @@ def test_compiled_decode_gives_the_eager_tokens(tmp_path):
     make_hf_checkpoint(tmp_path, seed=4, num_key_value_heads=2)
     eager = load_model(tmp_path, device="cpu", dtype="float32")
     compiled = load(tmp_path, device="cpu", dtype="float32", compile=True)
-    prompts = [[5, 9, 33, 70, 2, 11, 4], [8, 41, 6]]  # unequal: the padded batch's mask
+    prompts = [[5, 9, 33, 70, 2, 11, 4], [8, 41, 6]]  # unequal: each row its own slot and mask
     want = generate_tokens(eager, prompts, 20).tokens
     first = generate_tokens(compiled.model, prompts, 20, step=compiled.step)
     assert first.tokens == want
@@ -149,11 +149,12 @@ def test_compiled_decode_gives_the_eager_tokens(tmp_path):
 
 
 def test_compiled_decode_with_a_sliding_window_gives_the_eager_tokens(tmp_path):
-    """The compiled step attends over the whole cache: keys past a layer's window are masked."""
+    """The compiled step attends over a power-of-two span of the cache: keys past a layer's
+    window are masked."""
     make_hf_checkpoint(tmp_path, seed=5, family="mistral", num_key_value_heads=2, sliding_window=4)
     eager = load_model(tmp_path, device="cpu", dtype="float32")
     compiled = load(tmp_path, device="cpu", dtype="float32", compile=True)
-    prompts = [[5, 9, 33, 70, 2, 11, 4], [8, 41, 6]]  # past the window, and padded
+    prompts = [[5, 9, 33, 70, 2, 11, 4], [8, 41, 6]]  # past the window, rows at their own slots
     want = generate_tokens(eager, prompts, 20).tokens
     assert generate_tokens(compiled.model, prompts, 20, step=compiled.step).tokens == want
 

@@ -92,7 +92,7 @@ def two_ranks(tmp_path_factory):
     torch.save(gqa.state_dict(), tmp / "bin" / "pytorch_model.bin")
     (tmp / "bin" / "config.json").write_text((tmp / "gqa" / "config.json").read_text())
     story, ids = str(fixture("stories260K-hf")), story_ids()
-    rand = [[5, 17, 99, 3, 42, 8, 77], [9, 1, 64]]  # a batch, left-padded together
+    rand = [[5, 17, 99, 3, 42, 8, 77], [9, 1, 64]]  # a batch of unequal prompts
     probe = list(range(3, 40))
     cases = [
         dict(name="story_hf", model=story, prompts=[ids], n=60, sample=True),

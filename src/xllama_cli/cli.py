@@ -85,9 +85,9 @@ def generate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line on stderr."),
 ) -> None:
     """Generate text from one or more prompts; the text streams to stdout as it is made."""
-    from .generation import check_prompts, continuation_text, generate_tokens
+    from .generation import check_prompts, generate_tokens
 
-    sampling = sample.sampling()
+    sampling, stop = sample.sampling(), sample.stop_strings()
     texts = [require_utf8(t, "the prompt") for t in prompts or []]
     if batch_file is not None:
         lines = read_utf8(batch_file, "--batch-file").splitlines()
@@ -99,18 +99,17 @@ def generate(
     ids = [tokenizer.encode(t) for t in texts]
     check_prompts(opened.config, ids, max_new_tokens)  # all before the weights load or stdout
     m = opened.load(compile=compile, decode_batch=len(texts))
-    if len(texts) == 1:  # one prompt: stream it token by token
-        stream = tokenizer.stream()
+    one = len(texts) == 1  # one prompt streams as it is made; a batch prints each when all are done
+    if one:
         report.write(texts[0])
-        result = generate_tokens(m.model, ids, max_new_tokens, sampling, tokenizer.eos_ids,
-                                 on_token=lambda _row, tok: report.write(stream.push(tok)),
-                                 step=m.step, tp=m.tp)
-        report.write(stream.flush() + "\n")
-    else:  # a batch: each text when all are done, in order
-        result = generate_tokens(m.model, ids, max_new_tokens, sampling, tokenizer.eos_ids,
-                                 step=m.step, tp=m.tp)
-        for i, (text, new) in enumerate(zip(texts, result.tokens)):
-            report.write(("\n" if i else "") + text + continuation_text(tokenizer, new) + "\n")
+    result = generate_tokens(m.model, ids, max_new_tokens, sampling, tokenizer.eos_ids,
+                             step=m.step, tp=m.tp, tokenizer=tokenizer, stop=stop,
+                             on_text=(lambda _row, text: report.write(text)) if one else None)
+    if one:
+        report.write("\n")
+    else:
+        for i, (text, new) in enumerate(zip(texts, result.texts)):
+            report.write(("\n" if i else "") + text + new + "\n")
     if not quiet:
         report.info(result.stats.summary())
 
@@ -377,7 +376,7 @@ def chat(
     from .repl import run
 
     system = require_utf8(system, "--system") if system is not None else None
-    sampling = sample.sampling()
+    sampling, stop = sample.sampling(), sample.stop_strings()
     opened = load.open(model)
     check_settings(context_length(opened.config), context, max_new_tokens)
     chosen, why = choose_template(opened.checkpoint.path, template or "auto")
@@ -385,7 +384,7 @@ def chat(
         report.info(f"template: {chosen} ({why}; --template overrides)")
     m = opened.load(compile=compile)
     session = ChatSession(m.model, opened.tokenizer, chosen, system, sampling, max_new_tokens,
-                          context, notify=report.info, step=m.step, tp=m.tp)
+                          context, notify=report.info, step=m.step, tp=m.tp, stop=stop)
     run(session, sys.stdin)
 
 

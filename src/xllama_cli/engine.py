@@ -35,8 +35,9 @@ if TYPE_CHECKING:
     from .tokenizer import StreamDecoder, Tokenizer
 
 # One decode step: (tokens [B, 1], each row's cache slot [B], cache slots attention spans) ->
-# logits [B, 1, vocab]; see Transformer.forward
-Step = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+# logits [B, 1, vocab]; see Transformer.forward. An eager step may be given one slot (an int) for
+# every row; the compiled one always gets the tensor, which keeps its shapes static.
+Step = Callable[[torch.Tensor, "torch.Tensor | int", int], torch.Tensor]
 # a compiled step's first calls at a new shape compile it (and on CUDA record its graph)
 WARM_UP_CALLS = 3
 
@@ -296,12 +297,7 @@ class Engine:
         """One iteration: end cancelled requests, prefill waiting ones into free slots, then one
         decode step for every live row. Returns whether work remains."""
         self._drop_cancelled()
-        while self.queue and None in self.slots:
-            handle = self.queue.popleft()
-            if handle.cancelled:
-                self._deliver([self._finish(handle, "cancelled")])
-            else:
-                self._prefill(handle, self._choose_slot(handle.request.prompt))
+        self._admit()
         if self.live:
             self._decode()
         return bool(self.queue) or self.live > 0
@@ -319,7 +315,8 @@ class Engine:
     # ---- inside a step ----
     def _drop_cancelled(self) -> None:
         events = [self._finish(h, "cancelled") for h in self.queue if h.cancelled]
-        self.queue = deque(h for h in self.queue if not h.cancelled)
+        if events:
+            self.queue = deque(h for h in self.queue if not h.cancelled)
         for row, h in enumerate(self.slots):
             if h is not None and h.cancelled:
                 events.append(self._finish(h, "cancelled"))
@@ -329,7 +326,6 @@ class Engine:
     def _choose_slot(self, prompt: list[int]) -> int:
         """The free slot whose held tokens share the longest prefix with `prompt` (the lowest
         among equals, so that decode steps span few rows)."""
-        self._forget_if_replaced()
         free = [row for row, h in enumerate(self.slots) if h is None]
         return max(free, key=lambda row: (common_prefix(self.held[row], prompt), -row))
 
@@ -345,31 +341,69 @@ class Engine:
         self._forget_if_replaced()  # a cache of another batch size was replaced
         self._cache = self.model.cache
 
-    def _prefill(self, h: Handle, row: int) -> None:
-        """Run h's prompt past the longest prefix its row holds (its last token always runs, for
-        the first logits) and take its first token."""
-        prompt = h.request.prompt
-        self._reserve(len(prompt) + h.max_new)
-        keep = min(common_prefix(self.held[row], prompt), len(prompt) - 1)
-        self.held[row] = self.held[row][:keep]
+    def _admit(self) -> None:
+        """Give waiting requests the free slots, then prefill them: each from the longest prefix
+        its row holds (its last prompt token always runs, for the first logits). Requests that
+        start at one slot with as many new tokens, on neighbouring rows, run as one batch (a
+        batch of equal prompts prefills as fast as it did before the engine)."""
+        placed: list[tuple[Handle, int, int]] = []  # (request, row, kept prefix)
+        while self.queue and None in self.slots:
+            h = self.queue.popleft()
+            if h.cancelled:
+                self._deliver([self._finish(h, "cancelled")])
+                continue
+            prompt = h.request.prompt
+            self._reserve(len(prompt) + h.max_new)
+            row = self._choose_slot(prompt)
+            keep = min(common_prefix(self.held[row], prompt), len(prompt) - 1)
+            self.held[row] = self.held[row][:keep]
+            self.slots[row] = h  # taken; a cancel before its prefill frees it again
+            placed.append((h, row, keep))
+        groups: list[list[tuple[Handle, int, int]]] = []
+        for h, row, keep in placed:
+            last = groups[-1][-1] if groups else None
+            if last and row == last[1] + 1 and keep == last[2] \
+                    and len(h.request.prompt) == len(last[0].request.prompt):
+                groups[-1].append((h, row, keep))
+            else:
+                groups.append([(h, row, keep)])
+        events: list[Event] = []
+        try:
+            for group in groups:
+                events += self._prefill(group)
+        except BaseException:  # stopped midway (Ctrl-C): the requests not prefilled wait again
+            for h, row, _ in reversed(placed):
+                if h.row is None:
+                    self.slots[row] = None
+                    self.queue.appendleft(h)
+            raise
+        self._deliver(events)
+
+    def _prefill(self, group: list[tuple[Handle, int, int]]) -> list[Event]:
+        """Prefill requests on neighbouring rows from one kept length, and take their first
+        tokens; returns their events."""
+        handles, first, keep = [h for h, _, _ in group], group[0][1], group[0][2]
         t0 = time.perf_counter()
-        h.sampler = Sampler(h.request.sampling, prompt, self.model.config.vocab_size, self.device)
-        tokens = torch.tensor([prompt[keep:]], device=self.device)
-        logits = self.model(tokens, start=keep, last_only=True, row=row)[:, -1]
-        ids, read = self._choose(logits, [h])
-        self._next[row:row + 1] = ids
-        values = to_host(read)
-        h.prefill_s = time.perf_counter() - t0
-        h.ttft_s = time.perf_counter() - h.added
-        h.prefill_tokens = len(prompt) - keep
-        self.prefill_s += h.prefill_s
-        self.held[row] = list(prompt)
-        self.slots[row], h.row = h, row
+        for h in handles:
+            h.sampler = Sampler(h.request.sampling, h.request.prompt,
+                                self.model.config.vocab_size, self.device)
+        tokens = torch.tensor([h.request.prompt[keep:] for h in handles], device=self.device)
+        logits = self.model(tokens, start=keep, last_only=True, row=first)[:, -1]
+        ids, read = self._choose(logits, handles)
+        self._next[first:first + len(handles)] = ids
+        values = self._unpack(to_host(read), handles)
+        dt = time.perf_counter() - t0
+        self.prefill_s += dt
         self._starts = None
-        event = self._accept(h, *self._unpack(values, [h])[0])
-        if h.done:
-            self._free(row)
-        self._deliver([event])
+        events = []
+        for (h, row, _), value in zip(group, values):
+            h.prefill_s, h.ttft_s = dt, time.perf_counter() - h.added
+            h.prefill_tokens = len(h.request.prompt) - keep
+            self.held[row], h.row = list(h.request.prompt), row
+            events.append(self._accept(h, *value))
+            if h.done:
+                self._free(row)
+        return events
 
     def _decode(self) -> None:
         """One step for rows 0..n-1, n past the last live row; an idle row among them writes
@@ -378,22 +412,28 @@ class Engine:
         n = live[-1] + 1
         if self._compiled:  # few shapes: one compiled graph each
             n = min(self._max_batch, 1 << (n - 1).bit_length())
-        if self._starts is None or self._starts.shape[0] != n:
-            self._starts = torch.tensor([len(self.held[r]) for r in range(n)], device=self.device)
-            self._advance = torch.tensor([self.slots[r] is not None for r in range(n)],
-                                         dtype=torch.long, device=self.device)
-        span = max(len(self.held[r]) for r in range(n)) + 1
-        if self._compiled:
-            span = cache_capacity(span, self.model.cache_len)
+        lengths = [len(self.held[row]) for row in range(n)]
+        if not self._compiled and min(lengths) == max(lengths):
+            # every row at one slot: the model's plain path (no mask, a sliced write)
+            start, span = lengths[0], lengths[0] + 1
+        else:
+            if self._starts is None or self._starts.shape[0] != n:
+                self._starts = torch.tensor(lengths, device=self.device)
+                self._advance = torch.tensor([self.slots[r] is not None for r in range(n)],
+                                             dtype=torch.long, device=self.device)
+            start, span = self._starts, max(lengths) + 1
+            if self._compiled:
+                span = cache_capacity(span, self.model.cache_len)
         tokens = self._next[:n, None]
         if self._compiled and (n, span) not in self._warm:
-            self._warm_up(tokens, span)
+            self._warm_up(tokens, start, span)
         t0 = time.perf_counter()
-        logits = self._step(tokens, self._starts, span)[:, -1]
+        logits = self._step(tokens, start, span)[:, -1]
         handles = self.slots[:n]
         ids, read = self._choose(logits, handles)
         self._next[:n] = ids
-        self._starts = self._starts + self._advance
+        # the rows' slots move on on the device (None: rebuilt from the host when next needed)
+        self._starts = start + self._advance if isinstance(start, torch.Tensor) else None
         values = self._unpack(to_host(read), handles)
         dt = time.perf_counter() - t0
         self.decode_s += dt
@@ -409,12 +449,12 @@ class Engine:
                 self._free(row)
         self._deliver(events)
 
-    def _warm_up(self, tokens: torch.Tensor, span: int) -> None:
+    def _warm_up(self, tokens: torch.Tensor, start: torch.Tensor, span: int) -> None:
         """Run the compiled step at a new shape before the timed step: compiling (and recording
         a CUDA graph) is counted apart. The real step writes the same keys and values again."""
         t0 = time.perf_counter()
         for _ in range(WARM_UP_CALLS):
-            self._step(tokens, self._starts, span)
+            self._step(tokens, start, span)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.compile_s += time.perf_counter() - t0
@@ -430,7 +470,7 @@ class Engine:
                 ids[i:i + 1] = h.sampler.choose(logits[i:i + 1])
         if self.tp is not None:
             self.tp.broadcast(ids)
-        parts = [ids.double()]
+        parts = []
         for i, h in enumerate(handles):
             if h is None:
                 continue
@@ -439,7 +479,7 @@ class Engine:
                 lp = logits[i].float().log_softmax(dim=-1)
                 top = lp.topk(h.request.logprobs)
                 parts += [lp[ids[i:i + 1]].double(), top.values.double(), top.indices.double()]
-        return ids, (torch.cat(parts) if len(parts) > 1 else ids)
+        return ids, (torch.cat([ids.double(), *parts]) if parts else ids)
 
     @staticmethod
     def _unpack(values: list, handles: Sequence[Handle | None]

@@ -52,16 +52,17 @@ class KVCache(nn.Module):
         that attention reads (views of the cache, not copies).
 
         start int: every row's T tokens at slots start..start+T-1; returns slots 0..start+T-1.
-        start [B] tensor: row b's at slots start[b]..start[b]+T-1 (a scatter, so the compiled step
-        keeps static shapes); returns slots 0..span-1, of which the caller masks those a row has
-        not filled."""
+        start [B] tensor: row b's at slots start[b]..start[b]+T-1 (an indexed write, so the
+        compiled step keeps static shapes); returns slots 0..span-1, of which the caller masks
+        those a row has not filled."""
         B, T = k.shape[0], k.shape[2]
         keys, values = self.k[row:row + B], self.v[row:row + B]
         if isinstance(start, torch.Tensor):
             slots = start[:, None] + torch.arange(T, device=k.device)  # [B, T]
-            index = slots[:, None, :, None].expand_as(k)
-            keys.scatter_(2, index, k)
-            values.scatter_(2, index, v)
+            rows = torch.arange(B, device=k.device)[:, None]
+            # indexing rows and slots (dims 0 and 2) puts them first: [B, T, n_kv, D]
+            keys[rows, :, slots] = k.transpose(1, 2)
+            values[rows, :, slots] = v.transpose(1, 2)
             return keys[:, :, :span], values[:, :, :span]
         end = start + T
         keys[:, :, start:end] = k

@@ -89,6 +89,26 @@ TopP = Annotated[Optional[float], typer.Option(
          "0 < p <= 1; 1 disables.")]
 Seed = Annotated[Optional[int], typer.Option(
     "--seed", help="Random seed (0 to 2**64-1): the same seed gives the same text.")]
+MinP = Annotated[Optional[float], typer.Option(
+    "--min-p",
+    help="Sample only among tokens at least p times as likely as the most likely one, "
+         "0 <= p <= 1; 0 disables.")]
+RepetitionPenalty = Annotated[float, typer.Option(
+    "--repetition-penalty",
+    help="Divide the logit of every token already in the prompt or the answer by this (multiply "
+         "it when negative), > 0; 1 disables, above 1 repeats less (transformers' rule).")]
+FrequencyPenalty = Annotated[float, typer.Option(
+    "--frequency-penalty",
+    help="Lower each token's logit by this times its count in the answer so far, -2 to 2; 0 "
+         "disables (OpenAI's rule).")]
+PresencePenalty = Annotated[float, typer.Option(
+    "--presence-penalty",
+    help="Lower the logit of every token already in the answer by this, -2 to 2; 0 disables "
+         "(OpenAI's rule).")]
+Stop = Annotated[Optional[list[str]], typer.Option(
+    "--stop", metavar="TEXT",
+    help="End the text where this string appears (repeatable); the string itself is not "
+         "printed. Matched on the decoded text, also across tokens.")]
 
 
 def model_path(model: str | None) -> str:
@@ -108,18 +128,34 @@ def model_path(model: str | None) -> str:
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """How the next token is chosen: --temperature, --top-k, --top-p, --seed."""
+    """How the next token is chosen and where the text stops: --temperature, --top-k, --top-p,
+    --seed, --min-p, the penalties and --stop."""
 
     temperature: Temperature = 0.8
     top_k: TopK = None
     top_p: TopP = 0.95
     seed: Seed = None
+    min_p: MinP = None
+    repetition_penalty: RepetitionPenalty = 1.0
+    frequency_penalty: FrequencyPenalty = 0.0
+    presence_penalty: PresencePenalty = 0.0
+    stop: Stop = None
 
     def sampling(self) -> Sampling:
         """The checked sampling settings (a bad value fails here, before any work)."""
         from .sampling import Sampling
 
-        return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
+        return Sampling(self.temperature, self.top_k, self.top_p, self.seed, self.min_p,
+                        self.repetition_penalty, self.frequency_penalty, self.presence_penalty)
+
+    def stop_strings(self) -> tuple[str, ...]:
+        """The checked --stop strings."""
+        from .errors import require_utf8
+
+        for text in self.stop or ():
+            if not require_utf8(text, "--stop"):
+                raise XllamaError("--stop needs a non-empty string")
+        return tuple(self.stop or ())
 
 
 @dataclass(frozen=True)
