@@ -432,6 +432,17 @@ def test_cross_origin_calls_are_refused_unless_cors_names_the_origin(srv, story)
         assert "access-control-allow-origin" not in r.headers
 
 
+def test_a_loopback_server_refuses_a_request_naming_another_host(srv):
+    """DNS rebinding: a page at evil.example, its name pointed at 127.0.0.1, sends its own Host."""
+    port = srv.url.rsplit(":", 1)[1]
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example"):
+        error = error_of(httpx.get(srv.url + "/v1/models", headers={"Host": host}), 400)
+        assert "Host header" in error["message"]
+        assert httpx.get(srv.url + "/", headers={"Host": host}).status_code == 400
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST", f"127.0.0.2:{port}"):
+        assert httpx.get(srv.url + "/v1/models", headers={"Host": host}).status_code == 200
+
+
 def test_the_page_is_served_with_a_policy_that_runs_only_its_own_script(srv):
     r = httpx.get(srv.url + "/")
     assert r.status_code == 200 and "LlamaChat" in r.text

@@ -487,6 +487,27 @@ class RequireKey:
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
 
 
+class LoopbackHostOnly:
+    """ASGI middleware for a server on a loopback address: a request must name a loopback host
+    (localhost, 127.x.x.x, [::1]). A web page whose own name an attacker points at 127.0.0.1 (DNS
+    rebinding) sends its own name, and is refused."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            name = host[1:host.find("]")] if host.startswith("[") else host.split(":")[0]
+            if not is_loopback(name.lower()):
+                error = ApiError(400, f"the Host header {host!r} does not name this loopback "
+                                      "server; use localhost or 127.0.0.1 (or listen on another "
+                                      "--host)")
+                await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
@@ -557,6 +578,8 @@ def create_app(worker: EngineWorker, model: Model, settings: Settings,
                              allow_methods=["GET", "POST", "OPTIONS"],
                              allow_headers=["Authorization", "Content-Type"])] \
         if settings.cors else []
+    if is_loopback(settings.host):
+        middleware.append(Middleware(LoopbackHostOnly))
     if settings.api_key:
         middleware.append(Middleware(RequireKey, key=settings.api_key))
     routes = [Route("/", page_response()), Route("/health", health),
