@@ -226,7 +226,7 @@ class EngineWorker:
         ticket.request.on_event = on_event
         try:
             ticket.handle = self.engine.add(ticket.request)
-        except XllamaError as e:
+        except Exception as e:  # XllamaError: the request is refused (400); else a bug (500)
             ticket.settle(e)
             return
         self.tickets[id(ticket)] = ticket
