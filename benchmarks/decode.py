@@ -48,11 +48,14 @@ SEED = 0
 INIT_STD = 0.02
 
 
-def random_checkpoint(cfg: ModelConfig, folder: Path, dtype: torch.dtype = torch.float32) -> None:
-    """Random weights (normal, std 0.02; norms 1) written as config.json + model.safetensors."""
+def random_checkpoint(cfg: ModelConfig, folder: Path, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu") -> None:
+    """Random weights (normal, std 0.02; norms 1) written as config.json + model.safetensors; drawn
+    on `device` (a GPU draws a 7B model's in a moment; the CPU takes a minute), seeded there."""
     names = expected_shapes(cfg)
-    gen = torch.Generator().manual_seed(SEED)
-    state = {n: (torch.ones(s) if n.endswith("norm.weight") else torch.empty(s).normal_(0, INIT_STD, generator=gen)).to(dtype)
+    gen = torch.Generator(device).manual_seed(SEED)
+    state = {n: (torch.ones(s) if n.endswith("norm.weight")
+                 else torch.empty(s, device=device).normal_(0, INIT_STD, generator=gen)).to("cpu", dtype)
              for n, s in names.items()}
     write_safetensors(folder / "model.safetensors", state)
     (folder / "config.json").write_text(json.dumps({**cfg.to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}, indent=2))

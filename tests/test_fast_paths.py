@@ -179,8 +179,11 @@ def test_a_packed_model_compiles_with_its_products_left_to_onednn(tmp_path):
 
 
 def test_compile_without_a_cpp_compiler_is_one_clear_error(tmp_path):
+    """inductor's CPU kernels need $CXX; on a GPU machine --device auto would compile for CUDA,
+    whose Triton launchers use $CC instead (tests/test_cuda.py covers that case)."""
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
-    run = subprocess.run([sys.executable, "-m", "xllama_cli", "generate", "-n", "4", "--compile", "Once"],
+    run = subprocess.run([sys.executable, "-m", "xllama_cli", "generate", "--device", "cpu", "-n", "4", "--compile",
+                          "Once"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 2
     err = run.stderr.strip().splitlines()[-1]

@@ -35,7 +35,7 @@ class Attention(nn.Module):
         if start is not None:
             assert self.kv_cache is not None, "call model.setup_cache() before using start="
             k, v = self.kv_cache.update(start, k, v, row, span)
-        if T == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
+        if T == 1 and (q.device.type != "cpu" or q.dtype != torch.float32):
             y = decode_attention(q, k, v, mask)
         else:  # enable_gqa: the kernel shares each K/V head across its group instead of copying it
             y = F.scaled_dot_product_attention(
@@ -52,9 +52,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     On the CPU, ATen's flash-attention kernel is several times slower on one half-precision query:
     it is built for long queries. (In float32 it is as fast as this; benchmarks/decode.py measures
-    both.) The query heads of a group share their K/V head as
-    the columns of one product; the scores are k @ q.T, so that the cache, a slice of a longer
-    buffer, is the product's untransposed operand and is read in place rather than copied."""
+    both.) On CUDA, SDPA's fused kernels refuse a masked query over grouped K/V heads in most of
+    the torch releases this runs on (flash takes no mask, memory-efficient long took no K/V
+    groups, cuDNN's is first choice only on the newest GPUs), and its math fallback copies each
+    K/V head once per query head, in float32: this reads each head once on any torch. The query
+    heads of a group share their K/V head as the columns of one product; the scores are k @ q.T,
+    so that the cache, a slice of a longer buffer, is the product's untransposed operand and is
+    read in place rather than copied."""
     B, H, _, D = q.shape
     n_kv = k.shape[1]
     grouped = q.view(B, n_kv, H // n_kv, D).transpose(-1, -2)

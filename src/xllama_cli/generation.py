@@ -72,18 +72,39 @@ def check_prompts(model: Transformer | ModelConfig, prompts: list[list[int]],
                            longest=longest, ctx=ctx)
 
 
-def compile_decode(model: Transformer, mode: str | None = None) -> Step:
-    """The one-token decode step compiled with torch.compile (default mode: CUDA graphs on CUDA,
-    "reduce-overhead"). Its shapes are static: each row's cache slot is a tensor, and the engine
-    gives it few row counts and attention spans (powers of two), one compiled graph each.
-    Compiling happens at the step's first call; a compiler that cannot run (e.g. no C++ compiler
-    for inductor's CPU kernels) is a SettingError then."""
-    if mode is None and model.model.embed_tokens.weight.device.type == "cuda":
-        mode = "reduce-overhead"
+def compile_options(device: torch.device, mode: str | None = None,
+                    tensor_parallel: bool = False) -> dict[str, bool]:
+    """inductor's options for the decode step on `device`: those of torch.compile's `mode` if
+    given; on CUDA by default CUDA graphs (as mode "reduce-overhead"), and coordinate-descent
+    tuning of each kernel's launch settings, as gpt-fast sets it (with it inductor also turns a
+    one-row product into a fused multiply-and-sum, the form that streams weights at the memory's
+    speed). Under tensor parallelism no CUDA graph: the step's all-reduces would be captured in
+    it, and an NCCL collective in a captured graph needs NCCL's capture support and a process
+    group that never polls its work during the capture (torch's watchdog does), neither of
+    which is checked here."""
+    import torch._inductor
+
+    options = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    if device.type == "cuda":
+        options.setdefault("triton.cudagraphs", True)
+        options["coordinate_descent_tuning"] = True
+    if tensor_parallel:
+        options["triton.cudagraphs"] = False
+    return options
+
+
+def compile_decode(model: Transformer, mode: str | None = None, *,
+                   tensor_parallel: bool = False) -> Step:
+    """The one-token decode step compiled with torch.compile (`compile_options`: CUDA graphs on
+    CUDA). Its shapes are static: each row's cache slot is a tensor, and the engine gives it few
+    row counts and attention spans (powers of two), one compiled graph each. Compiling happens at
+    the step's first call; a compiler that cannot run (e.g. no C++ compiler for inductor's CPU
+    kernels) is a SettingError then."""
+    options = compile_options(model.model.embed_tokens.weight.device, mode, tensor_parallel)
     # every model shares Transformer.forward's code: allow a compiled graph for each of many
     # models (bench's group counts) and shapes (rows, span) before falling back to eager
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    compiled = torch.compile(model.forward, mode=mode, dynamic=False)
+    compiled = torch.compile(model.forward, options=options, dynamic=False)
 
     def step(tokens: torch.Tensor, starts: torch.Tensor, span: int) -> torch.Tensor:
         try:

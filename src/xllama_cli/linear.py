@@ -134,13 +134,23 @@ def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # kernel, widening half-precision weights in registers and accumulating in float32.
         # (With several rows its kernel reads the weights once per row: the split product wins.)
         return (x.unsqueeze(-2).float() * weight.float()).sum(-1).to(x.dtype)
-    parts = torch.get_num_threads()
+    parts = thread_count()
     if parts == 1 or n % parts or not weight.is_contiguous():
         return F.linear(x, weight)
     rows = x.numel() // k
     y = torch.bmm(x.reshape(1, rows, k).expand(parts, rows, k),
                   weight.view(parts, n // parts, k).transpose(1, 2))
     return y.transpose(0, 1).reshape(*x.shape[:-1], n)
+
+
+def thread_count() -> int:
+    """torch's thread count; in a compiled graph, the count as the graph was traced. (Called in
+    a traced graph, torch.get_num_threads would split the graph in two at every product.)"""
+    return torch.get_num_threads()
+
+
+# what torch.compiler.assume_constant_result sets, without the compiler's import it makes
+thread_count._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 class CpuLinear(nn.Linear):

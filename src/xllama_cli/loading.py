@@ -8,6 +8,7 @@ Under torchrun (WORLD_SIZE > 1) each rank builds and reads only its own part of 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -23,6 +24,7 @@ from .machine import available_bytes
 from .layout import target_kv_heads
 from .model import Transformer
 from .quantize import check_quantize, quantize_model
+from . import report
 from .report import human_bytes, human_count
 from .parallel import (Shard, TensorParallel, agree_on_errors, apply_tensor_parallel, plan_shard,
                        setup)
@@ -36,16 +38,26 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """The device `device` names (auto: CUDA when present), checked to exist on this machine, so
+    that a missing one is refused before anything is read onto it."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SettingError("{device} {value} asked for, but CUDA is not available here; "
-                               "use {device} cpu", value=device)
-        return torch.device(device)
     if device == "cpu":
         return torch.device("cpu")
-    raise SettingError("unknown {device} {value!r}; choose auto, cpu or cuda", value=device)
+    named = re.fullmatch(r"cuda(?::(\d{1,6}))?", device)
+    if named is None:
+        raise SettingError("unknown {device} {value!r}; choose auto, cpu, cuda or cuda:N",
+                           value=device)
+    if not torch.cuda.is_available():
+        raise SettingError("{device} {value} asked for, but CUDA is not available here; "
+                           "use {device} cpu", value=device)
+    count = torch.cuda.device_count()
+    if named[1] is not None and int(named[1]) >= count:
+        have = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise SettingError("{device} {value}: this machine has {count} CUDA device{s} ({have}); "
+                           "use one of them", value=device, count=count,
+                           s="" if count == 1 else "s", have=have)
+    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device, quantize: str | None = None) -> torch.dtype:
@@ -120,7 +132,8 @@ def load(source: str | Path | Checkpoint, *, attn: str | None = None, groups: in
         with agree_on_errors(tp):
             check_fits(cfg, dt, tp.device, tp.world)
             model = apply_tensor_parallel(_load(ckpt, cfg, tp.device, dt, method, tp), tp)
-    loaded = for_inference(model, quantize, compile, pack, decode_batch)
+    loaded = for_inference(model, quantize, compile, pack, decode_batch,
+                           tensor_parallel=tp is not None)
     return dataclasses.replace(loaded, tp=tp, checkpoint=ckpt)
 
 
@@ -153,11 +166,13 @@ def check_fits(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, world
 
 
 def for_inference(model: Transformer, quantize: str | None = None, compile: bool = False,
-                  pack: bool = True, decode_batch: int | None = 1) -> Loaded:
+                  pack: bool = True, decode_batch: int | None = 1, *,
+                  tensor_parallel: bool = False) -> Loaded:
     """Put a built model on its fastest inference path, plug-in by plug-in: int8 weights if asked
     (quantize_model), the CPU kernels unless `pack` is False (use_cpu_kernels: packed for oneDNN
     where faster, except under `compile`, whose one-row products inductor fuses into kernels
-    faster than oneDNN's), then the compiled decode step if asked."""
+    faster than oneDNN's), then the compiled decode step if asked (under tensor parallelism
+    without CUDA graphs: see generation.compile_options)."""
     if quantize:
         quantize_model(model, quantize)
     if pack:
@@ -166,7 +181,10 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
     if compile:
         from .generation import compile_decode
 
-        step = compile_decode(model)
+        if tensor_parallel and model.lm_head.weight.device.type == "cuda":
+            report.info("compiled decode step under tensor parallelism: no CUDA graphs (an "
+                        "all-reduce is not captured in one)")
+        step = compile_decode(model, tensor_parallel=tensor_parallel)
     return Loaded(model, step)
 
 

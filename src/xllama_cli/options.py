@@ -175,9 +175,10 @@ class LoadOptions:
         will have (--attn/--groups and --rope checked and applied) and its tokenizer: what a
         command checks its own flags against before the weights are read."""
         from .checkpoint import open_checkpoint
-        from .loading import target_config
+        from .loading import resolve_device, target_config
         from .tokenizer import load_tokenizer
 
+        resolve_device(self.device)  # a device this machine lacks: refused before any reading
         folder = model_path(model)
         ckpt = open_checkpoint(folder)
         config = target_config(ckpt, self.attn, self.groups, self.rope, self.rope_factor)

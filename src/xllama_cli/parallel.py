@@ -81,8 +81,11 @@ def setup(device: torch.device) -> TensorParallel | None:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+        # device_id binds NCCL's communicator to this rank's GPU now, rather than to a device it
+        # guesses at the first collective (which a rank that has not set its device gets wrong)
+        device_id = device if device.type == "cuda" else None
         try:
-            dist.init_process_group(backend, timeout=timeout)
+            dist.init_process_group(backend, timeout=timeout, device_id=device_id)
         except (RuntimeError, ValueError) as e:  # DistNetworkError, DistStoreError: RuntimeErrors
             raise XllamaError(f"cannot join the other ranks with {backend}: "
                               f"{str(e).splitlines()[0]}") from None

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SettingError
-from .linear import agrees, is_small, probed
+from .linear import SMALL_ROWS, agrees, is_small, probed
 
 METHODS = ("int8",)
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
@@ -42,17 +42,45 @@ def int8_kernel_works(dtype: torch.dtype) -> bool:
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ (weight * scales[:, None]).T for int8 weight [N, K], scales [N] in x's dtype."""
+    if x.device.type != "cpu":
+        return accelerator_int8_matmul(x, weight, scales)
     if is_small(x):
         if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
             # one row, as in linear.matmul: inductor fuses the widening into one GEMV kernel
-            return ((x.unsqueeze(-2).float() * weight.float()).sum(-1) * scales.float()).to(x.dtype)
+            return int8_gemv(x, weight, scales)
         if x.shape[-1] % 16 == 0 and int8_kernel_works(x.dtype):
             # ATen's int8 GEMV kernel for the CPU. It takes 2-D inputs, and with K not a multiple of
             # 16 (torch 2.13) returns inf/NaN or crashes the process: those shapes widen instead.
             y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), weight, scales)
             return y.reshape(*x.shape[:-1], weight.shape[0])
-    # many rows (prefill), CUDA, an odd K or no working kernel: widen, then the dtype's own GEMM
+    # many rows (prefill), an odd K or no working kernel: widen, then the dtype's own GEMM
     return F.linear(x, weight.to(x.dtype)) * scales
+
+
+def accelerator_int8_matmul(x: torch.Tensor, weight: torch.Tensor,
+                            scales: torch.Tensor) -> torch.Tensor:
+    """int8_matmul on CUDA (any device but the CPU).
+
+    Compiled with few rows (the decode step): `int8_gemv`, one kernel that reads the int8 weights.
+    Otherwise the weights are widened to x's dtype for its own GEMM, and the scales are applied in
+    float32: a product written `linear(x, w.to(x.dtype)) * scales` in x's dtype is what inductor
+    pattern-matches to ATen's `_weight_int8pack_mm`, whose CUDA kernel streams the weights at a
+    small fraction of the bandwidth when there are few rows."""
+    if torch.compiler.is_compiling() and x.numel() <= SMALL_ROWS * x.shape[-1]:
+        return int8_gemv(x, weight, scales)
+    return (F.linear(x, weight.to(x.dtype)).float() * scales.float()).to(x.dtype)
+
+
+def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8_matmul for few rows as a multiply-and-sum, which inductor compiles into one reduction
+    kernel: it loads the int8 weights, widens them in registers and accumulates in float32, so a
+    step reads one byte a weight. The sum is laid out [N, rows], so that the outputs a kernel
+    computes side by side share a weight row, which is then read once for all the rows (a
+    [rows, N] layout reads it once per row). Eagerly it would materialise [N, rows, K]: compiled
+    steps only."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    y = (weight.float()[:, None, :] * rows[None]).sum(-1)  # [N, rows]
+    return (y.t() * scales.float()).to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
 class Int8Linear(nn.Linear):
