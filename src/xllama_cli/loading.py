@@ -8,6 +8,7 @@ Under torchrun (WORLD_SIZE > 1) each rank builds and reads only its own part of 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -17,12 +18,14 @@ import torch
 from .checkpoint import Checkpoint, open_checkpoint, release_pages
 from .build import build_model
 from .config import ModelConfig
-from .errors import SettingError
-from .linear import use_cpu_kernels
-from .machine import available_bytes
+from .errors import SettingError, XllamaError
+from .kernel_cache import KernelCache
+from .linear import COMPILED, Tuner, fixed, use_cpu_kernels
+from .machine import available_bytes, last_level_cache_bytes, native_bf16
 from .layout import target_kv_heads
 from .model import Transformer
 from .quantize import check_quantize, quantize_model
+from . import report
 from .report import human_bytes, human_count
 from .parallel import (Shard, TensorParallel, agree_on_errors, apply_tensor_parallel, plan_shard,
                        setup)
@@ -48,13 +51,47 @@ def resolve_device(device: str = "auto") -> torch.device:
     raise SettingError("unknown {device} {value!r}; choose auto, cpu or cuda", value=device)
 
 
-def resolve_dtype(dtype: str, device: torch.device, quantize: str | None = None) -> torch.dtype:
-    if dtype == "auto":  # int8 weights compute in bfloat16 on every device
-        return torch.bfloat16 if device.type == "cuda" or quantize else torch.float32
+def resolve_dtype(dtype: str, device: torch.device, quantize: str | None = None,
+                  stored: torch.dtype | None = None) -> torch.dtype:
+    """--dtype as a torch dtype. auto: bfloat16 on CUDA and for quantized weights (which compute
+    in it on every device); on the CPU, bfloat16 for a checkpoint `stored` in bfloat16 or float16
+    where the CPU computes bfloat16 natively (said once on stderr, with why), else float32."""
+    if dtype == "auto":
+        if device.type == "cuda" or quantize:
+            return torch.bfloat16
+        if stored in (torch.bfloat16, torch.float16):
+            return _cpu_auto_dtype(str(stored).removeprefix("torch."), native_bf16())
+        return torch.float32
     if dtype not in DTYPES:
         raise SettingError("unknown {dtype} {value!r}; choose auto, {valid}",
                            value=dtype, valid=", ".join(DTYPES))
     return DTYPES[dtype]
+
+
+_SAID: set[str] = set()
+
+
+def _cpu_auto_dtype(stored: str, native: bool) -> torch.dtype:
+    if native:
+        line = (f"--dtype auto: bfloat16 (a {stored} checkpoint, and this CPU computes bfloat16 "
+                "natively)")
+    else:
+        line = (f"--dtype auto: float32 (a {stored} checkpoint, but this CPU has no native "
+                "bfloat16 (AVX-512 BF16 or AMX); --dtype bfloat16 halves the memory, slower)")
+    if line not in _SAID:  # once a process (a chat, a server loads again)
+        _SAID.add(line)
+        report.info(line)
+    return torch.bfloat16 if native else torch.float32
+
+
+def stored_dtype(ckpt: Checkpoint) -> torch.dtype | None:
+    """The dtype of the checkpoint's first floating-point tensor (None: it has none). The
+    tensors are memory-mapped: this reads a header, no weights."""
+    tensors = ckpt.tensors()
+    try:
+        return next((t.dtype for _, t in tensors if t.is_floating_point()), None)
+    finally:
+        tensors.close()
 
 
 def target_config(ckpt: Checkpoint, attn: str | None = None, groups: int | None = None,
@@ -96,20 +133,21 @@ def load(source: str | Path | Checkpoint, *, attn: str | None = None, groups: in
     logits.
 
     attn, groups: the K/V layout (layout.target_kv_heads), K/V heads pooled by `method`.
-    rope, rope_factor: the RoPE rule (rope.with_rope). quantize="int8": weight-only int8
-    projections and head (quantize.py), computing in bfloat16 unless `dtype` says float16.
-    compile: torch.compile the decode step (`loaded.step`). pack: on the CPU, the CPU kernels
-    (linear.use_cpu_kernels), weights in oneDNN's layout where that is faster for `decode_batch`
-    sequences decoded together (None: no decoding, as in perplexity); False: the plain model, for
-    training or taking tensors from (`state_dict`).
+    rope, rope_factor: the RoPE rule (rope.with_rope). quantize="int8" or "int4": weight-only
+    quantized projections and head (quantize.py), computing in bfloat16 unless `dtype` says
+    float16. compile: torch.compile the decode step (`loaded.step`). pack: on the CPU, the CPU
+    kernels measured fastest for `decode_batch` sequences decoded together (None: no decoding, as
+    in perplexity; see `for_inference`); False: the plain model, for training or taking tensors
+    from (`state_dict`).
 
     Started by torchrun, it gives this rank's part of the model (`loaded.tp` set, `model.config`
     the rank's own); every rank must call it.
     """
+    kernels_wanted()  # a bad XLLAMA_KERNELS fails before any work
     ckpt = open_model(source)
     cfg = target_config(ckpt, attn, groups, rope, rope_factor)
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev, quantize)
+    dt = resolve_dtype(dtype, dev, quantize, stored_dtype(ckpt) if dtype == "auto" else None)
     check_quantize(quantize, dt)
     tp = setup(dev)
     if tp is None:
@@ -154,20 +192,48 @@ def check_fits(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, world
 
 def for_inference(model: Transformer, quantize: str | None = None, compile: bool = False,
                   pack: bool = True, decode_batch: int | None = 1) -> Loaded:
-    """Put a built model on its fastest inference path, plug-in by plug-in: int8 weights if asked
-    (quantize_model), the CPU kernels unless `pack` is False (use_cpu_kernels: packed for oneDNN
-    where faster, except under `compile`, whose one-row products inductor fuses into kernels
-    faster than oneDNN's), then the compiled decode step if asked."""
+    """Put a built model on its fastest inference path, plug-in by plug-in: int8 or int4 weights
+    if asked (quantize_model); unless `pack` is False, the CPU kernels (use_cpu_kernels) measured
+    fastest on this machine for `decode_batch` sequences decoded together (the times kept in the
+    user's cache folder: kernel_cache.py; XLLAMA_KERNELS=plain turns them off), or under `compile`
+    the plain weights, whose one-row products inductor fuses into kernels of its own; then the
+    compiled decode step if asked."""
     if quantize:
         quantize_model(model, quantize)
-    if pack:
-        use_cpu_kernels(model, decode_batch, pack=not compile, release=release_pages)
+    if pack and kernels_wanted():
+        if compile:
+            use_cpu_kernels(model, choose=fixed(COMPILED))
+        else:
+            cache = KernelCache()
+            use_cpu_kernels(model, cpu_tuner(model, decode_batch, cache), release=release_pages)
+            cache.save()
     step = None
     if compile:
         from .generation import compile_decode
 
         step = compile_decode(model)
     return Loaded(model, step)
+
+
+KERNELS_VARIABLE = "XLLAMA_KERNELS"
+
+
+def kernels_wanted() -> bool:
+    """Whether the CPU kernels are wanted: XLLAMA_KERNELS unset, empty or "auto"; "plain" turns
+    them off (every layer's own product, e.g. to compare against)."""
+    value = os.environ.get(KERNELS_VARIABLE, "")
+    if value not in ("", "auto", "plain"):
+        raise XllamaError(f"{KERNELS_VARIABLE}={value!r} is not a setting; use {KERNELS_VARIABLE}="
+                          "plain (no CPU kernels) or leave it unset (kernels measured fastest)")
+    return value != "plain"
+
+
+def cpu_tuner(model: Transformer, decode_batch: int | None, store: KernelCache) -> Tuner:
+    """The Tuner for `model` on this machine: a model larger than the CPU's last cache is timed
+    with that cache flushed before each weight-streaming product, as decode meets its weights."""
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    llc = last_level_cache_bytes()
+    return Tuner(store, decode_batch, 2 * llc if weights > llc else 0)
 
 
 def _load(ckpt: Checkpoint, cfg: ModelConfig, dev: torch.device, dt: torch.dtype, method: str,
