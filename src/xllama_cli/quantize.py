@@ -22,6 +22,8 @@ from .linear import Kind, Layout, Product, agrees, is_small, probed
 METHODS = ("int8", "int4")
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
 GROUP = 32  # int4: weights along the input that share a scale and a zero (llama.cpp's Q4_0: 32)
+CLIPS = (1.0, 0.95, 0.9)  # int4: the narrowings of a group's range tried (quantize_int4)
+CHUNK = 512  # int4: rows quantized at a time
 INT4_ROWS = 16  # ATen's int4 CPU kernel takes a multiple of this many output rows
 TOL = 3e-2  # a quantized product against the dequantized weights' float32 product (relative)
 
@@ -160,30 +162,50 @@ INT8 = Kind("int8", (
 # ---- int4 ----
 def quantize_int4(weight: torch.Tensor, group: int = GROUP
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """weight [N, K] -> (q uint8 [N, Kp] in 0..15, scales [N, Kp / group], zeros [N, Kp / group],
-    float32), with weight ~= (q - 8) * scale + zero in each group of `group` weights along a row
-    (ATen's int4 convention: zero is the group's middle). Kp is K rounded up to whole groups, the
-    padding quantized as zeros. Each group's range [min, max] maps onto 0..15."""
+    """weight [N, K] (K a multiple of `group`) -> (q uint8 [N, K] in 0..15, scales and zeros
+    [N, K / group], float32), with weight ~= (q - 8) * scale + zero in each group of `group`
+    weights along a row (ATen's int4 convention: zero is the middle of the group's range).
+
+    A group's range is its [min, max] narrowed by the ratio of CLIPS that quantizes it with the
+    least squared error, of those that leave every weight within one step of its level: the
+    group's few largest weights then round to its ends while the many small ones get finer
+    steps. Rows are taken CHUNK at a time, so that the search's passes run in the CPU's cache."""
     n, k = weight.shape
-    kp = -(-k // group) * group
-    w = F.pad(weight.float(), (0, kp - k)).view(n, kp // group, group)
-    lo, hi = w.amin(-1), w.amax(-1)
-    scales = ((hi - lo) / 15).clamp(min=1e-12)
-    zeros = lo + 8 * scales
-    q = torch.round((w - zeros[..., None]) / scales[..., None] + 8).clamp_(0, 15)
-    return q.to(torch.uint8).view(n, kp), scales, zeros
+    if k % group:
+        raise ValueError(f"int4 groups of {group} do not divide a row of {k}")
+    q = torch.empty(n, k, dtype=torch.uint8)
+    scales, zeros = torch.empty(n, k // group), torch.empty(n, k // group)
+    for r in range(0, n, CHUNK):
+        w = weight[r:r + CHUNK].float().view(-1, k // group, group)
+        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        span = ((hi - lo) / 15).clamp_(min=1e-12)
+        best = ratio = None
+        for c in CLIPS:
+            t = (w - lo * c).div_(span * c)  # in steps above the narrowed range's low end
+            off = t - t.round().clamp_(0, 15)
+            err = off.square().sum(-1, keepdim=True) * (span * c) ** 2
+            err[off.abs().amax(-1, keepdim=True) > 1] = float("inf")  # a weight a step away or more
+            if best is None:
+                best, ratio = err, torch.full_like(err, c)
+            else:
+                better = err < best
+                best, ratio = torch.where(better, err, best), torch.where(better, c, ratio)
+        step, low = span * ratio, lo * ratio
+        q[r:r + CHUNK] = (w - low).div_(step).round_().clamp_(0, 15).view(-1, k).to(torch.uint8)
+        scales[r:r + CHUNK], zeros[r:r + CHUNK] = step[..., 0], (low + 8 * step)[..., 0]
+    return q, scales, zeros
 
 
 def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """quantize_int4's output -> float32 weights [N, Kp]."""
-    n, kp = q.shape
+    """quantize_int4's output -> float32 weights [N, K]."""
+    n, k = q.shape
     groups = scales.shape[1]
-    w = (q.view(n, groups, kp // groups).float() - 8) * scales[..., None] + zeros[..., None]
-    return w.view(n, kp)
+    w = (q.view(n, groups, k // groups).float() - 8) * scales[..., None] + zeros[..., None]
+    return w.view(n, k)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, Kp] of values 0..15 -> uint8 [N, Kp / 2], two a byte (even columns low)."""
+    """uint8 [N, K] of values 0..15 -> uint8 [N, K / 2], two a byte (even columns low)."""
     return q[:, 0::2] | (q[:, 1::2] << 4)
 
 
@@ -191,18 +213,18 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 15, packed >> 4), -1).view(packed.shape[0], -1)
 
 
-# an Int4Linear's weights as its products take them: (uint8 [N, Kp / 2], scales, zeros, K)
-Int4State = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
+# an Int4Linear's weights as its products take them: (uint8 [N, K / 2], scales, zeros)
+Int4State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def int4_state(layer: nn.Module) -> Int4State:
-    return layer.weight, layer.scales, layer.zeros, layer.in_features
+    return layer.weight, layer.scales, layer.zeros
 
 
 def int4_weight(state: Int4State) -> torch.Tensor:
     """An Int4Linear's weights dequantized, float32 [N, K]."""
-    packed, scales, zeros, k = state
-    return dequantize_int4(unpack_nibbles(packed), scales, zeros)[:, :k]
+    packed, scales, zeros = state
+    return dequantize_int4(unpack_nibbles(packed), scales, zeros)
 
 
 def int4_reference(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
@@ -214,26 +236,23 @@ def widened_int4_linear(x: torch.Tensor, state: Int4State) -> torch.Tensor:
     return F.linear(x, int4_weight(state).to(x.dtype))
 
 
-def int4pack(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+def int4pack(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The weights in the layout of ATen's int4 CPU kernel (`_convert_weight_to_int4pack_for_cpu`)
     with the scales and zeros as it takes them ([groups, N, 2] in the activations' dtype), the
-    rows padded to a multiple of INT4_ROWS; and the true N and the padded K."""
+    rows padded to a multiple of INT4_ROWS; and the true N."""
     q = unpack_nibbles(layer.weight)
-    n, kp = q.shape
+    n = q.shape[0]
     rows = -(-n // INT4_ROWS) * INT4_ROWS
     q = F.pad(q, (0, 0, 0, rows - n), value=8).to(torch.int32)  # padded rows: all zero weights
     sz = torch.stack((layer.scales, layer.zeros), -1)
     sz = F.pad(sz, (0, 0, 0, 0, 0, rows - n)).transpose(0, 1).contiguous().to(layer.dtype)
-    return torch._convert_weight_to_int4pack_for_cpu(q, 1), sz, n, kp
+    return torch._convert_weight_to_int4pack_for_cpu(q, 1), sz, n
 
 
-def int4pack_linear(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor, int, int]
-                    ) -> torch.Tensor:
+def int4pack_linear(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor, int]) -> torch.Tensor:
     """ATen's int4 CPU kernel: unpacks and dequantizes each group in registers as it reads it."""
-    packed, sz, n, kp = state
-    if x.shape[-1] != kp:
-        x = F.pad(x, (0, kp - x.shape[-1]))
-    group = kp // sz.shape[0]
+    packed, sz, n = state
+    group = x.shape[-1] // sz.shape[0]
     y = torch._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group, sz)
     return y if y.shape[-1] == n else y[:, :n]
 
@@ -255,7 +274,7 @@ INT4 = Kind("int4", (
 
 class Int4Linear(nn.Module):
     """A linear layer whose weights are int4 in groups of GROUP along the input (quantize_int4),
-    two a byte (`weight`, uint8 [N, Kp / 2]), with float32 `scales` and `zeros` [N, Kp / GROUP];
+    two a byte (`weight`, uint8 [N, K / 2]), with float32 `scales` and `zeros` [N, K / GROUP];
     its product dequantizes them into `dtype`, the activations' dtype. Bias kept."""
 
     kernel_kind = INT4
@@ -293,14 +312,17 @@ def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
     """Replace every projection and the output head by Int8Linear (or Int4Linear), one at a time,
     so the full-precision copy of only one matrix exists beside the quantized model. The
     embedding table stays as it is (a lookup reads one row, not the table); a tied head is
-    quantized on its own."""
+    quantized on its own. int4 keeps two kinds of layer at int8: the output head, whose
+    rounding every token's logits meet (llama.cpp's Q4_0 files keep it at 6 bits), and a layer
+    whose input no whole number of groups spans (which llama.cpp refuses to quantize to Q4_0)."""
     dtype = model.model.embed_tokens.weight.dtype
     check_quantize(method, dtype)
     if model.model.embed_tokens.weight.device.type == "cpu":
         int8_kernel_works(dtype)  # tried now: a compiled step must find the answer, not the trial
-    layer = Int8Linear if method == "int8" else Int4Linear
     targets = [(parent, name) for parent in model.modules()
                for name, child in parent.named_children() if type(child) is nn.Linear]
     for parent, name in targets:
-        setattr(parent, name, layer(getattr(parent, name), dtype))
+        linear = getattr(parent, name)
+        int4 = method == "int4" and linear is not model.lm_head and linear.in_features % GROUP == 0
+        setattr(parent, name, Int4Linear(linear, dtype) if int4 else Int8Linear(linear, dtype))
     return model
