@@ -229,11 +229,13 @@ def kernels_wanted() -> bool:
 
 
 def cpu_tuner(model: Transformer, decode_batch: int | None, store: KernelCache) -> Tuner:
-    """The Tuner for `model` on this machine: a model larger than the CPU's last cache is timed
-    with that cache flushed before each weight-streaming product, as decode meets its weights."""
+    """The Tuner for `model` on this machine. A model some times larger than the CPU's last cache
+    (whose decode meets each weight after the cache has held the others) is timed with that
+    cache flushed before each weight-streaming product, by reading a buffer of twice its size,
+    which is then at most half the model's."""
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     llc = last_level_cache_bytes()
-    return Tuner(store, decode_batch, 2 * llc if weights > llc else 0)
+    return Tuner(store, decode_batch, 2 * llc if weights > 4 * llc else 0)
 
 
 def _load(ckpt: Checkpoint, cfg: ModelConfig, dev: torch.device, dt: torch.dtype, method: str,
