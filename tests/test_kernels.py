@@ -250,7 +250,16 @@ def test_xllama_kernels_plain_turns_every_kernel_off(tiny, monkeypatch):
 def test_a_bad_xllama_kernels_is_one_error_line(monkeypatch):
     monkeypatch.setenv("XLLAMA_KERNELS", "fastest")
     cli_fails(["generate", "--model", str(DEMO_MODEL), "-n", "2", "hi"],
-              "XLLAMA_KERNELS='fastest' is not a setting", "plain")
+              "XLLAMA_KERNELS='fastest' is not a setting", "auto", "measure", "plain")
+
+
+def test_xllama_kernels_measure_measures_again_and_keeps_it(tiny, cache_home, monkeypatch):
+    load_counting(tiny, monkeypatch)
+    monkeypatch.setenv("XLLAMA_KERNELS", "measure")
+    model, timed = load_counting(tiny, monkeypatch)
+    assert sorted(timed) == shapes(model)
+    monkeypatch.delenv("XLLAMA_KERNELS")
+    assert load_counting(tiny, monkeypatch)[1] == []
 
 
 # ---- --dtype auto on the CPU ----

@@ -143,7 +143,7 @@ def load(source: str | Path | Checkpoint, *, attn: str | None = None, groups: in
     Started by torchrun, it gives this rank's part of the model (`loaded.tp` set, `model.config`
     the rank's own); every rank must call it.
     """
-    kernels_wanted()  # a bad XLLAMA_KERNELS fails before any work
+    kernels_mode()  # a bad XLLAMA_KERNELS fails before any work
     ckpt = open_model(source)
     cfg = target_config(ckpt, attn, groups, rope, rope_factor)
     dev = resolve_device(device)
@@ -195,16 +195,19 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
     """Put a built model on its fastest inference path, plug-in by plug-in: int8 or int4 weights
     if asked (quantize_model); unless `pack` is False, the CPU kernels (use_cpu_kernels) measured
     fastest on this machine for `decode_batch` sequences decoded together (the times kept in the
-    user's cache folder: kernel_cache.py; XLLAMA_KERNELS=plain turns them off), or under `compile`
+    user's cache folder: kernel_cache.py; XLLAMA_KERNELS: kernels_mode), or under `compile`
     the plain weights, whose one-row products inductor fuses into kernels of its own; then the
     compiled decode step if asked."""
     if quantize:
         quantize_model(model, quantize)
-    if pack and kernels_wanted():
+    mode = kernels_mode()
+    if pack and mode != "plain":
         if compile:
             use_cpu_kernels(model, choose=fixed(COMPILED))
         else:
             cache = KernelCache()
+            if mode == "measure":
+                cache.entries.clear()
             use_cpu_kernels(model, cpu_tuner(model, decode_batch, cache), release=release_pages)
             cache.save()
     step = None
@@ -218,14 +221,16 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
 KERNELS_VARIABLE = "XLLAMA_KERNELS"
 
 
-def kernels_wanted() -> bool:
-    """Whether the CPU kernels are wanted: XLLAMA_KERNELS unset, empty or "auto"; "plain" turns
-    them off (every layer's own product, e.g. to compare against)."""
-    value = os.environ.get(KERNELS_VARIABLE, "")
-    if value not in ("", "auto", "plain"):
-        raise XllamaError(f"{KERNELS_VARIABLE}={value!r} is not a setting; use {KERNELS_VARIABLE}="
-                          "plain (no CPU kernels) or leave it unset (kernels measured fastest)")
-    return value != "plain"
+def kernels_mode() -> str:
+    """XLLAMA_KERNELS: "auto" (unset or empty too) for the CPU kernels measured fastest, kept in
+    the user's cache folder; "measure" to measure them again now (e.g. after the first load ran
+    beside other work) and keep those; "plain" for none (every layer's own product)."""
+    value = os.environ.get(KERNELS_VARIABLE, "") or "auto"
+    if value not in ("auto", "measure", "plain"):
+        raise XllamaError(f"{KERNELS_VARIABLE}={value!r} is not a setting; use auto (the default: "
+                          "the kernels measured fastest), measure (measure them again) or plain "
+                          "(no CPU kernels)")
+    return value
 
 
 def cpu_tuner(model: Transformer, decode_batch: int | None, store: KernelCache) -> Tuner:
