@@ -111,7 +111,7 @@ def test_a_kernel_that_gives_wrong_values_is_never_chosen(monkeypatch):
     monkeypatch.setattr(linear, "split_linear", lambda x, w: real(x, w) + 1)
     kind = linear._float_kind(torch.float32)  # built anew: its split product is the wrong one
     layer = nn.Linear(64, 96, bias=False)
-    times = measure(kind, layer, tied=False, few_rows=1)
+    times = measure(kind, [layer, nn.Linear(64, 96, bias=False)], tied=False, few_rows=1)
     assert "split" not in times["plain"]["few"] and "split" not in times["plain"]["many"]
     assert "aten" in times["plain"]["few"]
     choice = best({"plain": {"few": {"split": 1e-9, "aten": 1.0}, "many": {"aten": 1.0}}}, True)
@@ -159,8 +159,8 @@ def load_counting(path, monkeypatch) -> tuple[nn.Module, list[str]]:
     """load_model, and the shapes its kernels were measured for (none: all taken from the cache)."""
     timed: list[str] = []
     real = linear.measure
-    monkeypatch.setattr(linear, "measure", lambda kind, layer, *a: timed.append(
-        f"{kind.name} {layer.out_features}x{layer.in_features}") or real(kind, layer, *a))
+    monkeypatch.setattr(linear, "measure", lambda kind, layers, *a: timed.append(
+        f"{kind.name} {layers[0].out_features}x{layers[0].in_features}") or real(kind, layers, *a))
     return load_model(path, device="cpu", dtype="float32", decode_batch=1), timed
 
 

@@ -320,9 +320,9 @@ class Spec:
     k: int
     tied: bool = False
 
-    def key(self, rows: int, threads: int, cold: bool) -> str:
+    def key(self, rows: int, threads: int, streamed: bool) -> str:
         return (f"{self.kind} {self.n}x{self.k}{' tied' if self.tied else ''} rows {rows} "
-                f"threads {threads} {'cold' if cold else 'warm'}")
+                f"threads {threads} {'streamed' if streamed else 'cached'}")
 
 
 class Store(Protocol):
@@ -347,46 +347,67 @@ class MemoryStore:
 
 
 Candidate = tuple[Layout, Product, str]  # layout, product, "few" | "many"
-# (spec, kind, layer) -> (choice, the layer's weight prepared for it), or (None, None): leave it
-Chooser = Callable[[Spec, Kind, nn.Module], "tuple[Choice | None, Any]"]
+# (spec, kind, the layers it serves) -> (choice, the first layer's weight prepared for it), or
+# (None, None): leave them as they are
+Chooser = Callable[[Spec, Kind, "list[nn.Module]"], "tuple[Choice | None, Any]"]
 
 
 @dataclass
 class Tuner:
     """Chooses each Spec's kernels: from the times a Store keeps for this machine, else by timing
-    every candidate on the layer at hand. decode_rows: rows a decode step multiplies (sequences
+    every candidate on the layers at hand. decode_rows: rows a decode step multiplies (sequences
     decoded together; None: no decoding, as in perplexity, where only the many-row side counts).
-    flush_bytes: the size of a buffer read between timed few-row calls, so that the weights
-    come from memory as they do in a model larger than the CPU's caches (0: they stay cached)."""
+    stream_bytes: a few-row product is timed over as many of the spec's layers, one after the
+    other, as hold this many bytes (twice the CPU's last cache, say), so that their weights come
+    from memory as decode meets them, one matrix after another."""
 
     store: Store = field(default_factory=MemoryStore)
     decode_rows: int | None = 1
-    flush_bytes: int = 0
+    stream_bytes: int = 0
     measured: list[str] = field(default_factory=list)  # keys timed in this process
 
     @property
     def few_rows(self) -> int:
         return min(self.decode_rows or 1, SMALL_ROWS)
 
-    def key(self, spec: Spec) -> str:
-        return spec.key(self.few_rows, torch.get_num_threads(), self.flush_bytes > 0)
+    def key(self, spec: Spec, layers: list[nn.Module]) -> str:
+        """Where its times are kept: the spec, the rows, the threads, and whether the timed layers
+        held stream_bytes (else their weights may have stayed in the CPU's caches)."""
+        held = sum(_bytes(lay) for lay in _streamed(layers, self.stream_bytes))
+        return spec.key(self.few_rows, torch.get_num_threads(), held >= self.stream_bytes > 0)
 
-    def choose(self, spec: Spec, kind: Kind, layer: nn.Module) -> tuple[Choice | None, Any]:
-        """The choice for `spec`, and `layer`'s weight prepared in the chosen layout (checked
+    def choose(self, spec: Spec, kind: Kind, layers: list[nn.Module]) -> tuple[Choice | None, Any]:
+        """The choice for `spec`, and layers[0]'s weight prepared in the chosen layout (checked
         against the reference product on it, whether the choice was kept or timed now); (None,
-        None) where no candidate passes its check: the layer stays as it is."""
-        kept = self.store.get(self.key(spec))
+        None) where no candidate passes its check: the layers stay as they are."""
+        key = self.key(spec, layers)
+        kept = self.store.get(key)
         if kept is not None:
             choice = best(kept.get("times", {}), self.decode_rows is not None)
-            state = prepared_if_right(kind, layer, choice) if choice else None
+            state = prepared_if_right(kind, layers[0], choice) if choice else None
             if state is not None:
                 return choice, state
-        times = measure(kind, layer, spec.tied, self.few_rows, self.flush_bytes)
-        self.store.put(self.key(spec), {"times": times})
-        self.measured.append(self.key(spec))
+        times = measure(kind, _streamed(layers, self.stream_bytes), spec.tied, self.few_rows)
+        self.store.put(key, {"times": times})
+        self.measured.append(key)
         choice = best(times, self.decode_rows is not None)
-        state = prepared_if_right(kind, layer, choice) if choice else None
+        state = prepared_if_right(kind, layers[0], choice) if choice else None
         return (choice, state) if state is not None else (None, None)
+
+
+def _bytes(layer: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(layer))
+
+
+def _streamed(layers: list[nn.Module], nbytes: int) -> list[nn.Module]:
+    """The first of `layers` that together hold `nbytes` (at least one; all, if they hold less)."""
+    out, held = [], 0
+    for layer in layers:
+        if out and held >= nbytes:
+            break
+        out.append(layer)
+        held += _bytes(layer)
+    return out
 
 
 def best(times: Mapping[str, Mapping[str, Mapping[str, float]]], decoding: bool) -> Choice | None:
@@ -447,47 +468,48 @@ def _right(kind: Kind, layer: nn.Module, product: Product, state: Any, rows: int
     return agrees(got, want.float(), kind.tol)
 
 
-def measure(kind: Kind, layer: nn.Module, tied: bool, few_rows: int,
-            flush_bytes: int = 0) -> dict[str, dict[str, dict[str, float]]]:
-    """Seconds per call of every candidate product for `layer` that passes its check:
-    times[layout][few|many][product], few at `few_rows` rows (the caches flushed first when
-    flush_bytes), many at MANY_ROWS. Rounds alternate the candidates, so that a change in the
-    machine's load affects them alike; each keeps its fastest round."""
-    dtype = _compute_dtype(layer)
-    n, k = layer.out_features, layer.in_features
+def measure(kind: Kind, layers: list[nn.Module], tied: bool, few_rows: int
+            ) -> dict[str, dict[str, dict[str, float]]]:
+    """Seconds per call of every candidate product for layers of one shape that passes its check
+    on layers[0]: times[layout][few|many][product]; few at `few_rows` rows, one call per layer in
+    turn (each layer's weight prepared in each layout for it), many at MANY_ROWS on layers[0].
+    Rounds alternate the candidates, so that a change in the machine's load affects them alike;
+    each keeps its fastest round."""
+    first = layers[0]
+    dtype = _compute_dtype(first)
+    n, k = first.out_features, first.in_features
     g = torch.Generator().manual_seed(0)
     xs = {"few": torch.randn(few_rows, k, generator=g).to(dtype),
           "many": torch.randn(MANY_ROWS, k, generator=g).to(dtype)}
-    states: dict[str, Any] = {}
+    states: dict[str, list[Any]] = {}
     candidates: list[Candidate] = []
     for layout in kind.layouts:
         if not layout.timed or (tied and not layout.keeps_source) or not layout.works(dtype):
             continue
         try:
-            states[layout.name] = _prepare(layout, layer)
-        except Exception:  # noqa: BLE001 - this weight cannot take this layout
+            states[layout.name] = [_prepare(layout, lay) for lay in layers]
+        except Exception:  # noqa: BLE001 - these weights cannot take this layout
             continue
         for p in layout.products:
             if not p.fits(n, k):
                 continue
             for side, rows in (("few", SMALL_ROWS // 2), ("many", SMALL_ROWS + 3)):
-                if _right(kind, layer, p, states[layout.name], rows):
+                if _right(kind, first, p, states[layout.name][0], rows):
                     candidates.append((layout, p, side))
-    flush = torch.ones(flush_bytes // 4) if flush_bytes else None
     best_s: dict[Candidate, float] = {c: math.inf for c in candidates}
     spent, reps = 0.0, 0
     with torch.no_grad():
-        for c in candidates:  # a first call, untimed: lazy set-up inside the ops
-            c[1].run(xs[c[2]], states[c[0].name])
+        for layout, product, side in candidates:  # a first call, untimed: set-up inside the ops
+            product.run(xs[side], states[layout.name][0])
         while reps < MIN_REPS or (reps < MAX_REPS and spent < SECONDS_PER_SHAPE):
             for c in candidates:
                 layout, product, side = c
-                if flush is not None and side == "few":
-                    flush.sum()
+                run = states[layout.name] if side == "few" else states[layout.name][:1]
                 t0 = time.perf_counter()
-                product.run(xs[side], states[layout.name])
+                for state in run:
+                    product.run(xs[side], state)
                 dt = time.perf_counter() - t0
-                best_s[c] = min(best_s[c], dt)
+                best_s[c] = min(best_s[c], dt / len(run))
                 spent += dt
             reps += 1
     times: dict[str, dict[str, dict[str, float]]] = {}
@@ -499,40 +521,41 @@ def measure(kind: Kind, layer: nn.Module, tied: bool, few_rows: int,
 # ---- swapping ----
 def use_cpu_kernels(model: nn.Module, tuner: Tuner | None = None,
                     release: Callable[[torch.Tensor], None] | None = None,
-                    choose: Chooser | None = None,
-                    ) -> nn.Module:
+                    choose: Chooser | None = None) -> nn.Module:
     """Swap every CPU linear layer of a known kind (`kind_of`: nn.Linear in float32, bfloat16 or
     float16; quantize.py's int8 and int4 layers) for a CpuLinear with the kernels `tuner` chooses
-    for its kind and shape (or `choose(spec, kind, layer)`, which returns the choice and the
-    layer's prepared weight). One matrix at a time, largest first, so that the source form of
-    one matrix at most exists beside the swapped model; `release(weight)` is called for a source
-    weight once it is no longer used (e.g. to drop a memory-mapped checkpoint's pages it read).
-    Other devices keep their layers, whose products are already the fast ones there."""
+    for its kind and shape (or `choose(spec, kind, layers)`). The largest shapes first, one
+    matrix at a time, so that the source form of few matrices exists beside the swapped model;
+    `release(weight)` is called for a source weight once it is no longer used (e.g. to drop a
+    memory-mapped checkpoint's pages it read). Other devices keep their layers, whose products
+    are already the fast ones there."""
     choose = choose or (tuner or Tuner()).choose
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    targets = [(parent, name, child) for parent in model.modules()
-               for name, child in parent.named_children() if kind_of(child) is not None]
-    targets.sort(key=lambda t: -t[2].out_features * t[2].in_features)
-    chosen: dict[Spec, Choice] = {}
-    for parent, name, layer in targets:
-        kind = kind_of(layer)
-        spec = Spec(kind.name, layer.out_features, layer.in_features, id(layer.weight) in tied)
-        if spec in chosen:
-            choice = chosen[spec]
-            try:
-                state = _prepare(kind.layout(choice.layout), layer)
-            except Exception:  # noqa: BLE001 - this one weight cannot take the layout (float16's
-                continue  # range): it stays as it is
-        else:
-            choice, state = choose(spec, kind, layer)
-            if choice is None:  # nothing serves it here: the layer stays as it is
-                continue
-            chosen[spec] = choice
-        swapped = CpuLinear(layer, kind, choice, state)
-        setattr(parent, name, swapped)
-        if release is not None and not kind.layout(choice.layout).keeps_source:
-            for t in _tensors(layer):
-                release(t)
+    groups: dict[Spec, list[tuple[nn.Module, str, nn.Module]]] = {}
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            kind = kind_of(child)
+            if kind is not None:
+                spec = Spec(kind.name, child.out_features, child.in_features,
+                            id(child.weight) in tied)
+                groups.setdefault(spec, []).append((parent, name, child))
+    for spec in sorted(groups, key=lambda s: -s.n * s.k):
+        kind = kind_of(groups[spec][0][2])
+        choice, state = choose(spec, kind, [layer for _, _, layer in groups[spec]])
+        if choice is None:  # nothing serves them here: the layers stay as they are
+            continue
+        layout = kind.layout(choice.layout)
+        for i, (parent, name, layer) in enumerate(groups[spec]):
+            if i > 0:
+                try:
+                    state = _prepare(layout, layer)
+                except Exception:  # noqa: BLE001 - this one weight cannot take the layout
+                    continue  # (e.g. beyond float16's range): it stays as it is
+            setattr(parent, name, CpuLinear(layer, kind, choice, state))
+            if release is not None and not layout.keeps_source:
+                for t in _tensors(layer):
+                    release(t)
+        del state
     return model
 
 
@@ -546,8 +569,8 @@ COMPILED = Choice("compiled", "matmul", "matmul")  # plain float weights for a c
 
 def fixed(choice: Choice) -> Chooser:
     """A `choose` for use_cpu_kernels that gives every layer `choice` (tests; COMPILED), checked
-    like any other: a layer it cannot serve stays as it is."""
-    def choose(spec: Spec, kind: Kind, layer: nn.Module) -> tuple[Choice | None, Any]:
-        state = prepared_if_right(kind, layer, choice)
+    like any other: layers it cannot serve stay as they are."""
+    def choose(spec: Spec, kind: Kind, layers: list[nn.Module]) -> tuple[Choice | None, Any]:
+        state = prepared_if_right(kind, layers[0], choice)
         return (choice, state) if state is not None else (None, None)
     return choose

@@ -208,7 +208,7 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
             cache = KernelCache()
             if mode == "measure":
                 cache.entries.clear()
-            use_cpu_kernels(model, cpu_tuner(model, decode_batch, cache), release=release_pages)
+            use_cpu_kernels(model, cpu_tuner(decode_batch, cache), release=release_pages)
             cache.save()
     step = None
     if compile:
@@ -233,14 +233,10 @@ def kernels_mode() -> str:
     return value
 
 
-def cpu_tuner(model: Transformer, decode_batch: int | None, store: KernelCache) -> Tuner:
-    """The Tuner for `model` on this machine. A model some times larger than the CPU's last cache
-    (whose decode meets each weight after the cache has held the others) is timed with that
-    cache flushed before each weight-streaming product, by reading a buffer of twice its size,
-    which is then at most half the model's."""
-    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    llc = last_level_cache_bytes()
-    return Tuner(store, decode_batch, 2 * llc if weights > 4 * llc else 0)
+def cpu_tuner(decode_batch: int | None, store: KernelCache) -> Tuner:
+    """The Tuner for this machine: a few-row product timed over twice the CPU's last cache of the
+    model's weights of its shape (as many as it has), as decode streams them."""
+    return Tuner(store, decode_batch, 2 * last_level_cache_bytes())
 
 
 def _load(ckpt: Checkpoint, cfg: ModelConfig, dev: torch.device, dt: torch.dtype, method: str,
