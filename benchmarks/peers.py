@@ -61,6 +61,7 @@ LLAMACPP = ROOT.parent / "shared" / "peers" / "llamacpp.sh"
 TOKENIZER = ROOT.parent / "shared" / "fixtures" / "tokenizers" / "llama2-tokenizer.model"
 RESULTS = ROOT / "benchmarks" / "results"
 CPU = torch.device("cpu")
+QUIET = 0.05  # a run during which other processes took more of the CPUs than this is flagged
 
 
 class Precision:
@@ -81,7 +82,7 @@ PRECISIONS = {
     "fp32": Precision("fp32", "float32", None, "f32", 4),
     "bf16": Precision("bf16", "bfloat16", None, "bf16", 2),
     # int8: a byte a weight (a bfloat16 scale per row, negligible); int4: half a byte and a
-    # bfloat16 scale and zero per group
+    # bfloat16 scale and zero per group (the head at int8)
     "int8": Precision("int8", "bfloat16", "int8", "q8_0", 1),
     "int4": Precision("int4", "bfloat16", "int4", "q4_0", 0.5 + 4 / GROUP),
 }
@@ -94,11 +95,37 @@ def step_bytes(cfg: ModelConfig, p: Precision, batch: int, prompt_len: int, new_
     elsize = torch.empty((), dtype=p.hf_dtype).element_size()
     with torch.device("meta"):
         model = Transformer(cfg)
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    linear = 0.0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):  # int4 keeps the head and odd widths at int8
+            int8 = p.quantize == "int4" and (name == "lm_head" or m.in_features % GROUP)
+            linear += m.weight.numel() * (1 if int8 else p.weight_bytes)
     norms = sum(t.numel() for n, t in model.named_parameters() if n.endswith("norm.weight"))
     rest = (batch * cfg.dim + norms) * elsize
-    return int(linear * p.weight_bytes + rest + kv_read_bytes_per_step(
+    return int(linear + rest + kv_read_bytes_per_step(
         cfg, cfg.n_kv_heads, prompt_len, new_tokens, batch, elsize))
+
+
+# ---- the machine's other work ----
+def cpu_jiffies() -> tuple[int, int, int]:
+    """(all, busy, this process's and its children's) CPU time in clock ticks, from /proc; zeros
+    where the platform has none."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+        mine = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return 0, 0, 0
+    own = sum(int(v) for v in mine[11:15])  # utime, stime, cutime, cstime
+    return sum(fields), sum(fields) - fields[3] - fields[4], own  # idle and iowait are not busy
+
+
+def others_share(before: tuple[int, int, int], after: tuple[int, int, int]) -> float | None:
+    """The share of the machine's CPU time that other processes took between two cpu_jiffies()
+    (None where unknown): what this benchmark competed with."""
+    total = after[0] - before[0]
+    if total <= 0:
+        return None
+    return max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / total
 
 
 # ---- llama.cpp ----
@@ -288,11 +315,13 @@ def measure(a: argparse.Namespace, p: Precision, batch: int, cfg: ModelConfig, o
     prompts = torch.randint(0, cfg.vocab_size, (batch, a.prompt_len),
                             generator=torch.Generator().manual_seed(decode_bench.SEED))
     systems = ["xllama", "transformers"] + (["llama.cpp"] if gguf is not None else [])
-    runs: dict[str, dict[str, list[float]]] = {s: {"prefill": [], "decode": []} for s in systems}
+    runs: dict[str, dict[str, list[float]]] = {s: {"prefill": [], "decode": [], "others_cpu": []}
+                                               for s in systems}
     toks: dict[str, list[list[int]]] = {}
     with report.progress((1 + a.repeats) * len(systems), f"{p.name}, batch {batch}", unit="runs") as advance:
         for r in range(1 + a.repeats):
             for s in systems:
+                before = cpu_jiffies()
                 if s == "llama.cpp":
                     pp, tg = time_llamacpp(bench, gguf, a.prompt_len, a.new_tokens, threads)
                     pre, dec = a.prompt_len / pp, (a.new_tokens - 1) / tg  # as times of our runs' shape
@@ -302,6 +331,7 @@ def measure(a: argparse.Namespace, p: Precision, batch: int, cfg: ModelConfig, o
                 if r > 0:
                     runs[s]["prefill"].append(pre)
                     runs[s]["decode"].append(dec)
+                    runs[s]["others_cpu"].append(others_share(before, cpu_jiffies()))
                 advance(1, f"{'warm-up' if r == 0 else f'round {r}'}, {s}")
             if r > 0:
                 probes.append(measure_bandwidth(CPU, probe))
@@ -318,6 +348,7 @@ def summarize(row: dict, cfg: ModelConfig, a: argparse.Namespace, bandwidth: flo
         decode = [batch * steps / t for t in times["decode"]]
         med = statistics.median(decode)
         systems[s] = {"prefill_s_runs": times["prefill"], "decode_s_runs": times["decode"],
+                      "others_cpu_share_runs": times["others_cpu"],
                       "prefill_tok_s": statistics.median(prefill), "decode_tok_s": med,
                       "decode_spread_pct": 50 * (max(decode) - min(decode)) / med,
                       "decode_gbs": nbytes * med / batch / 1e9,
@@ -326,10 +357,17 @@ def summarize(row: dict, cfg: ModelConfig, a: argparse.Namespace, bandwidth: flo
     ratios = {peer: {side: statistics.median(theirs / mine for mine, theirs in zip(x[side], row["runs"][peer][side]))
                      for side in ("prefill", "decode")}
               for peer in row["runs"] if peer != "xllama"}
+    shares = [v for t in row["runs"].values() for v in t["others_cpu"] if v is not None]
     return {"precision": p.name, "batch": batch, "xllama": {"dtype": p.dtype, "quantize": p.quantize},
             "transformers_dtype": p.dtype, "llama_cpp_type": p.gguf.upper() if "llama.cpp" in systems else None,
             "decode_bytes_per_step": nbytes, "decode_bound_tok_s": bandwidth * 1e9 / nbytes * batch,
-            "xllama_load_s": row["xllama_load_s"], "systems": systems, "ratios": ratios, "greedy": row["greedy"]}
+            "xllama_load_s": row["xllama_load_s"], "systems": systems, "ratios": ratios, "greedy": row["greedy"],
+            "others_cpu_share_max": max(shares, default=None)}
+
+
+def say(line: str) -> None:
+    """A line on stdout, whole (no wrapping at the terminal's width)."""
+    report.out.print(line, soft_wrap=True, markup=False, highlight=False)
 
 
 def show(results: list[dict], a: argparse.Namespace, cfg: ModelConfig, bandwidth: float, threads: int,
@@ -354,14 +392,20 @@ def show(results: list[dict], a: argparse.Namespace, cfg: ModelConfig, bandwidth
                           end_section=i == len(res["systems"]) - 1)
     # the table's full width when stdout is a file or a pipe (as a terminal's when it is one)
     Console(highlight=False, width=None if sys.stdout.isatty() else 140).print(table)
-    report.out.print(f"probe bandwidth: {bandwidth:.1f} GB/s")
+    say(f"probe bandwidth: {bandwidth:.1f} GB/s")
     if skipped:
-        report.out.print(f"llama.cpp: skipped ({skipped})")
+        say(f"llama.cpp: skipped ({skipped})")
+    busy = [(r["precision"], r["batch"], r["others_cpu_share_max"]) for r in results
+            if (r["others_cpu_share_max"] or 0) > QUIET]
+    if busy:
+        say("warning: other processes took CPU time during the runs (largest share of the machine "
+                         "per run: " + ", ".join(f"{p} batch {b} {100 * v:.0f}%" for p, b, v in busy)
+                         + "); those figures are unreliable")
     for res in results:
         g = res["greedy"]
         where = "identical" if g["identical"] else (f"{g['rows_differing']} of {g['rows']} rows differ, first at "
                                                     f"new token {g['first_difference']}")
-        report.out.print(f"greedy tokens, {res['precision']} batch {res['batch']}, xllama vs transformers: {where}")
+        say(f"greedy tokens, {res['precision']} batch {res['batch']}, xllama vs transformers: {where}")
 
 
 if __name__ == "__main__":
