@@ -99,7 +99,7 @@ def test_core_errors_name_no_flags_and_the_cli_words_them_as_flags():
         (lambda: with_rope(cfg, "spiral", None), "unknown --rope 'spiral'"),
         (lambda: with_rope(cfg, "linear", None), "--rope linear needs --rope-factor F (e.g. 2.0)"),
         (lambda: with_rope(cfg, None, 2.0), "--rope-factor needs --rope linear|dynamic|llama3"),
-        (lambda: check_quantize("int4", torch.bfloat16), "unknown --quantize 'int4'; choose: int8"),
+        (lambda: check_quantize("int3", torch.bfloat16), "unknown --quantize 'int3'; choose: int8, int4"),
         (lambda: check_quantize("int8", torch.float32), "use --dtype bfloat16"),
         (lambda: resolve_dtype("float8", torch.device("cpu")), "unknown --dtype 'float8'"),
     ]

@@ -28,7 +28,7 @@ def run_case(case: dict) -> dict:
     out = {
         "params": sum(p.numel() for p in model.parameters()),
         "local": (model.config.n_heads, model.config.n_kv_heads, model.config.hidden_dim),
-        "packed": getattr(model.model.layers[0].mlp.down_proj, "packed", False),
+        "kernels": str(getattr(model.model.layers[0].mlp.down_proj, "choice", "")),  # linear.CpuLinear's
         "tokens": generate_tokens(model, prompts, case["n"], **engine).tokens,
     }
     if case.get("sample"):  # unseeded: each rank's own generator differs, only the broadcast keeps them together

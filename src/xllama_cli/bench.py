@@ -29,7 +29,8 @@ from .config import ARCHITECTURES, ModelConfig
 from .errors import XllamaError
 from .generation import GenerationStats, context_length, generate_tokens
 from .layout import is_kv_param, regroup_kv, target_kv_heads
-from .loading import Loaded, for_inference, load_model, resolve_device, resolve_dtype
+from .loading import (Loaded, for_inference, load_model, resolve_device, resolve_dtype,
+                      stored_dtype)
 from .machine import (available_bytes, bandwidth_probe_bytes, is_out_of_memory, machine_info,
                       measure_bandwidth)
 from .model import Transformer
@@ -341,7 +342,8 @@ def run_command(o: BenchOptions) -> BenchResult:
     """`xllama bench`: check, build, measure (with a progress bar), print, write --out/--plot."""
     ckpt = check_options(o)
     device = resolve_device(o.device)
-    dtype = resolve_dtype(o.dtype, device, o.quantize)
+    stored = stored_dtype(ckpt) if ckpt is not None and o.dtype == "auto" else None
+    dtype = resolve_dtype(o.dtype, device, o.quantize, stored)
     check_quantize(o.quantize, dtype)
     result = measure(o, device, dtype, ckpt)
     show(result)

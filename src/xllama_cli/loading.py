@@ -8,6 +8,7 @@ Under torchrun (WORLD_SIZE > 1) each rank builds and reads only its own part of 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,10 @@ import torch
 from .checkpoint import Checkpoint, open_checkpoint, release_pages
 from .build import build_model
 from .config import ModelConfig
-from .errors import SettingError
-from .linear import use_cpu_kernels
-from .machine import available_bytes
+from .errors import SettingError, XllamaError
+from .kernel_cache import KernelCache
+from .linear import COMPILED, Tuner, fixed, use_cpu_kernels
+from .machine import available_bytes, last_level_cache_bytes, native_bf16
 from .layout import target_kv_heads
 from .model import Transformer
 from .quantize import check_quantize, quantize_model
@@ -60,13 +62,47 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device, quantize: str | None = None) -> torch.dtype:
-    if dtype == "auto":  # int8 weights compute in bfloat16 on every device
-        return torch.bfloat16 if device.type == "cuda" or quantize else torch.float32
+def resolve_dtype(dtype: str, device: torch.device, quantize: str | None = None,
+                  stored: torch.dtype | None = None) -> torch.dtype:
+    """--dtype as a torch dtype. auto: bfloat16 on CUDA and for quantized weights (which compute
+    in it on every device); on the CPU, bfloat16 for a checkpoint `stored` in bfloat16 or float16
+    where the CPU computes bfloat16 natively (said once on stderr, with why), else float32."""
+    if dtype == "auto":
+        if device.type == "cuda" or quantize:
+            return torch.bfloat16
+        if stored in (torch.bfloat16, torch.float16):
+            return _cpu_auto_dtype(str(stored).removeprefix("torch."), native_bf16())
+        return torch.float32
     if dtype not in DTYPES:
         raise SettingError("unknown {dtype} {value!r}; choose auto, {valid}",
                            value=dtype, valid=", ".join(DTYPES))
     return DTYPES[dtype]
+
+
+_SAID: set[str] = set()
+
+
+def _cpu_auto_dtype(stored: str, native: bool) -> torch.dtype:
+    if native:
+        line = (f"--dtype auto: bfloat16 (a {stored} checkpoint, and this CPU computes bfloat16 "
+                "natively)")
+    else:
+        line = (f"--dtype auto: float32 (a {stored} checkpoint, but this CPU has no native "
+                "bfloat16 (AVX-512 BF16 or AMX); --dtype bfloat16 halves the memory, slower)")
+    if line not in _SAID:  # once a process (a chat, a server loads again)
+        _SAID.add(line)
+        report.info(line)
+    return torch.bfloat16 if native else torch.float32
+
+
+def stored_dtype(ckpt: Checkpoint) -> torch.dtype | None:
+    """The dtype of the checkpoint's first floating-point tensor (None: it has none). The
+    tensors are memory-mapped: this reads a header, no weights."""
+    tensors = ckpt.tensors()
+    try:
+        return next((t.dtype for _, t in tensors if t.is_floating_point()), None)
+    finally:
+        tensors.close()
 
 
 def target_config(ckpt: Checkpoint, attn: str | None = None, groups: int | None = None,
@@ -108,20 +144,21 @@ def load(source: str | Path | Checkpoint, *, attn: str | None = None, groups: in
     logits.
 
     attn, groups: the K/V layout (layout.target_kv_heads), K/V heads pooled by `method`.
-    rope, rope_factor: the RoPE rule (rope.with_rope). quantize="int8": weight-only int8
-    projections and head (quantize.py), computing in bfloat16 unless `dtype` says float16.
-    compile: torch.compile the decode step (`loaded.step`). pack: on the CPU, the CPU kernels
-    (linear.use_cpu_kernels), weights in oneDNN's layout where that is faster for `decode_batch`
-    sequences decoded together (None: no decoding, as in perplexity); False: the plain model, for
-    training or taking tensors from (`state_dict`).
+    rope, rope_factor: the RoPE rule (rope.with_rope). quantize="int8" or "int4": weight-only
+    quantized projections and head (quantize.py), computing in bfloat16 unless `dtype` says
+    float16. compile: torch.compile the decode step (`loaded.step`). pack: on the CPU, the CPU
+    kernels measured fastest for `decode_batch` sequences decoded together (None: no decoding, as
+    in perplexity; see `for_inference`); False: the plain model, for training or taking tensors
+    from (`state_dict`).
 
     Started by torchrun, it gives this rank's part of the model (`loaded.tp` set, `model.config`
     the rank's own); every rank must call it.
     """
+    kernels_mode()  # a bad XLLAMA_KERNELS fails before any work
     ckpt = open_model(source)
     cfg = target_config(ckpt, attn, groups, rope, rope_factor)
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev, quantize)
+    dt = resolve_dtype(dtype, dev, quantize, stored_dtype(ckpt) if dtype == "auto" else None)
     check_quantize(quantize, dt)
     tp = setup(dev)
     if tp is None:
@@ -168,15 +205,25 @@ def check_fits(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, world
 def for_inference(model: Transformer, quantize: str | None = None, compile: bool = False,
                   pack: bool = True, decode_batch: int | None = 1, *,
                   tensor_parallel: bool = False) -> Loaded:
-    """Put a built model on its fastest inference path, plug-in by plug-in: int8 weights if asked
-    (quantize_model), the CPU kernels unless `pack` is False (use_cpu_kernels: packed for oneDNN
-    where faster, except under `compile`, whose one-row products inductor fuses into kernels
-    faster than oneDNN's), then the compiled decode step if asked (under tensor parallelism
-    without CUDA graphs: see generation.compile_options)."""
+    """Put a built model on its fastest inference path, plug-in by plug-in: int8 or int4 weights
+    if asked (quantize_model); unless `pack` is False, the CPU kernels (use_cpu_kernels) measured
+    fastest on this machine for `decode_batch` sequences decoded together (the times kept in the
+    user's cache folder: kernel_cache.py; XLLAMA_KERNELS: kernels_mode), or under `compile`
+    the plain weights, whose one-row products inductor fuses into kernels of its own; then the
+    compiled decode step if asked (under tensor parallelism without CUDA graphs: see
+    generation.compile_options)."""
     if quantize:
         quantize_model(model, quantize)
-    if pack:
-        use_cpu_kernels(model, decode_batch, pack=not compile, release=release_pages)
+    mode = kernels_mode()
+    if pack and mode != "plain":
+        if compile:
+            use_cpu_kernels(model, choose=fixed(COMPILED))
+        else:
+            cache = KernelCache()
+            if mode == "measure":
+                cache.entries.clear()
+            use_cpu_kernels(model, cpu_tuner(decode_batch, cache), release=release_pages)
+            cache.save()
     step = None
     if compile:
         from .generation import compile_decode
@@ -186,6 +233,27 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
                         "all-reduce is not captured in one)")
         step = compile_decode(model, tensor_parallel=tensor_parallel)
     return Loaded(model, step)
+
+
+KERNELS_VARIABLE = "XLLAMA_KERNELS"
+
+
+def kernels_mode() -> str:
+    """XLLAMA_KERNELS: "auto" (unset or empty too) for the CPU kernels measured fastest, kept in
+    the user's cache folder; "measure" to measure them again now (e.g. after the first load ran
+    beside other work) and keep those; "plain" for none (every layer's own product)."""
+    value = os.environ.get(KERNELS_VARIABLE, "") or "auto"
+    if value not in ("auto", "measure", "plain"):
+        raise XllamaError(f"{KERNELS_VARIABLE}={value!r} is not a setting; use auto (the default: "
+                          "the kernels measured fastest), measure (measure them again) or plain "
+                          "(no CPU kernels)")
+    return value
+
+
+def cpu_tuner(decode_batch: int | None, store: KernelCache) -> Tuner:
+    """The Tuner for this machine: a few-row product timed over twice the CPU's last cache of the
+    model's weights of its shape (as many as it has), as decode streams them."""
+    return Tuner(store, decode_batch, 2 * last_level_cache_bytes())
 
 
 def _load(ckpt: Checkpoint, cfg: ModelConfig, dev: torch.device, dt: torch.dtype, method: str,

@@ -58,12 +58,14 @@ Device = Annotated[str, typer.Option(
     "--device", help="auto (CUDA when present), cpu or cuda[:N].")]
 Dtype = Annotated[str, typer.Option(
     "--dtype",
-    help="auto (bfloat16 on CUDA or with --quantize, float32 on CPU), float32, bfloat16 or "
-         "float16.")]
+    help="auto, float32, bfloat16 or float16. auto: bfloat16 on CUDA and with --quantize; on the "
+         "CPU bfloat16 for a bfloat16 or float16 checkpoint where the CPU computes bfloat16 "
+         "natively (AVX-512 BF16 or AMX; said on stderr), else float32.")]
 Quantize = Annotated[Optional[str], typer.Option(
     "--quantize",
-    help="int8: weight-only int8 projections and output head, a scale per output channel, "
-         "quantized at load time (half the bytes of bfloat16 to read per token); computes in "
+    help="int8: weight-only int8 projections and output head, a scale per output channel "
+         "(half the bytes of bfloat16 to read per token). int4: 4-bit projections in groups of 32 "
+         "weights, a scale and a zero each (the head int8). Quantized at load time; computes in "
          "bfloat16 (or --dtype float16).")]
 Compile = Annotated[bool, typer.Option(
     "--compile",
