@@ -199,6 +199,19 @@ def test_generate_cli_stop_flag_cuts_the_printed_text():
     assert batch.stdout.split("\n\n")[0] == "Once upon a time, there was a little girl named "
 
 
+def test_chat_cli_stop_flag_ends_each_answer_before_it():
+    from typer.testing import CliRunner
+
+    from xllama_cli.cli import app
+
+    args = ["chat", "--model", str(fixture("stories260K-hf")), "-t", "0", "-n", "40",
+            "--template", "plain", "--stop", "girl"]
+    r = CliRunner().invoke(app, args, input="Once upon a time\nThe little dog\n")
+    assert r.exit_code == 0, r.output
+    first, second = r.stdout.split("\n\n")
+    assert first.strip() == ", there was a little" and "girl" not in second
+
+
 # ---- sampling: penalties, min-p, seeds ----
 def test_penalties_match_a_hand_computed_reference():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0]])

@@ -408,6 +408,7 @@ class Engine:
     def _decode(self) -> None:
         """One step for rows 0..n-1, n past the last live row; an idle row among them writes
         its slot just past what it holds, where nothing kept is overwritten."""
+        t0 = time.perf_counter()
         live = [row for row, h in enumerate(self.slots) if h is not None]
         n = live[-1] + 1
         if self._compiled:  # few shapes: one compiled graph each
@@ -426,8 +427,7 @@ class Engine:
                 span = cache_capacity(span, self.model.cache_len)
         tokens = self._next[:n, None]
         if self._compiled and (n, span) not in self._warm:
-            self._warm_up(tokens, start, span)
-        t0 = time.perf_counter()
+            t0 += self._warm_up(tokens, start, span)  # counted as compiling, not decoding
         logits = self._step(tokens, start, span)[:, -1]
         handles = self.slots[:n]
         ids, read = self._choose(logits, handles)
@@ -436,7 +436,6 @@ class Engine:
         self._starts = start + self._advance if isinstance(start, torch.Tensor) else None
         values = self._unpack(to_host(read), handles)
         dt = time.perf_counter() - t0
-        self.decode_s += dt
         self.decode_tokens += len(live)
         events = []
         for row in live:
@@ -448,17 +447,21 @@ class Engine:
             if h.done:
                 self._free(row)
         self._deliver(events)
+        self.decode_s += time.perf_counter() - t0  # the whole step, its events delivered
 
-    def _warm_up(self, tokens: torch.Tensor, start: torch.Tensor, span: int) -> None:
+    def _warm_up(self, tokens: torch.Tensor, start: torch.Tensor, span: int) -> float:
         """Run the compiled step at a new shape before the timed step: compiling (and recording
-        a CUDA graph) is counted apart. The real step writes the same keys and values again."""
+        a CUDA graph) is counted apart; returns its seconds. The real step writes the same keys
+        and values again."""
         t0 = time.perf_counter()
         for _ in range(WARM_UP_CALLS):
             self._step(tokens, start, span)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.compile_s += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        self.compile_s += took
         self._warm.add((tokens.shape[0], span))
+        return took
 
     def _choose(self, logits: torch.Tensor,
                 handles: Sequence[Handle | None]) -> tuple[torch.Tensor, torch.Tensor]:

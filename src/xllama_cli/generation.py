@@ -13,7 +13,7 @@ import torch
 
 from .config import ModelConfig
 from .engine import (Engine, Event, Request, Step, check_token_ids,  # noqa: F401 - re-exported
-                     context_length, eager_step)
+                     context_length)
 from .errors import SettingError, XllamaError, is_whole
 from .model import Transformer
 from .sampling import Sampling

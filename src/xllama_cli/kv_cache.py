@@ -56,7 +56,9 @@ class KVCache(nn.Module):
         compiled step keeps static shapes); returns slots 0..span-1, of which the caller masks
         those a row has not filled."""
         B, T = k.shape[0], k.shape[2]
-        keys, values = self.k[row:row + B], self.v[row:row + B]
+        keys, values = self.k, self.v
+        if row or B != keys.shape[0]:  # some of the cache's rows
+            keys, values = keys[row:row + B], values[row:row + B]
         if isinstance(start, torch.Tensor):
             slots = start[:, None] + torch.arange(T, device=k.device)  # [B, T]
             rows = torch.arange(B, device=k.device)[:, None]
