@@ -70,8 +70,8 @@ def agrees(got: torch.Tensor, want: torch.Tensor, tol: float | None = None) -> b
 # ---- the products ----
 @dataclass(frozen=True)
 class Product:
-    """x [rows, K] (2-D) @ W.T -> [rows, N] from a weight in one layout's form. `fits(n, k)`: whether
-    it serves that shape at all (some private ops fail, or crash the process, on others)."""
+    """x [rows, K] (2-D) @ W.T -> [rows, N] from a weight in one layout's form. `fits(n, k)`:
+    whether it serves that shape at all (some private ops fail, or crash the process, on others)."""
 
     name: str
     run: Callable[[torch.Tensor, Any], torch.Tensor]
