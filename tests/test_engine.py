@@ -354,7 +354,7 @@ def test_each_decode_step_reads_the_device_once(monkeypatch, tmp_path):
     assert steps >= 20 and others == []
 
 
-def test_a_compiled_step_sees_rows_and_spans_rounded_to_powers_of_two():
+def test_a_given_step_like_compile_decodes_sees_rows_and_spans_rounded_to_powers_of_two():
     """A step given to the engine (compile_decode's, here the eager forward recorded) gets every
     row's slot as a tensor, a power-of-two row count and a span of cache_capacity's sizes, and
     the tokens stay each request's own."""
