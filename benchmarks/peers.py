@@ -52,7 +52,7 @@ from xllama_cli.checkpoint import open_checkpoint  # noqa: E402
 from xllama_cli.config import ModelConfig  # noqa: E402
 from xllama_cli.errors import XllamaError  # noqa: E402
 from xllama_cli.model import Transformer  # noqa: E402
-from xllama_cli.machine import bandwidth_probe_bytes, machine_info, measure_bandwidth  # noqa: E402
+from xllama_cli.machine import OtherWork, bandwidth_probe_bytes, machine_info, measure_bandwidth  # noqa: E402
 from xllama_cli.quantize import GROUP  # noqa: E402
 from xllama_cli.writer import atomic_write  # noqa: E402
 
@@ -104,28 +104,6 @@ def step_bytes(cfg: ModelConfig, p: Precision, batch: int, prompt_len: int, new_
     rest = (batch * cfg.dim + norms) * elsize
     return int(linear + rest + kv_read_bytes_per_step(
         cfg, cfg.n_kv_heads, prompt_len, new_tokens, batch, elsize))
-
-
-# ---- the machine's other work ----
-def cpu_jiffies() -> tuple[int, int, int]:
-    """(all, busy, this process's and its children's) CPU time in clock ticks, from /proc; zeros
-    where the platform has none."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
-        mine = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, ValueError, IndexError):
-        return 0, 0, 0
-    own = sum(int(v) for v in mine[11:15])  # utime, stime, cutime, cstime
-    return sum(fields), sum(fields) - fields[3] - fields[4], own  # idle and iowait are not busy
-
-
-def others_share(before: tuple[int, int, int], after: tuple[int, int, int]) -> float | None:
-    """The share of the machine's CPU time that other processes took between two cpu_jiffies()
-    (None where unknown): what this benchmark competed with."""
-    total = after[0] - before[0]
-    if total <= 0:
-        return None
-    return max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / total
 
 
 # ---- llama.cpp ----
@@ -321,7 +299,7 @@ def measure(a: argparse.Namespace, p: Precision, batch: int, cfg: ModelConfig, o
     with report.progress((1 + a.repeats) * len(systems), f"{p.name}, batch {batch}", unit="runs") as advance:
         for r in range(1 + a.repeats):
             for s in systems:
-                before = cpu_jiffies()
+                others = OtherWork()
                 if s == "llama.cpp":
                     pp, tg = time_llamacpp(bench, gguf, a.prompt_len, a.new_tokens, threads)
                     pre, dec = a.prompt_len / pp, (a.new_tokens - 1) / tg  # as times of our runs' shape
@@ -331,7 +309,7 @@ def measure(a: argparse.Namespace, p: Precision, batch: int, cfg: ModelConfig, o
                 if r > 0:
                     runs[s]["prefill"].append(pre)
                     runs[s]["decode"].append(dec)
-                    runs[s]["others_cpu"].append(others_share(before, cpu_jiffies()))
+                    runs[s]["others_cpu"].append(others.share())
                 advance(1, f"{'warm-up' if r == 0 else f'round {r}'}, {s}")
             if r > 0:
                 probes.append(measure_bandwidth(CPU, probe))

@@ -141,11 +141,22 @@ def test_a_tied_head_keeps_the_embedding_table(tmp_path):
 
 
 # ---- the kernel cache ----
+class Meter:
+    """A machine.OtherWork whose other processes took `busy` of the CPUs."""
+
+    busy = 0.0
+
+    def share(self) -> float:
+        return self.busy
+
+
 @pytest.fixture
 def cache_home(tmp_path, monkeypatch):
-    """A fresh user cache folder."""
+    """A fresh user cache folder, on a machine with nothing else running (as far as the kernels'
+    measuring can tell: the tests' own machine may be busy)."""
     home = tmp_path / "cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    monkeypatch.setattr(loading, "OtherWork", Meter)
     return home / "xllama"
 
 
@@ -221,6 +232,27 @@ def test_a_kept_choice_that_no_longer_checks_is_measured_again(tiny, cache_home,
     model, timed = load_counting(tiny, monkeypatch)
     assert sorted(timed) == shapes(model)
     assert all(m.choice.few != "split" for m in model.modules() if isinstance(m, CpuLinear))
+
+
+def test_times_measured_beside_other_work_serve_the_load_but_are_not_kept(tiny, cache_home, monkeypatch):
+    monkeypatch.setattr(Meter, "busy", 0.5)
+    model, timed = load_counting(tiny, monkeypatch)
+    assert sorted(timed) == shapes(model) and all(isinstance(m, CpuLinear) for m in model.modules()
+                                                  if hasattr(m, "in_features"))
+    assert not list(cache_home.glob("kernels-*.json"))  # nothing kept
+    assert sorted(load_counting(tiny, monkeypatch)[1]) == shapes(model)  # measured again
+    monkeypatch.setattr(Meter, "busy", 0.05)
+    load_counting(tiny, monkeypatch)
+    assert load_counting(tiny, monkeypatch)[1] == []  # quiet enough: kept
+
+
+def test_other_work_is_a_share_of_the_cpus():
+    from xllama_cli.machine import OtherWork
+
+    meter = OtherWork()
+    sum(range(10**6))
+    share = meter.share()
+    assert share is None or 0 <= share <= 1
 
 
 def test_an_unwritable_cache_folder_keeps_the_choices_for_the_process(tiny, tmp_path, monkeypatch):

@@ -38,8 +38,10 @@ MANY_ROWS = 64
 PROMPT_TOKENS = 128
 # Timing one shape: at least MIN_REPS rounds over its candidates, more while the shape's share of
 # the time budget lasts, at most MAX_REPS. The minimum over rounds is kept: other processes only
-# ever add time.
+# ever add time. Times measured while other processes took more than BUSY of the CPUs (which
+# slows multi-threaded kernels most, and can rank them wrongly) serve this load but are not kept.
 MIN_REPS, MAX_REPS, SECONDS_PER_SHAPE = 3, 12, 0.25
+BUSY = 0.10
 
 _PROBES: dict[str, bool] = {}
 
@@ -369,12 +371,16 @@ class Tuner:
     decoded together; None: no decoding, as in perplexity, where only the many-row side counts).
     stream_bytes: a few-row product is timed over as many of the spec's layers, one after the
     other, as hold this many bytes (twice the CPU's last cache, say), so that their weights come
-    from memory as decode meets them, one matrix after another."""
+    from memory as decode meets them, one matrix after another. other_work(): starts a meter
+    whose share() is the share of the CPUs other processes took since (machine.OtherWork);
+    times measured beside more than BUSY of it are not kept in the store."""
 
     store: Store = field(default_factory=MemoryStore)
     decode_rows: int | None = 1
     stream_bytes: int = 0
+    other_work: Callable[[], Any] | None = None
     measured: list[str] = field(default_factory=list)  # keys timed in this process
+    unkept: list[str] = field(default_factory=list)  # of those, the ones measured beside other work
 
     @property
     def few_rows(self) -> int:
@@ -397,9 +403,14 @@ class Tuner:
             state = prepared_if_right(kind, layers[0], choice) if choice else None
             if state is not None:
                 return choice, state
+        meter = self.other_work() if self.other_work else None
         times = measure(kind, _streamed(layers, self.stream_bytes), spec.tied, self.few_rows)
-        self.store.put(key, {"times": times})
+        busy = meter.share() if meter else None
         self.measured.append(key)
+        if busy is not None and busy > BUSY:
+            self.unkept.append(key)
+        else:
+            self.store.put(key, {"times": times})
         choice = best(times, self.decode_rows is not None)
         state = prepared_if_right(kind, layers[0], choice) if choice else None
         return (choice, state) if state is not None else (None, None)

@@ -22,7 +22,7 @@ from .config import ModelConfig
 from .errors import SettingError, XllamaError
 from .kernel_cache import KernelCache
 from .linear import COMPILED, Tuner, fixed, use_cpu_kernels
-from .machine import available_bytes, last_level_cache_bytes, native_bf16
+from .machine import OtherWork, available_bytes, last_level_cache_bytes, native_bf16
 from .layout import target_kv_heads
 from .model import Transformer
 from .quantize import check_quantize, quantize_model
@@ -252,8 +252,9 @@ def kernels_mode() -> str:
 
 def cpu_tuner(decode_batch: int | None, store: KernelCache) -> Tuner:
     """The Tuner for this machine: a few-row product timed over twice the CPU's last cache of the
-    model's weights of its shape (as many as it has), as decode streams them."""
-    return Tuner(store, decode_batch, 2 * last_level_cache_bytes())
+    model's weights of its shape (as many as it has), as decode streams them; times taken while
+    other processes kept the CPUs busy are used but not kept."""
+    return Tuner(store, decode_batch, 2 * last_level_cache_bytes(), OtherWork)
 
 
 def _load(ckpt: Checkpoint, cfg: ModelConfig, dev: torch.device, dt: torch.dtype, method: str,

@@ -116,6 +116,34 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=32 << 20)
 
 
+def cpu_jiffies() -> tuple[int, int, int]:
+    """(all, busy, this process's and its waited-for children's) CPU time in clock ticks, from
+    /proc; zeros where the platform has none."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+        mine = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return 0, 0, 0
+    own = sum(int(v) for v in mine[11:15])  # utime, stime, cutime, cstime
+    return sum(fields), sum(fields) - fields[3] - fields[4], own  # idle and iowait are not busy
+
+
+class OtherWork:
+    """The share of the machine's CPU time that other processes take from now until `share()`:
+    what a measurement competed with (None where the platform does not say)."""
+
+    def __init__(self) -> None:
+        self.before = cpu_jiffies()
+
+    def share(self) -> float | None:
+        after = cpu_jiffies()
+        total = after[0] - self.before[0]
+        if total <= 0:
+            return None
+        busy, own = after[1] - self.before[1], after[2] - self.before[2]
+        return max(0.0, busy - own) / total
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
