@@ -140,6 +140,16 @@ def test_a_tied_head_keeps_the_embedding_table(tmp_path):
     assert all(type(m) is nn.Linear for m in trained.modules() if hasattr(m, "in_features"))
 
 
+def test_swapped_layers_keep_the_state_dict_keys_of_plain_ones(tiny):
+    plain = load_model(tiny, device="cpu", dtype="float32", pack=False)
+    for kind, choice in [("float32", Choice("plain", "aten", "aten")),
+                         ("float32", Choice("onednn", "onednn", "onednn"))]:
+        model = use_cpu_kernels(load_model(tiny, device="cpu", dtype="float32", pack=False),
+                                choose=fixed(choice))
+        assert any(isinstance(m, CpuLinear) for m in model.modules()), (kind, choice)
+        assert list(model.state_dict()) == list(plain.state_dict()), (kind, choice)
+
+
 # ---- the kernel cache ----
 class Meter:
     """A machine.OtherWork whose other processes took `busy` of the CPUs."""

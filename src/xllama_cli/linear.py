@@ -300,7 +300,6 @@ class CpuLinear(nn.Module):
         layout = kind.layout(choice.layout)
         self._few = layout.product(choice.few).run
         self._many = layout.product(choice.many).run
-        self.state = state
         main = state if isinstance(state, torch.Tensor) else next(
             (t for t in (state if isinstance(state, tuple) else ()) if isinstance(t, torch.Tensor)),
             None)
@@ -309,6 +308,9 @@ class CpuLinear(nn.Module):
         self.weight = main if isinstance(main, nn.Parameter) else nn.Parameter(
             main, requires_grad=False)
         self.bias = source.bias
+        # kept apart from the module's parameters (a layout that keeps the source weight hands
+        # over that Parameter), so that state_dict() has a layer's keys once: weight and bias
+        self.state = state.detach() if isinstance(state, nn.Parameter) else state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
