@@ -147,20 +147,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quantize", choices=("int8",), help="xllama only: weight-only int8")
     ap.add_argument("--compile", action="store_true",
                     help="xllama only: the compiled decode step (generation.compile_decode)")
+    add_shape_flags(ap)
+    a = ap.parse_args(argv)
+    a.dtype = a.dtype or ("bfloat16" if a.quantize else "float32")
+    check_counts(ap, a, ("batch", "new_tokens", "repeats", "threads"))
+    return a
+
+
+def add_shape_flags(ap: argparse.ArgumentParser) -> None:
+    """The random model's shape as hidden flags (tests shrink it; `random_config` reads them), and
+    argparse's errors as one line on stderr and exit 2."""
     base = ModelConfig.from_name(ARCHITECTURE)
     for flag, default in (("dim", base.dim), ("layers", base.n_layers), ("heads", base.n_heads),
                           ("kv-heads", base.n_kv_heads), ("ffn", base.hidden_dim), ("vocab", base.vocab_size),
-                          ("max-seq-len", base.max_seq_len)):  # the random model's shape (tests shrink it)
+                          ("max-seq-len", base.max_seq_len)):
         ap.add_argument(f"--{flag}", type=int, default=default, help=argparse.SUPPRESS)
     ap.error = lambda message: (report.error(message), sys.exit(2))  # type: ignore[method-assign]
-    a = ap.parse_args(argv)
-    a.dtype = a.dtype or ("bfloat16" if a.quantize else "float32")
-    for name in ("batch", "new_tokens", "repeats", "threads"):
+
+
+def check_counts(ap: argparse.ArgumentParser, a: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """The counts `names` are positive where given, and --new-tokens is at least 2."""
+    for name in names:
         if getattr(a, name) is not None and getattr(a, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
     if a.new_tokens < 2:
         ap.error("--new-tokens must be at least 2 (the first comes from the prefill)")
-    return a
+
+
+def random_config(a: argparse.Namespace) -> ModelConfig:
+    """The random model's configuration: ARCHITECTURE with the shape flags' sizes."""
+    return ModelConfig.from_name(ARCHITECTURE).replace(
+        dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads, head_dim=0,
+        hidden_dim=a.ffn, vocab_size=a.vocab, max_seq_len=a.max_seq_len)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,9 +208,7 @@ def run(a: argparse.Namespace) -> int:
         path = a.model
         if path is None:
             path = Path(tmp)
-            cfg = ModelConfig.from_name(ARCHITECTURE).replace(
-                dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads, head_dim=0,
-                hidden_dim=a.ffn, vocab_size=a.vocab, max_seq_len=a.max_seq_len)
+            cfg = random_config(a)
             report.info(f"writing a random {cfg.n_params() / 1e6:.1f}M-parameter model to {path}")
             random_checkpoint(cfg, path)
         cfg = open_checkpoint(path).config

@@ -169,18 +169,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", type=Path, help=f"an HF folder instead of the random {decode_bench.ARCHITECTURE} model")
     ap.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp")
     ap.add_argument("--json", type=Path, help="default: benchmarks/results/peers-<UTC date and time>.json")
-    base = ModelConfig.from_name(decode_bench.ARCHITECTURE)
-    for flag, default in (("dim", base.dim), ("layers", base.n_layers), ("heads", base.n_heads),
-                          ("kv-heads", base.n_kv_heads), ("ffn", base.hidden_dim), ("vocab", base.vocab_size),
-                          ("max-seq-len", base.max_seq_len)):  # the random model's shape (tests shrink it)
-        ap.add_argument(f"--{flag}", type=int, default=default, help=argparse.SUPPRESS)
-    ap.error = lambda message: (report.error(message), sys.exit(2))  # type: ignore[method-assign]
+    decode_bench.add_shape_flags(ap)
     a = ap.parse_args(argv)
-    for name in ("prompt_len", "new_tokens", "repeats", "threads"):
-        if getattr(a, name) is not None and getattr(a, name) <= 0:
-            ap.error(f"--{name.replace('_', '-')} must be positive")
-    if a.new_tokens < 2:
-        ap.error("--new-tokens must be at least 2 (the first comes from the prefill)")
+    decode_bench.check_counts(ap, a, ("prompt_len", "new_tokens", "repeats", "threads"))
     return a
 
 
@@ -198,9 +189,7 @@ def prepare_model(a: argparse.Namespace, folder: Path) -> Path:
     Llama 2 tokenizer beside it where it has none and the vocabulary fits (for llama.cpp)."""
     if a.model is not None:
         return a.model
-    cfg = ModelConfig.from_name(decode_bench.ARCHITECTURE).replace(
-        dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads, head_dim=0,
-        hidden_dim=a.ffn, vocab_size=a.vocab, max_seq_len=a.max_seq_len)
+    cfg = decode_bench.random_config(a)
     report.info(f"writing a random {cfg.n_params() / 1e6:.1f}M-parameter model to {folder}")
     folder.mkdir(parents=True, exist_ok=True)
     decode_bench.random_checkpoint(cfg, folder)
