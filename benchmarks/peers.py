@@ -148,20 +148,10 @@ def parse_list(text: str, valid: tuple[str, ...] | None = None) -> list[str]:
     return items
 
 
-def parse_batches(text: str) -> list[int]:
-    try:
-        out = [int(t) for t in text.split(",")]
-    except ValueError:
-        out = []
-    if not out or min(out) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
-    return out
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--precision", type=lambda t: parse_list(t, tuple(PRECISIONS)), default=list(PRECISIONS))
-    ap.add_argument("--batch", type=parse_batches, default=[1, 8], help="batch 1 runs all three; others skip llama.cpp")
+    ap.add_argument("--batch", type=decode_bench.parse_lengths, default=[1, 8], help="batch 1 runs all three; others skip llama.cpp")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds, after one warm-up")

@@ -16,6 +16,16 @@ STORY = ("Once upon a time, there was a little girl named Lily. She loved to pla
          "One day, she saw a big, red ball. She wanted to play with it, but it was too high.")
 
 
+def benchmark(name: str):
+    """benchmarks/NAME.py imported as a module (the folder is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def fixture(name: str) -> Path:
     """A path under ../shared/fixtures, or skip the test when the folder is absent (a user's clone)."""
     path = FIXTURES / name

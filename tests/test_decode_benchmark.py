@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from conftest import ROOT
+from conftest import benchmark
 
 TINY = ["--dim", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--ffn", "128", "--vocab", "256",
         "--max-seq-len", "128", "--prompt-len", "16,24", "--new-tokens", "8", "--repeats", "1", "--batch", "2"]
@@ -15,10 +14,7 @@ TINY = ["--dim", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--ff
 
 @pytest.fixture(scope="module")
 def decode_bench():
-    spec = importlib.util.spec_from_file_location("decode_benchmark", ROOT / "benchmarks" / "decode.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark("decode")
 
 
 def test_tiny_run_measures_both_systems_and_matches_greedy_tokens(decode_bench, tmp_path, capsys):

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
-from conftest import ROOT, make_hf_checkpoint
+from conftest import benchmark, make_hf_checkpoint
 
 
 def test_tiny_run_times_the_first_token_against_one_read(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("load_benchmark", ROOT / "benchmarks" / "load.py")
-    load_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(load_bench)
+    load_bench = benchmark("load")
     model = tmp_path / "model"
     make_hf_checkpoint(model, num_key_value_heads=2, tokenizer=True, vocab_size=512)
     out = tmp_path / "load.json"

@@ -4,12 +4,11 @@ saying why when it is not built."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from conftest import ROOT
+from conftest import benchmark
 
 TINY = ["--dim", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--ffn", "128", "--vocab", "256",
         "--max-seq-len", "64", "--prompt-len", "16", "--new-tokens", "6", "--repeats", "1"]
@@ -17,10 +16,7 @@ TINY = ["--dim", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--ff
 
 @pytest.fixture(scope="module")
 def peers():
-    spec = importlib.util.spec_from_file_location("peers_benchmark", ROOT / "benchmarks" / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark("peers")
 
 
 def test_a_run_without_llamacpp_says_why_and_measures_the_rest(peers, tmp_path, capsys, monkeypatch):

@@ -20,7 +20,7 @@ from xllama_cli.loading import load_model
 from xllama_cli.tokenizer import load_tokenizer
 from xllama_cli.writer import write_safetensors
 
-from conftest import ROOT, fixture
+from conftest import ROOT, benchmark, fixture
 
 TINY = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=8, vocab_size=128, hidden_dim=96, max_seq_len=64)
 TOKENS = torch.tensor([[1, 5, 9, 3, 77, 2]])
@@ -64,15 +64,8 @@ def test_the_demo_architecture_is_the_built_in_demo_models():
 
 
 def test_the_decode_benchmark_builds_its_named_architecture_by_default():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("decode_benchmark", ROOT / "benchmarks" / "decode.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    a = module.parse_args([])
-    cfg = ModelConfig.from_name(module.ARCHITECTURE).replace(
-        dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads, head_dim=0,
-        hidden_dim=a.ffn, vocab_size=a.vocab, max_seq_len=a.max_seq_len)
+    module = benchmark("decode")
+    cfg = module.random_config(module.parse_args([]))
     assert cfg == ModelConfig.from_name("bench-220m")
 
 
