@@ -106,6 +106,15 @@ def test_kernels_serve_shapes_they_do_not_divide(tmp_path):
         assert torch.allclose(got, want, rtol=tol, atol=2 * tol * want.abs().max().item()), kind
 
 
+def test_a_few_row_loop_is_timed_for_decode_only():
+    """numba's loop reads the weight once for few rows; for a prompt's many rows it is no
+    candidate (its time would only be spent measuring)."""
+    layer = nn.Linear(64, 48, bias=False)
+    times = measure(FLOAT_KINDS[torch.float32], [layer], False, 1)
+    assert "numba" in times["plain"]["few"]
+    assert "numba" not in times["plain"]["many"] and times["plain"]["many"]
+
+
 def test_a_kernel_that_gives_wrong_values_is_never_chosen(monkeypatch):
     real = linear.split_linear
     monkeypatch.setattr(linear, "split_linear", lambda x, w: real(x, w) + 1)

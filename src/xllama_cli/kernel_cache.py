@@ -11,6 +11,7 @@ at the next save; an entry whose times are not numbers is measured again. Writes
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from .errors import XllamaError
 from .machine import cpu_flags, cpu_name
 from .writer import atomic_write
 
-VERSION = 1
+VERSION = 2  # 2: numba's product among the candidates
 
 
 def cache_folder() -> Path:
@@ -43,7 +44,14 @@ def machine() -> dict[str, Any]:
     flags = " ".join(sorted(cpu_flags()))
     return {"cpu": cpu_name(), "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest(),
             "cpu_count": os.cpu_count(), "capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__}
+            "torch": torch.__version__, "numba": _version("numba")}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 class KernelCache:

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import gemv
+
 # Up to this many rows (batch x new tokens) a product is bound by reading the weights (decode);
 # above it (prefill) by arithmetic. Each layer has one product for each side.
 SMALL_ROWS = 16
@@ -78,6 +80,7 @@ class Product:
     name: str
     run: Callable[[torch.Tensor, Any], torch.Tensor]
     fits: Callable[[int, int], bool] = lambda n, k: True
+    many: bool = True  # a candidate for many rows too (a loop built for few rows is not)
 
 
 @dataclass(frozen=True)
@@ -244,7 +247,9 @@ def _float_kind(dtype: torch.dtype) -> Kind:
     plain = Layout("plain", _weight, (
         Product("aten", F.linear),
         Product("split", split_linear, splits),
-        *((Product("onednn", packed_linear),) if dtype != torch.float16 else ())),
+        *((Product("onednn", packed_linear),) if dtype != torch.float16 else ()),
+        *((Product("numba", gemv.float32_linear, gemv.fits, many=False),)
+          if dtype == torch.float32 else ())),
         keeps_source=True)
     # a compiled step's: inductor fuses the one-row product (see matmul)
     compiled = Layout("compiled", _weight, (Product("matmul", matmul),), keeps_source=True,
@@ -517,7 +522,7 @@ def measure(kind: Kind, layers: list[nn.Module], tied: bool, few_rows: int
             if not p.fits(n, k):
                 continue
             for side, rows in (("few", SMALL_ROWS // 2), ("many", SMALL_ROWS + 3)):
-                if _right(kind, first, p, states[layout.name][0], rows):
+                if (side == "few" or p.many) and _right(kind, first, p, states[layout.name][0], rows):
                     candidates.append((layout, p, side))
     best_s: dict[Candidate, float] = {c: math.inf for c in candidates}
     spent, reps = 0.0, 0
