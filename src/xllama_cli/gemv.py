@@ -13,7 +13,8 @@ Why float32 only: numba's threads are a second OpenMP runtime beside torch's, an
 wait for the next call they slow torch's own multi-threaded ops between the products. Where the
 products are most of a step (float32 weights) the faster product wins by far more; loops of the
 same kind for bfloat16 and int8 weights, as fast as fbgemm's products when timed alone, made a
-decode step of the benchmark model 10-20% slower, which timing a product alone cannot see."""
+decode step slower (README, "CPU kernels chosen by measurement"), which timing a product alone
+cannot see."""
 
 from __future__ import annotations
 
