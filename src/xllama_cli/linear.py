@@ -522,7 +522,9 @@ def measure(kind: Kind, layers: list[nn.Module], tied: bool, few_rows: int
             if not p.fits(n, k):
                 continue
             for side, rows in (("few", SMALL_ROWS // 2), ("many", SMALL_ROWS + 3)):
-                if (side == "few" or p.many) and _right(kind, first, p, states[layout.name][0], rows):
+                if side == "many" and not p.many:
+                    continue
+                if _right(kind, first, p, states[layout.name][0], rows):
                     candidates.append((layout, p, side))
     best_s: dict[Candidate, float] = {c: math.inf for c in candidates}
     spent, reps = 0.0, 0
