@@ -18,6 +18,7 @@ cannot see."""
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from typing import Any, Callable
 
@@ -27,12 +28,18 @@ import torch
 @cache
 def _kernel() -> Callable[..., None] | None:
     """The compiled loop (numba compiles it at its first call, or loads it from its cache), or
-    None where numba cannot be imported."""
+    None where numba cannot be imported or its threads are not OpenMP's. (numba prefers TBB
+    where it is installed and falls back to its own workqueue where no OpenMP runtime is: a
+    workqueue made decode slower beside torch's threads even where the loop alone was faster,
+    and TBB is unmeasured. A layer the user chose with NUMBA_THREADING_LAYER is kept, and only
+    used if it is OpenMP.)"""
     try:
         import numba
         import numpy as np
     except Exception:  # noqa: BLE001 - a missing or broken numba: no candidate
         return None
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "omp"
 
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def gemv(w, x, y):  # w float32 [N, K], x float32 [R, K] -> y float32 [R, N]
@@ -42,6 +49,14 @@ def _kernel() -> Callable[..., None] | None:
                 for k in range(w.shape[1]):
                     acc += w[n, k] * x[r, k]
                 y[r, n] = acc
+
+    try:  # the first call compiles, and starts numba's threads
+        one = np.ones((1, 1), np.float32)
+        gemv(one, one, one.copy())
+        if numba.threading_layer() != "omp":
+            return None
+    except Exception:  # noqa: BLE001 - no OpenMP runtime for numba here: no candidate
+        return None
 
     def run(w: Any, x: Any, y: Any) -> None:
         # as many threads as torch's: the count the choice was measured for
