@@ -7,14 +7,17 @@ bfloat16 on the CPU only for a half-precision checkpoint on a CPU with native bf
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import cli_fails, make_hf_checkpoint
-from xllama_cli import kernel_cache, linear, load_model, loading
+from conftest import ROOT, cli_fails, make_hf_checkpoint
+from xllama_cli import gemv, kernel_cache, linear, load_model, loading
 from xllama_cli.cli import DEMO_MODEL
 from xllama_cli.generation import generate_tokens
 from xllama_cli.kernel_cache import KernelCache
@@ -109,10 +112,22 @@ def test_kernels_serve_shapes_they_do_not_divide(tmp_path):
 def test_a_few_row_loop_is_timed_for_decode_only():
     """numba's loop reads the weight once for few rows; for a prompt's many rows it is no
     candidate (its time would only be spent measuring)."""
+    if not gemv.fits(48, 64):
+        pytest.skip("numba with OpenMP threads is not available here")
     layer = nn.Linear(64, 48, bias=False)
     times = measure(FLOAT_KINDS[torch.float32], [layer], False, 1)
     assert "numba" in times["plain"]["few"]
     assert "numba" not in times["plain"]["many"] and times["plain"]["many"]
+
+
+def test_numba_threads_other_than_openmp_offer_no_loop():
+    """numba's workqueue threads beside torch's made decode slower: no candidate then."""
+    code = "from xllama_cli import gemv; print(gemv.fits(48, 64))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, NUMBA_THREADING_LAYER="workqueue",
+                                  PYTHONPATH=str(ROOT / "src")))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False"]
 
 
 def test_a_kernel_that_gives_wrong_values_is_never_chosen(monkeypatch):
