@@ -115,20 +115,29 @@ def test_an_existing_cuda_index_is_taken_as_given(gpus):
     assert resolve_device("cuda") == torch.device("cuda") and resolve_device("auto").type == "cuda"
 
 
+def joining(monkeypatch, rank: int) -> dict:
+    """parallel.setup's view of a 2-process group that this process joins as `rank`, without
+    joining one: what init_process_group was given (and set_device), in the returned dict."""
+    from xllama_cli import parallel
+
+    joined = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(parallel.dist, "init_process_group",
+                        lambda backend, **kw: joined.update(backend=backend, **kw))
+    monkeypatch.setattr(parallel.dist, "get_rank", lambda: rank)
+    monkeypatch.setattr(parallel.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(parallel.atexit, "register", lambda fn: None)
+    return joined
+
+
 def test_nccl_group_is_bound_to_the_ranks_gpu(gpus, monkeypatch):
     from xllama_cli import parallel
 
     gpus(2)
-    joined = {}
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    joined = joining(monkeypatch, 1)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: joined.setdefault("set", d))
-    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(parallel.dist, "init_process_group",
-                        lambda backend, **kw: joined.update(backend=backend, **kw))
-    monkeypatch.setattr(parallel.dist, "get_rank", lambda: 1)
-    monkeypatch.setattr(parallel.dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(parallel.atexit, "register", lambda fn: None)
     tp = parallel.setup(torch.device("cuda"))
     assert tp.device == torch.device("cuda", 1) and joined["set"] == torch.device("cuda", 1)
     assert joined["backend"] == "nccl" and joined["device_id"] == torch.device("cuda", 1)
@@ -137,14 +146,7 @@ def test_nccl_group_is_bound_to_the_ranks_gpu(gpus, monkeypatch):
 def test_gloo_group_has_no_device_id(monkeypatch):
     from xllama_cli import parallel
 
-    joined = {}
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(parallel.dist, "init_process_group",
-                        lambda backend, **kw: joined.update(backend=backend, **kw))
-    monkeypatch.setattr(parallel.dist, "get_rank", lambda: 0)
-    monkeypatch.setattr(parallel.dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(parallel.atexit, "register", lambda fn: None)
+    joined = joining(monkeypatch, 0)
     parallel.setup(torch.device("cpu"))
     assert joined["backend"] == "gloo" and joined["device_id"] is None
 
