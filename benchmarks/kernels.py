@@ -1,0 +1,153 @@
+"""Decode and prefill speed of one model under fixed CPU kernel choices, alternated in one process.
+
+    PYTHONPATH=src python benchmarks/kernels.py --dtype float32 plain:numba:onednn plain:split:onednn
+    PYTHONPATH=src python benchmarks/kernels.py --dtype bfloat16 --quantize int8 plain:int_mm:int_mm fbgemm:fbgemm:fbgemm
+        [--prompt-len 128] [--new-tokens 64] [--repeats 5] [--batch 1] [--model DIR] [--json PATH]
+
+linear.Tuner times each product alone, one after another. In a decode step, though, the products
+alternate with the step's other ops, and a product's threads can slow those (numba's threads, a
+second OpenMP runtime beside torch's, do: see gemv.py). This benchmark settles such cases: every
+choice (LAYOUT:FEW:MANY, as linear.Choice names them; the first is the reference) is given to
+every layer of its own copy of the model (linear.fixed, checked against F.linear like any other),
+then the copies generate greedily in turn, round by round after one warm-up each. Prints the
+median decode ms a step and prefill tok/s of each, and its ratio to the first choice's (the
+median of the per-round ratios: neighbours share the drift). The model is decode.py's random
+bench-220m (or --model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import decode as decode_bench  # noqa: E402 - benchmarks/decode.py, beside this file
+from xllama_cli import __version__, report  # noqa: E402
+from xllama_cli.errors import XllamaError  # noqa: E402
+from xllama_cli.generation import generate_tokens  # noqa: E402
+from xllama_cli.linear import FLOAT_KINDS, Choice, CpuLinear, fixed, use_cpu_kernels  # noqa: E402
+from xllama_cli.loading import load_model  # noqa: E402
+from xllama_cli.machine import machine_info  # noqa: E402
+from xllama_cli.quantize import INT4, INT8, quantize_model  # noqa: E402
+from xllama_cli.sampling import Sampling  # noqa: E402
+from xllama_cli.writer import atomic_write  # noqa: E402
+
+
+def parse_choice(text: str) -> Choice:
+    parts = text.split(":")
+    if len(parts) != 3 or not all(parts):
+        raise argparse.ArgumentTypeError(f"expected LAYOUT:FEW:MANY, got {text!r}")
+    return Choice(*parts)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("choices", nargs="+", type=parse_choice, help="LAYOUT:FEW:MANY; the first is the reference")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--quantize", choices=("int8", "int4"))
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds, after one warm-up")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads")
+    ap.add_argument("--model", type=Path, help=f"an HF folder instead of the random {decode_bench.ARCHITECTURE} model")
+    ap.add_argument("--json", type=Path, help="write every figure here")
+    decode_bench.add_shape_flags(ap)
+    a = ap.parse_args(argv)
+    decode_bench.check_counts(ap, a, ("batch", "prompt_len", "new_tokens", "repeats", "threads"))
+    if len(a.choices) < 2:
+        ap.error("give at least two choices: a reference and one to compare with it")
+    kind = {"int8": INT8, "int4": INT4}.get(a.quantize) or FLOAT_KINDS[getattr(torch, a.dtype)]
+    for c in a.choices:
+        layout = kind.layout(c.layout)
+        if layout is None or None in (layout.product(c.few), layout.product(c.many)):
+            ap.error(f"{c} is no choice for {kind.name} weights; they have "
+                     + "; ".join(f"{lay.name}: {', '.join(p.name for p in lay.products)}" for lay in kind.layouts))
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    try:
+        return run(a)
+    except XllamaError as e:
+        report.error(str(e))
+        return 2
+
+
+def build(path: Path, a: argparse.Namespace, choice: Choice) -> torch.nn.Module:
+    """The model with every linear layer on `choice`; an error where the choice serves none."""
+    model = load_model(path, device="cpu", dtype=a.dtype, pack=False)
+    if a.quantize:
+        model = quantize_model(model, a.quantize)
+    use_cpu_kernels(model, choose=fixed(choice))
+    if not any(isinstance(m, CpuLinear) for m in model.modules()):
+        raise XllamaError(f"{choice} serves none of the model's layers here (unknown, missing or wrong)")
+    return model
+
+
+def run(a: argparse.Namespace) -> int:
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    with tempfile.TemporaryDirectory(prefix="xllama-kernels-") as tmp:
+        path = a.model
+        if path is None:
+            path = Path(tmp)
+            cfg = decode_bench.random_config(a)
+            report.info(f"writing a random {cfg.n_params() / 1e6:.1f}M-parameter model to {path}")
+            decode_bench.random_checkpoint(cfg, path)
+        models = [build(path, a, c) for c in a.choices]
+    vocab = models[0].config.vocab_size
+    if a.prompt_len + a.new_tokens > models[0].config.max_seq_len:
+        raise XllamaError(f"--prompt-len {a.prompt_len} + --new-tokens {a.new_tokens} exceed the "
+                          f"model's context of {models[0].config.max_seq_len}")
+    prompts = torch.randint(0, vocab, (a.batch, a.prompt_len),
+                            generator=torch.Generator().manual_seed(decode_bench.SEED)).tolist()
+    runs: list[dict[str, list[float]]] = [{"prefill_s": [], "decode_s": []} for _ in models]
+    with report.progress((1 + a.repeats) * len(models), "kernel choices", unit="runs") as advance:
+        for r in range(1 + a.repeats):  # round 0 warms up
+            for i, model in enumerate(models):
+                g = generate_tokens(model, prompts, a.new_tokens, Sampling(0.0))
+                if r:
+                    runs[i]["prefill_s"].append(g.stats.prefill_s)
+                    runs[i]["decode_s"].append(g.stats.decode_s / (a.new_tokens - 1))
+                advance(1, f"{'warm-up' if r == 0 else f'round {r}'}, {a.choices[i]}")
+    rows = [summarize(a, c, runs[i], runs[0]) for i, c in enumerate(a.choices)]
+    show(a, rows)
+    if a.json:
+        doc = {"xllama_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "machine": machine_info(torch.device("cpu")), "model": str(a.model or "random"),
+               "settings": {k: v for k, v in vars(a).items() if k not in ("choices", "json", "model")},
+               "rows": rows}
+        atomic_write(a.json, lambda p: p.write_text(json.dumps(doc, indent=2, default=str) + "\n"))
+    return 0
+
+
+def summarize(a: argparse.Namespace, choice: Choice, mine: dict, ref: dict) -> dict:
+    return {"choice": str(choice),
+            "decode_ms_per_step": statistics.median(mine["decode_s"]) * 1e3,
+            "prefill_tok_s": a.batch * a.prompt_len / statistics.median(mine["prefill_s"]),
+            "decode_speed_vs_first": statistics.median(r / m for m, r in zip(mine["decode_s"], ref["decode_s"])),
+            "prefill_speed_vs_first": statistics.median(r / m for m, r in zip(mine["prefill_s"], ref["prefill_s"])),
+            "decode_ms_runs": [s * 1e3 for s in mine["decode_s"]]}
+
+
+def show(a: argparse.Namespace, rows: list[dict]) -> None:
+    title = (f"{a.dtype}{' ' + a.quantize if a.quantize else ''}, batch {a.batch}, prompt {a.prompt_len}, "
+             f"{a.new_tokens} new tokens; medians of {a.repeats} rounds")
+    report.table(["choice (layout: few / many)", "decode\nms/step", "x first", "prefill\ntok/s", "x first"],
+                 [[r["choice"], f"{r['decode_ms_per_step']:.2f}", f"{r['decode_speed_vs_first']:.2f}x",
+                   f"{r['prefill_tok_s']:.0f}", f"{r['prefill_speed_vs_first']:.2f}x"] for r in rows],
+                 title=title)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""benchmarks/kernels.py on a tiny random model: every choice measured in turn, its ratio to the
+first, a choice that serves no layer and a malformed one refused with one error line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import benchmark
+
+TINY = ["--dim", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--ffn", "128", "--vocab", "256",
+        "--max-seq-len", "64", "--prompt-len", "16", "--new-tokens", "5", "--repeats", "2"]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return benchmark("kernels")
+
+
+def test_every_choice_is_timed_against_the_first(kernels, tmp_path, capsys):
+    out = tmp_path / "kernels.json"
+    assert kernels.main([*TINY, "plain:aten:aten", "plain:split:aten", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["choice"] for r in rows] == ["plain: aten / aten", "plain: split / aten"]
+    assert rows[0]["decode_speed_vs_first"] == rows[0]["prefill_speed_vs_first"] == 1.0
+    for r in rows:
+        assert len(r["decode_ms_runs"]) == 2 and r["decode_ms_per_step"] > 0 and r["prefill_tok_s"] > 0
+        assert r["decode_speed_vs_first"] > 0
+    assert "plain: split / aten" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("choices,needle", [
+    (["plain:aten:aten", "nosuch:aten:aten"], "error: nosuch: aten / aten is no choice for float32 weights; they have plain: aten, split"),
+    (["plain:aten:aten", "fbgemm-fp16:fbgemm:fbgemm"], "error: fbgemm-fp16: fbgemm / fbgemm is no choice for float32"),
+    (["plain:aten:aten", "plain:aten"], "error: argument choices: expected LAYOUT:FEW:MANY, got 'plain:aten'"),
+    (["plain:aten:aten"], "error: give at least two choices"),
+])
+def test_a_choice_that_cannot_run_is_one_error_line(kernels, capsys, choices, needle):
+    try:
+        code = kernels.main([*TINY, *choices])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(needle) and err.count("\n") == 1
