@@ -23,6 +23,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import torch
 from rich import box
@@ -38,7 +39,6 @@ from xllama_cli.generation import generate_tokens
 from xllama_cli import loading
 from xllama_cli.loading import Loaded, resolve_device, resolve_dtype
 from xllama_cli.machine import bandwidth_probe_bytes, machine_info, measure_bandwidth
-from xllama_cli.model import Transformer
 from xllama_cli.sampling import Sampling
 from xllama_cli.writer import atomic_write, write_safetensors
 
@@ -182,12 +182,31 @@ def random_config(a: argparse.Namespace) -> ModelConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
+    return exit_status(run, parse_args(argv))
+
+
+def exit_status(run: Callable[[argparse.Namespace], int], a: argparse.Namespace) -> int:
+    """run(a)'s exit status; an XllamaError is one error line on stderr and status 2."""
     try:
         return run(a)
     except XllamaError as e:
         report.error(str(e))
         return 2
+
+
+def write_random_model(a: argparse.Namespace, folder: Path) -> Path:
+    """The random model (`random_config`) written into `folder` as an HF folder, said on stderr."""
+    cfg = random_config(a)
+    report.info(f"writing a random {cfg.n_params() / 1e6:.1f}M-parameter model to {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    random_checkpoint(cfg, folder)
+    return folder
+
+
+def check_context(cfg: ModelConfig, prompt_len: int, new_tokens: int) -> None:
+    if prompt_len + new_tokens > cfg.max_seq_len:
+        raise XllamaError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the "
+                          f"model's context of {cfg.max_seq_len}")
 
 
 def run(a: argparse.Namespace) -> int:
@@ -205,16 +224,9 @@ def run(a: argparse.Namespace) -> int:
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device, a.quantize)  # int8 against transformers in bfloat16
     with tempfile.TemporaryDirectory(prefix="xllama-decode-") as tmp:
-        path = a.model
-        if path is None:
-            path = Path(tmp)
-            cfg = random_config(a)
-            report.info(f"writing a random {cfg.n_params() / 1e6:.1f}M-parameter model to {path}")
-            random_checkpoint(cfg, path)
+        path = a.model or write_random_model(a, Path(tmp))
         cfg = open_checkpoint(path).config
-        if max(a.prompt_len) + a.new_tokens > cfg.max_seq_len:
-            raise XllamaError(f"--prompt-len {max(a.prompt_len)} + --new-tokens {a.new_tokens} exceed the "
-                              f"model's context of {cfg.max_seq_len}")
+        check_context(cfg, max(a.prompt_len), a.new_tokens)
         report.info("loading the model with xllama and with transformers")
         ours = loading.load(path, device=str(device), dtype=a.dtype, quantize=a.quantize, compile=a.compile,
                             decode_batch=a.batch)

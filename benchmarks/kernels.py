@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 import decode as decode_bench  # noqa: E402 - benchmarks/decode.py, beside this file
 from xllama_cli import __version__, report  # noqa: E402
+from xllama_cli.checkpoint import open_checkpoint  # noqa: E402
 from xllama_cli.errors import XllamaError  # noqa: E402
 from xllama_cli.generation import generate_tokens  # noqa: E402
 from xllama_cli.linear import FLOAT_KINDS, Choice, CpuLinear, fixed, use_cpu_kernels  # noqa: E402
@@ -75,12 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
-    try:
-        return run(a)
-    except XllamaError as e:
-        report.error(str(e))
-        return 2
+    return decode_bench.exit_status(run, parse_args(argv))
 
 
 def build(path: Path, a: argparse.Namespace, choice: Choice) -> torch.nn.Module:
@@ -98,17 +94,11 @@ def run(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory(prefix="xllama-kernels-") as tmp:
-        path = a.model
-        if path is None:
-            path = Path(tmp)
-            cfg = decode_bench.random_config(a)
-            report.info(f"writing a random {cfg.n_params() / 1e6:.1f}M-parameter model to {path}")
-            decode_bench.random_checkpoint(cfg, path)
+        path = a.model or decode_bench.write_random_model(a, Path(tmp))
+        cfg = open_checkpoint(path).config
+        decode_bench.check_context(cfg, a.prompt_len, a.new_tokens)  # before any model is built
         models = [build(path, a, c) for c in a.choices]
-    vocab = models[0].config.vocab_size
-    if a.prompt_len + a.new_tokens > models[0].config.max_seq_len:
-        raise XllamaError(f"--prompt-len {a.prompt_len} + --new-tokens {a.new_tokens} exceed the "
-                          f"model's context of {models[0].config.max_seq_len}")
+    vocab = cfg.vocab_size
     prompts = torch.randint(0, vocab, (a.batch, a.prompt_len),
                             generator=torch.Generator().manual_seed(decode_bench.SEED)).tolist()
     runs: list[dict[str, list[float]]] = [{"prefill_s": [], "decode_s": []} for _ in models]

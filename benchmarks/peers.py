@@ -166,12 +166,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
-    try:
-        return run(a)
-    except XllamaError as e:
-        report.error(str(e))
-        return 2
+    return decode_bench.exit_status(run, parse_args(argv))
 
 
 def prepare_model(a: argparse.Namespace, folder: Path) -> Path:
@@ -179,11 +174,8 @@ def prepare_model(a: argparse.Namespace, folder: Path) -> Path:
     Llama 2 tokenizer beside it where it has none and the vocabulary fits (for llama.cpp)."""
     if a.model is not None:
         return a.model
-    cfg = decode_bench.random_config(a)
-    report.info(f"writing a random {cfg.n_params() / 1e6:.1f}M-parameter model to {folder}")
-    folder.mkdir(parents=True, exist_ok=True)
-    decode_bench.random_checkpoint(cfg, folder)
-    if TOKENIZER.is_file() and cfg.vocab_size == 32000:
+    decode_bench.write_random_model(a, folder)
+    if TOKENIZER.is_file() and a.vocab == 32000:
         shutil.copy(TOKENIZER, folder / "tokenizer.model")
         (folder / "tokenizer.model").chmod(0o644)
     return folder
@@ -221,9 +213,7 @@ def run(a: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="xllama-peers-") as tmp:
         folder = prepare_model(a, Path(tmp) / "hf")
         cfg = open_checkpoint(folder).config
-        if a.prompt_len + a.new_tokens > cfg.max_seq_len:
-            raise XllamaError(f"--prompt-len {a.prompt_len} + --new-tokens {a.new_tokens} exceed the model's "
-                              f"context of {cfg.max_seq_len}")
+        decode_bench.check_context(cfg, a.prompt_len, a.new_tokens)
         bench, files, skipped = ggufs(a, folder, Path(tmp))
         if bench is None:
             report.info(f"llama.cpp: skipped ({skipped})")
