@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/kernels.py --dtype float32 plain:numba:onednn plain:split:onednn
     PYTHONPATH=src python benchmarks/kernels.py --dtype bfloat16 --quantize int8 plain:int_mm:int_mm fbgemm:fbgemm:fbgemm
+    PYTHONPATH=src python benchmarks/kernels.py --dtype bfloat16 fbgemm-fp16:fbgemm:fbgemm@weights fbgemm-fp16:fbgemm:fbgemm
         [--prompt-len 128] [--new-tokens 64] [--repeats 5] [--batch 1] [--model DIR] [--json PATH]
 
 linear.Tuner times each product alone, one after another. In a decode step, though, the products
@@ -9,7 +10,9 @@ alternate with the step's other ops, and a product's threads can slow those (num
 second OpenMP runtime beside torch's, do: see gemv.py). This benchmark settles such cases: every
 choice (LAYOUT:FEW:MANY, as linear.Choice names them; the first is the reference) is given to
 every layer of its own copy of the model (linear.fixed, checked against F.linear like any other),
-then the copies generate greedily in turn, round by round after one warm-up each. Prints the
+then the copies generate greedily in turn, round by round after one warm-up each. A copy computes
+in the default path's activations (float32 beside half-precision and quantized weights: see
+loading.cpu_activations), or with `@weights` after the choice, in the weights' own dtype. Prints the
 median decode ms a step and prefill tok/s of each, and its ratio to the first choice's (the
 median of the per-round ratios: neighbours share the drift). The model is decode.py's random
 bench-220m (or --model).
@@ -22,6 +25,7 @@ import json
 import statistics
 import sys
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,24 +38,38 @@ from xllama_cli import __version__, report  # noqa: E402
 from xllama_cli.checkpoint import open_checkpoint  # noqa: E402
 from xllama_cli.errors import XllamaError  # noqa: E402
 from xllama_cli.generation import generate_tokens  # noqa: E402
-from xllama_cli.linear import FLOAT_KINDS, Choice, CpuLinear, fixed, use_cpu_kernels  # noqa: E402
-from xllama_cli.loading import load_model  # noqa: E402
+from xllama_cli.linear import FLOAT_KINDS, Choice, CpuLinear, Tuner, fixed, use_cpu_kernels  # noqa: E402
+from xllama_cli.loading import compute_in_if_served, cpu_activations, load_model  # noqa: E402
 from xllama_cli.machine import machine_info  # noqa: E402
 from xllama_cli.quantize import INT4, INT8, quantize_model  # noqa: E402
 from xllama_cli.sampling import Sampling  # noqa: E402
 from xllama_cli.writer import atomic_write  # noqa: E402
 
 
-def parse_choice(text: str) -> Choice:
-    parts = text.split(":")
-    if len(parts) != 3 or not all(parts):
-        raise argparse.ArgumentTypeError(f"expected LAYOUT:FEW:MANY, got {text!r}")
-    return Choice(*parts)
+@dataclass(frozen=True)
+class Variant:
+    """One copy of the model: its layers' kernel choice, and whether it computes in the weights'
+    own dtype rather than the default path's activations."""
+
+    choice: Choice
+    own_dtype: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.choice}{' @weights' if self.own_dtype else ''}"
+
+
+def parse_choice(text: str) -> Variant:
+    body, at, where = text.partition("@")
+    parts = body.split(":")
+    if len(parts) != 3 or not all(parts) or (at and where != "weights"):
+        raise argparse.ArgumentTypeError(f"expected LAYOUT:FEW:MANY or LAYOUT:FEW:MANY@weights, got {text!r}")
+    return Variant(Choice(*parts), bool(at))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("choices", nargs="+", type=parse_choice, help="LAYOUT:FEW:MANY; the first is the reference")
+    ap.add_argument("choices", nargs="+", type=parse_choice,
+                    help="LAYOUT:FEW:MANY[@weights] (@weights: activations in the weights' dtype); the first is the reference")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--quantize", choices=("int8", "int4"))
     ap.add_argument("--batch", type=int, default=1)
@@ -67,7 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if len(a.choices) < 2:
         ap.error("give at least two choices: a reference and one to compare with it")
     kind = {"int8": INT8, "int4": INT4}.get(a.quantize) or FLOAT_KINDS[getattr(torch, a.dtype)]
-    for c in a.choices:
+    for c in (v.choice for v in a.choices):
         layout = kind.layout(c.layout)
         if layout is None or None in (layout.product(c.few), layout.product(c.many)):
             ap.error(f"{c} is no choice for {kind.name} weights; they have "
@@ -79,14 +97,20 @@ def main(argv: list[str] | None = None) -> int:
     return decode_bench.exit_status(run, parse_args(argv))
 
 
-def build(path: Path, a: argparse.Namespace, choice: Choice) -> torch.nn.Module:
-    """The model with every linear layer on `choice`; an error where the choice serves none."""
+def build(path: Path, a: argparse.Namespace, variant: Variant) -> torch.nn.Module:
+    """The model with every linear layer on the variant's choice (those of another kind, such as
+    int4's int8 head, on the kernels measured fastest), in the activations' dtype of the default
+    path (loading.for_inference) or its weights'; an error where the choice serves none."""
+    choice = variant.choice
     model = load_model(path, device="cpu", dtype=a.dtype, pack=False)
     if a.quantize:
         model = quantize_model(model, a.quantize)
-    use_cpu_kernels(model, choose=fixed(choice))
+    activations = None if variant.own_dtype else cpu_activations(model)
+    use_cpu_kernels(model, choose=fixed(choice), activations=activations)
     if not any(isinstance(m, CpuLinear) for m in model.modules()):
         raise XllamaError(f"{choice} serves none of the model's layers here (unknown, missing or wrong)")
+    use_cpu_kernels(model, Tuner(), activations=activations)
+    compute_in_if_served(model, activations)
     return model
 
 
@@ -121,8 +145,8 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
-def summarize(a: argparse.Namespace, choice: Choice, mine: dict, ref: dict) -> dict:
-    return {"choice": str(choice),
+def summarize(a: argparse.Namespace, variant: Variant, mine: dict, ref: dict) -> dict:
+    return {"choice": str(variant),
             "decode_ms_per_step": statistics.median(mine["decode_s"]) * 1e3,
             "prefill_tok_s": a.batch * a.prompt_len / statistics.median(mine["prefill_s"]),
             "decode_speed_vs_first": statistics.median(r / m for m, r in zip(mine["decode_s"], ref["decode_s"])),

@@ -1,8 +1,9 @@
 """CPU kernels chosen by measurement: every candidate gives what F.linear gives (greedy tokens in
 float32, logits within the precision's tolerance), a wrong candidate is never chosen, the choice
 is kept in the user's cache folder for this CPU and torch and measured again when that file is
-corrupt or another machine's, XLLAMA_KERNELS=plain turns it all off, and --dtype auto picks
-bfloat16 on the CPU only for a half-precision checkpoint on a CPU with native bfloat16."""
+corrupt or another machine's, XLLAMA_KERNELS=plain turns it all off, half-precision and quantized
+weights compute with float32 activations, and --dtype auto picks bfloat16 on the CPU only for a
+half-precision checkpoint on a CPU with native bfloat16."""
 
 from __future__ import annotations
 
@@ -107,6 +108,77 @@ def test_kernels_serve_shapes_they_do_not_divide(tmp_path):
         assert all(isinstance(m, CpuLinear) for m in model.modules() if hasattr(m, "in_features"))
         tol = max(KINDS[kind].tol, 1e-5)
         assert torch.allclose(got, want, rtol=tol, atol=2 * tol * want.abs().max().item()), kind
+
+
+HALF_CHOICES = [(kind, choice) for kind, choice in CHOICES if kind != "float32"]
+
+
+@pytest.mark.parametrize("kind,choice", HALF_CHOICES, ids=[f"{k}-{c}" for k, c in HALF_CHOICES])
+def test_every_kernel_takes_float32_inputs_beside_half_precision_weights(tiny, kind, choice):
+    """Chosen for float32 activations (loading's choice on the CPU for half-precision and
+    quantized weights), a layer gives float32 outputs, and the model computing in float32 gives
+    the float32 logits of the weights it holds, to the precision's tolerance."""
+    model = use_cpu_kernels(plain_model(tiny, kind), choose=fixed(choice), activations=torch.float32)
+    if not any(isinstance(m, CpuLinear) and m.choice == choice for m in model.modules()):
+        pytest.skip(f"{choice.layout} does not work on this CPU")
+    use_cpu_kernels(model, Tuner(), activations=torch.float32)  # int4: its int8 head
+    assert not any(linear.kind_of(m) for m in model.modules())
+    model.compute_in(torch.float32)
+    up = model.model.layers[0].mlp.up_proj
+    assert up(torch.randn(1, 3, up.in_features)).dtype == torch.float32
+    got, want = logits(model), logits(exact_model(tiny, kind))
+    tol = {"int8": 5e-2}.get(kind, KINDS[kind].tol)
+    assert torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item()), (got - want).abs().max()
+
+
+def bfloat16_weights_in_float32(path) -> nn.Module:
+    """A float32 model whose weights are the bfloat16 ones, through F.linear."""
+    return load_model(path, device="cpu", dtype="bfloat16", pack=False).float()
+
+
+def test_half_precision_weights_on_the_cpu_compute_in_float32(tiny, cache_home, monkeypatch):
+    """As llama.cpp: the weights stay bfloat16, the norms, the KV cache and the products' inputs
+    are float32 (the kernels chosen for such inputs, kept apart in the cache), and the logits are
+    nearer those of the same weights in float32 than bfloat16 activations give them.
+    XLLAMA_KERNELS=plain keeps the model as it is built."""
+    model = load_model(tiny, device="cpu", dtype="bfloat16")
+    assert model.activation_dtype == torch.float32 and model.model.norm.weight.dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    model.setup_cache(1, 8)
+    assert model.cache.k.dtype == torch.float32
+    model.clear_cache()
+    keys = json.loads(next(cache_home.glob("kernels-*.json")).read_text())["entries"]
+    assert keys and all(key.startswith("bfloat16 ") and " float32 inputs " in key for key in keys)
+    want = logits(bfloat16_weights_in_float32(tiny))
+    plain = load_model(tiny, device="cpu", dtype="bfloat16", pack=False)
+    assert plain.activation_dtype == torch.bfloat16
+    ours, theirs = (logits(model) - want).abs().max(), (logits(plain) - want).abs().max()
+    assert ours < theirs, (ours, theirs)
+    monkeypatch.setenv("XLLAMA_KERNELS", "plain")
+    assert load_model(tiny, device="cpu", dtype="bfloat16").activation_dtype == torch.bfloat16
+
+
+def test_a_layer_no_kernel_serves_keeps_the_model_in_its_weights_dtype(tiny, cache_home, monkeypatch):
+    """A layer left as it is computes in its own dtype only: the model then stays in it."""
+    real = loading.use_cpu_kernels
+
+    def none_for_down(model, tuner, **kwargs):
+        down = model.model.layers[0].mlp.down_proj  # the only layers of their shape
+
+        def choose(spec, kind, layers):
+            if (spec.n, spec.k) == (down.out_features, down.in_features):
+                return None, None
+            return tuner.choose(spec, kind, layers)
+        return real(model, choose=choose, **kwargs)
+
+    monkeypatch.setattr(loading, "use_cpu_kernels", none_for_down)
+    model = load_model(tiny, device="cpu", dtype="bfloat16")
+    mlp = model.model.layers[0].mlp
+    assert type(mlp.down_proj) is nn.Linear and isinstance(mlp.up_proj, CpuLinear)
+    assert model.activation_dtype == torch.bfloat16
+    got, want = logits(model), logits(load_model(tiny, device="cpu", dtype="bfloat16", pack=False))
+    tol = KINDS["bfloat16"].tol
+    assert torch.allclose(got, want, rtol=tol, atol=2 * tol * want.abs().max().item())
 
 
 def test_a_few_row_loop_is_timed_for_decode_only():

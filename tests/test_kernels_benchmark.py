@@ -1,11 +1,13 @@
 """benchmarks/kernels.py on a tiny random model: every choice measured in turn, its ratio to the
-first, a choice that serves no layer and a malformed one refused with one error line."""
+first, in the default path's activations or the weights' own, a choice that serves no layer and a
+malformed one refused with one error line."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from conftest import benchmark
 
@@ -30,10 +32,24 @@ def test_every_choice_is_timed_against_the_first(kernels, tmp_path, capsys):
     assert "plain: split / aten" in capsys.readouterr().out
 
 
+def test_a_copy_computes_in_float32_or_in_its_weights_dtype(kernels, monkeypatch, tmp_path):
+    """bfloat16 weights: float32 activations as the default path has them, or bfloat16 (@weights)."""
+    built = []
+    real = kernels.build
+    monkeypatch.setattr(kernels, "build", lambda *a: built.append(real(*a)) or built[-1])
+    out = tmp_path / "kernels.json"
+    assert kernels.main([*TINY, "--dtype", "bfloat16", "plain:aten:aten@weights", "plain:aten:aten",
+                         "--json", str(out)]) == 0
+    assert [m.activation_dtype for m in built] == [torch.bfloat16, torch.float32]
+    assert [r["choice"] for r in json.loads(out.read_text())["rows"]] == [
+        "plain: aten / aten @weights", "plain: aten / aten"]
+
+
 @pytest.mark.parametrize("choices,needle", [
     (["plain:aten:aten", "nosuch:aten:aten"], "error: nosuch: aten / aten is no choice for float32 weights; they have plain: aten, split"),
     (["plain:aten:aten", "fbgemm-fp16:fbgemm:fbgemm"], "error: fbgemm-fp16: fbgemm / fbgemm is no choice for float32"),
-    (["plain:aten:aten", "plain:aten"], "error: argument choices: expected LAYOUT:FEW:MANY, got 'plain:aten'"),
+    (["plain:aten:aten", "plain:aten"], "error: argument choices: expected LAYOUT:FEW:MANY or LAYOUT:FEW:MANY@weights, got 'plain:aten'"),
+    (["plain:aten:aten", "plain:aten:aten@float16"], "error: argument choices: expected LAYOUT:FEW:MANY or"),
     (["plain:aten:aten"], "error: give at least two choices"),
 ])
 def test_a_choice_that_cannot_run_is_one_error_line(kernels, capsys, choices, needle):

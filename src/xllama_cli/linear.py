@@ -117,6 +117,21 @@ class Kind:
         return next((lay for lay in self.layouts if lay.name == name), None)
 
 
+def in_weight_dtype(run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A product of one weight tensor that takes x in that tensor's dtype, made to take x in any
+    float dtype (float32 activations beside half-precision weights: see use_cpu_kernels) and
+    give y in x's. A product that computes in float32 whatever its input (fbgemm's, numba's)
+    takes float32 x as it is and needs no such wrapper."""
+    def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dtype == weight.dtype:
+            return run(x, weight)
+        return run(x.to(weight.dtype), weight).to(x.dtype)
+
+    product.__name__ = product.__qualname__ = run.__name__
+    return product
+
+
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """weight [N, K] in oneDNN's blocked layout (an opaque tensor; `.to_dense()` gives it back)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
@@ -245,9 +260,9 @@ def _linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 
 def _float_kind(dtype: torch.dtype) -> Kind:
     plain = Layout("plain", _weight, (
-        Product("aten", F.linear),
-        Product("split", split_linear, splits),
-        *((Product("onednn", packed_linear),) if dtype != torch.float16 else ()),
+        Product("aten", in_weight_dtype(F.linear)),
+        Product("split", in_weight_dtype(split_linear), splits),
+        *((Product("onednn", in_weight_dtype(packed_linear)),) if dtype != torch.float16 else ()),
         *((Product("numba", gemv.float32_linear, gemv.fits, many=False),)
           if dtype == torch.float32 else ())),
         keeps_source=True)
@@ -257,7 +272,7 @@ def _float_kind(dtype: torch.dtype) -> Kind:
     layouts = [plain, compiled]
     if dtype != torch.float16:
         layouts.append(Layout("onednn", lambda layer: pack(layer.weight),
-                              (Product("onednn", packed_linear),), onednn_works))
+                              (Product("onednn", in_weight_dtype(packed_linear)),), onednn_works))
     if dtype != torch.float32:  # float16 weights would round float32 ones
         layouts.append(Layout("fbgemm-fp16", lambda layer: fbgemm_fp16_pack(layer.weight),
                               (Product("fbgemm", fbgemm_fp16_linear),), fbgemm_fp16_works))
@@ -338,10 +353,16 @@ class Spec:
     n: int
     k: int
     tied: bool = False
+    activations: torch.dtype | None = None  # the inputs' dtype, where not the layers' own
 
     def key(self, rows: int, threads: int, streamed: bool) -> str:
-        return (f"{self.kind} {self.n}x{self.k}{' tied' if self.tied else ''} rows {rows} "
+        given = "" if self.activations is None else " " + _name(self.activations) + " inputs"
+        return (f"{self.kind} {self.n}x{self.k}{' tied' if self.tied else ''}{given} rows {rows} "
                 f"threads {threads} {'streamed' if streamed else 'cached'}")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class Store(Protocol):
@@ -407,11 +428,12 @@ class Tuner:
         kept = self.store.get(key)
         if kept is not None:
             choice = best(kept.get("times", {}), self.decode_rows is not None)
-            state = prepared_if_right(kind, layers[0], choice) if choice else None
+            state = prepared_if_right(kind, layers[0], choice, spec.activations) if choice else None
             if state is not None:
                 return choice, state
         meter = self.other_work() if self.other_work else None
-        times = measure(kind, _streamed(layers, self.stream_bytes), spec.tied, self.few_rows)
+        times = measure(kind, _streamed(layers, self.stream_bytes), spec.tied, self.few_rows,
+                        spec.activations)
         busy = meter.share() if meter else None
         self.measured.append(key)
         if busy is not None and busy > BUSY:
@@ -419,7 +441,7 @@ class Tuner:
         else:
             self.store.put(key, {"times": times})
         choice = best(times, self.decode_rows is not None)
-        state = prepared_if_right(kind, layers[0], choice) if choice else None
+        state = prepared_if_right(kind, layers[0], choice, spec.activations) if choice else None
         return (choice, state) if state is not None else (None, None)
 
 
@@ -453,9 +475,11 @@ def best(times: Mapping[str, Mapping[str, Mapping[str, float]]], decoding: bool)
     return min(found, key=lambda c: c[0])[1] if found else None
 
 
-def prepared_if_right(kind: Kind, layer: nn.Module, choice: Choice) -> Any | None:
+def prepared_if_right(kind: Kind, layer: nn.Module, choice: Choice,
+                      activations: torch.dtype | None = None) -> Any | None:
     """`layer`'s weight in the choice's layout, if that layout and both its products exist here
-    and agree with the reference product on it; else None."""
+    and agree with the reference product on it (for inputs in `activations`, if given, else in
+    the layer's own compute dtype); else None."""
     layout = kind.layout(choice.layout)
     if layout is None or not layout.works(_compute_dtype(layer)):
         return None
@@ -467,7 +491,8 @@ def prepared_if_right(kind: Kind, layer: nn.Module, choice: Choice) -> Any | Non
     except Exception:  # noqa: BLE001 - a weight this layout cannot hold (e.g. beyond float16)
         return None
     rows = {"few": SMALL_ROWS // 2, "many": SMALL_ROWS + 3}
-    if all(_right(kind, layer, p, state, rows[side]) for p, side in zip(products, rows)):
+    dtype = activations or _compute_dtype(layer)
+    if all(_right(kind, layer, p, state, rows[side], dtype) for p, side in zip(products, rows)):
         return state
     return None
 
@@ -483,32 +508,36 @@ def _prepare(layout: Layout, layer: nn.Module) -> Any:
         return layout.prepare(layer)
 
 
-def _right(kind: Kind, layer: nn.Module, product: Product, state: Any, rows: int) -> bool:
-    """Whether `product` on `state` gives the reference product of `layer` on random rows."""
+def _right(kind: Kind, layer: nn.Module, product: Product, state: Any, rows: int,
+           dtype: torch.dtype) -> bool:
+    """Whether `product` on `state` gives the reference product of `layer` on random rows in
+    `dtype`, in that dtype."""
     g = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, layer.in_features, generator=g).to(_compute_dtype(layer))
+    x = torch.randn(rows, layer.in_features, generator=g).to(dtype)
     try:
         with torch.no_grad():
             got = product.run(x, state)
             want = kind.reference(x, layer)
     except Exception:  # noqa: BLE001 - a product that fails on this shape is no candidate
         return False
-    return agrees(got, want.float(), kind.tol)
+    return got.dtype == dtype and agrees(got, want.float(), kind.tol)
 
 
-def measure(kind: Kind, layers: list[nn.Module], tied: bool, few_rows: int
-            ) -> dict[str, dict[str, dict[str, float]]]:
+def measure(kind: Kind, layers: list[nn.Module], tied: bool, few_rows: int,
+            activations: torch.dtype | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """Seconds per call of every candidate product for layers of one shape that passes its check
     on layers[0]: times[layout][few|many][product]; few at `few_rows` rows, one call per layer in
     turn (each layer's weight prepared in each layout for it), many at MANY_ROWS on layers[0].
     Rounds alternate the candidates, so that a change in the machine's load affects them alike;
-    each keeps its fastest round."""
+    each keeps its fastest round. Inputs are in `activations` if given, else in the layers'
+    compute dtype."""
     first = layers[0]
     dtype = _compute_dtype(first)
+    given = activations or dtype
     n, k = first.out_features, first.in_features
     g = torch.Generator().manual_seed(0)
-    xs = {"few": torch.randn(few_rows, k, generator=g).to(dtype),
-          "many": torch.randn(MANY_ROWS, k, generator=g).to(dtype)}
+    xs = {"few": torch.randn(few_rows, k, generator=g).to(given),
+          "many": torch.randn(MANY_ROWS, k, generator=g).to(given)}
     states: dict[str, list[Any]] = {}
     candidates: list[Candidate] = []
     for layout in kind.layouts:
@@ -524,7 +553,7 @@ def measure(kind: Kind, layers: list[nn.Module], tied: bool, few_rows: int
             for side, rows in (("few", SMALL_ROWS // 2), ("many", SMALL_ROWS + 3)):
                 if side == "many" and not p.many:
                     continue
-                if _right(kind, first, p, states[layout.name][0], rows):
+                if _right(kind, first, p, states[layout.name][0], rows, given):
                     candidates.append((layout, p, side))
     best_s: dict[Candidate, float] = {c: math.inf for c in candidates}
     spent, reps = 0.0, 0
@@ -551,10 +580,14 @@ def measure(kind: Kind, layers: list[nn.Module], tied: bool, few_rows: int
 # ---- swapping ----
 def use_cpu_kernels(model: nn.Module, tuner: Tuner | None = None,
                     release: Callable[[torch.Tensor], None] | None = None,
-                    choose: Chooser | None = None) -> nn.Module:
+                    choose: Chooser | None = None, activations: torch.dtype | None = None
+                    ) -> nn.Module:
     """Swap every CPU linear layer of a known kind (`kind_of`: nn.Linear in float32, bfloat16 or
     float16; quantize.py's int8 and int4 layers) for a CpuLinear with the kernels `tuner` chooses
-    for its kind and shape (or `choose(spec, kind, layers)`). The largest shapes first, one
+    for its kind and shape (or `choose(spec, kind, layers)`), measured and checked for inputs in
+    `activations` (e.g. float32 beside half-precision weights, as llama.cpp computes), if given,
+    else in each layer's own compute dtype. Whichever they were chosen for, the swapped layers
+    take inputs in either and give outputs in their inputs' dtype. The largest shapes first, one
     matrix at a time, so that the source form of few matrices exists beside the swapped model;
     `release(weight)` is called for a source weight once it is no longer used (e.g. to drop a
     memory-mapped checkpoint's pages it read). Other devices keep their layers, whose products
@@ -566,8 +599,9 @@ def use_cpu_kernels(model: nn.Module, tuner: Tuner | None = None,
         for name, child in parent.named_children():
             kind = kind_of(child)
             if kind is not None:
+                given = activations if activations != _compute_dtype(child) else None
                 spec = Spec(kind.name, child.out_features, child.in_features,
-                            id(child.weight) in tied)
+                            id(child.weight) in tied, given)
                 groups.setdefault(spec, []).append((parent, name, child))
     for spec in sorted(groups, key=lambda s: -s.n * s.k):
         kind = kind_of(groups[spec][0][2])
@@ -601,6 +635,6 @@ def fixed(choice: Choice) -> Chooser:
     """A `choose` for use_cpu_kernels that gives every layer `choice` (tests; COMPILED), checked
     like any other: layers it cannot serve stay as they are."""
     def choose(spec: Spec, kind: Kind, layers: list[nn.Module]) -> tuple[Choice | None, Any]:
-        state = prepared_if_right(kind, layers[0], choice)
+        state = prepared_if_right(kind, layers[0], choice, spec.activations)
         return (choice, state) if state is not None else (None, None)
     return choose

@@ -21,7 +21,7 @@ from .build import build_model
 from .config import ModelConfig
 from .errors import SettingError, XllamaError
 from .kernel_cache import KernelCache
-from .linear import COMPILED, Tuner, fixed, use_cpu_kernels
+from .linear import COMPILED, Tuner, fixed, kind_of, use_cpu_kernels
 from .machine import OtherWork, available_bytes, last_level_cache_bytes, native_bf16
 from .layout import target_kv_heads
 from .model import Transformer
@@ -208,7 +208,8 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
     """Put a built model on its fastest inference path, plug-in by plug-in: int8 or int4 weights
     if asked (quantize_model); unless `pack` is False, the CPU kernels (use_cpu_kernels) measured
     fastest on this machine for `decode_batch` sequences decoded together (the times kept in the
-    user's cache folder: kernel_cache.py; XLLAMA_KERNELS: kernels_mode), or under `compile`
+    user's cache folder: kernel_cache.py; XLLAMA_KERNELS: kernels_mode), with float32
+    activations beside half-precision or quantized weights (cpu_activations), or under `compile`
     the plain weights, whose one-row products inductor fuses into kernels of its own; then the
     compiled decode step if asked (under tensor parallelism without CUDA graphs: see
     generation.compile_options)."""
@@ -222,8 +223,11 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
             cache = KernelCache()
             if mode == "measure":
                 cache.entries.clear()
-            use_cpu_kernels(model, cpu_tuner(decode_batch, cache), release=release_pages)
+            activations = cpu_activations(model)
+            use_cpu_kernels(model, cpu_tuner(decode_batch, cache), release=release_pages,
+                            activations=activations)
             cache.save()
+            compute_in_if_served(model, activations)
     step = None
     if compile:
         from .generation import compile_decode
@@ -233,6 +237,24 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
                         "all-reduce is not captured in one)")
         step = compile_decode(model, tensor_parallel=tensor_parallel)
     return Loaded(model, step)
+
+
+def cpu_activations(model: Transformer) -> torch.dtype | None:
+    """float32 for a model on the CPU whose weights are half-precision (its products then take
+    float32 inputs, as llama.cpp's do: norms, RoPE, attention and the residual stream in half
+    precision cost a decode step more there than the products' conversions; the KV cache is
+    float32 too), else None (the weights' own dtype)."""
+    weight = model.model.embed_tokens.weight  # quantized models keep it in their compute dtype
+    if weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return None
+
+
+def compute_in_if_served(model: Transformer, activations: torch.dtype | None) -> None:
+    """model.compute_in(activations) if every linear layer took a CPU kernel (which take them);
+    a layer left as it is computes in its own dtype only, so the model then stays in it."""
+    if activations is not None and not any(kind_of(m) for m in model.modules()):
+        model.compute_in(activations)
 
 
 KERNELS_VARIABLE = "XLLAMA_KERNELS"

@@ -87,6 +87,26 @@ class Transformer(nn.Module):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    # ---- the activations' dtype ----
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype the model computes in between its products: its norms' (the weights' own,
+        unless compute_in changed it)."""
+        return self.model.norm.weight.dtype
+
+    def compute_in(self, dtype: torch.dtype) -> None:
+        """Compute the activations in `dtype` whatever the weights' (float32 beside
+        half-precision weights, as llama.cpp does on the CPU: elementwise work in half precision
+        costs more there than the rounding it saves). The norms' weights and the linear layers'
+        biases are converted, each embedding row as it is looked up, and the KV cache follows;
+        the linear layers must take such inputs (linear.use_cpu_kernels's do)."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.data = module.weight.data.to(dtype)
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.data = bias.data.to(dtype)
+
     # ---- KV cache ----
     @property
     def cache(self) -> KVCache | None:
@@ -100,8 +120,8 @@ class Transformer(nn.Module):
         other cache is freed before the new one is allocated. Callers size `max_len` with
         kv_cache.cache_capacity."""
         cfg, p = self.config, self.model.embed_tokens.weight  # the head may be int8
-        cache = self.cache
-        if cache is not None and cache.k.shape[0] == batch and cache.k.dtype == p.dtype:
+        dtype, cache = self.activation_dtype, self.cache
+        if cache is not None and cache.k.shape[0] == batch and cache.k.dtype == dtype:
             if cache.max_len < max_len:
                 for layer in self.model.layers:
                     layer.self_attn.kv_cache.grow(max_len)
@@ -109,7 +129,7 @@ class Transformer(nn.Module):
         self.clear_cache()
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim,
-                                               p.dtype, p.device)
+                                               dtype, p.device)
 
     def clear_cache(self) -> None:
         for layer in self.model.layers:
@@ -148,7 +168,7 @@ class Transformer(nn.Module):
         # one mask per window the layers use (a sliding window, or none); every cached key is
         # kept, and a key that has left a layer's window is masked
         masks = {w: self._mask(slots, keys, w) for w in self.windows}
-        x = self.model.embed_tokens(tokens)
+        x = self.model.embed_tokens(tokens).to(self.activation_dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, masks[layer.window], start, row, span)
         x = self.model.norm(x)

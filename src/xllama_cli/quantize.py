@@ -123,8 +123,12 @@ class Int8Linear(nn.Linear):
 def int8pack_linear(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """ATen's int8 CPU kernel: widens each int8 weight in registers as it reads it. It takes 2-D
     inputs, and with K not a multiple of 16 (torch 2.13) returns inf/NaN or crashes the
-    process: those shapes are not given to it (`fits`)."""
-    return torch._weight_int8pack_mm(x, state[0], state[1])
+    process: those shapes are not given to it (`fits`). Its inputs are in its scales' dtype
+    (in float32 it is many times slower: float32 inputs are rounded to that dtype first)."""
+    q, scales = state
+    if x.dtype != scales.dtype:
+        return torch._weight_int8pack_mm(x.to(scales.dtype), q, scales).to(x.dtype)
+    return torch._weight_int8pack_mm(x, q, scales)
 
 
 def widened_linear(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -281,8 +285,9 @@ def int4pack_linear(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor, in
     """ATen's int4 CPU kernel: unpacks and dequantizes each group in registers as it reads it."""
     packed, sz, n = state
     group = x.shape[-1] // sz.shape[0]
-    y = torch._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group, sz)
-    return y if y.shape[-1] == n else y[:, :n]
+    # in its scales' dtype: with float32 inputs it is many times slower
+    y = torch._weight_int4pack_mm_for_cpu(x.to(sz.dtype).contiguous(), packed, group, sz)
+    return (y if y.shape[-1] == n else y[:, :n]).to(x.dtype)
 
 
 def int4pack_works(dtype: torch.dtype) -> bool:
