@@ -3,6 +3,7 @@
     PYTHONPATH=src python benchmarks/kernels.py --dtype float32 plain:numba:onednn plain:split:onednn
     PYTHONPATH=src python benchmarks/kernels.py --dtype bfloat16 --quantize int8 plain:int_mm:int_mm fbgemm:fbgemm:fbgemm
     PYTHONPATH=src python benchmarks/kernels.py --dtype bfloat16 fbgemm-fp16:fbgemm:fbgemm@weights fbgemm-fp16:fbgemm:fbgemm
+    PYTHONPATH=src python benchmarks/kernels.py --dtype bfloat16 fbgemm-fp16:fbgemm:fbgemm@separate fbgemm-fp16:fbgemm:fbgemm
         [--prompt-len 128] [--new-tokens 64] [--repeats 5] [--batch 1] [--model DIR] [--json PATH]
 
 linear.Tuner times each product alone, one after another. In a decode step, though, the products
@@ -10,9 +11,11 @@ alternate with the step's other ops, and a product's threads can slow those (num
 second OpenMP runtime beside torch's, do: see gemv.py). This benchmark settles such cases: every
 choice (LAYOUT:FEW:MANY, as linear.Choice names them; the first is the reference) is given to
 every layer of its own copy of the model (linear.fixed, checked against F.linear like any other),
-then the copies generate greedily in turn, round by round after one warm-up each. A copy computes
-in the default path's activations (float32 beside half-precision and quantized weights: see
-loading.cpu_activations), or with `@weights` after the choice, in the weights' own dtype. Prints the
+then the copies generate greedily in turn, round by round after one warm-up each. A copy is built
+as the default path builds it (loading.for_inference): float32 activations beside half-precision
+and quantized weights (loading.cpu_activations), each block's q, k and v (and gate and up) as one
+product (fuse.py). `@weights` after a choice keeps the activations in the weights' own dtype;
+`@separate` keeps one product per projection. Prints the
 median decode ms a step and prefill tok/s of each, and its ratio to the first choice's (the
 median of the per-round ratios: neighbours share the drift). The model is decode.py's random
 bench-220m (or --model).
@@ -37,6 +40,7 @@ import decode as decode_bench  # noqa: E402 - benchmarks/decode.py, beside this 
 from xllama_cli import __version__, report  # noqa: E402
 from xllama_cli.checkpoint import open_checkpoint  # noqa: E402
 from xllama_cli.errors import XllamaError  # noqa: E402
+from xllama_cli.fuse import fuse_projections  # noqa: E402
 from xllama_cli.generation import generate_tokens  # noqa: E402
 from xllama_cli.linear import FLOAT_KINDS, Choice, CpuLinear, Tuner, fixed, use_cpu_kernels  # noqa: E402
 from xllama_cli.loading import compute_in_if_served, cpu_activations, load_model  # noqa: E402
@@ -48,28 +52,33 @@ from xllama_cli.writer import atomic_write  # noqa: E402
 
 @dataclass(frozen=True)
 class Variant:
-    """One copy of the model: its layers' kernel choice, and whether it computes in the weights'
-    own dtype rather than the default path's activations."""
+    """One copy of the model: its layers' kernel choice, and where it departs from the default
+    path: activations in the weights' own dtype, one product per projection."""
 
     choice: Choice
     own_dtype: bool = False
+    separate: bool = False
 
     def __str__(self) -> str:
-        return f"{self.choice}{' @weights' if self.own_dtype else ''}"
+        return f"{self.choice}{' @weights' if self.own_dtype else ''}{' @separate' if self.separate else ''}"
+
+
+TAGS = ("weights", "separate")
 
 
 def parse_choice(text: str) -> Variant:
-    body, at, where = text.partition("@")
+    body, *tags = text.split("@")
     parts = body.split(":")
-    if len(parts) != 3 or not all(parts) or (at and where != "weights"):
-        raise argparse.ArgumentTypeError(f"expected LAYOUT:FEW:MANY or LAYOUT:FEW:MANY@weights, got {text!r}")
-    return Variant(Choice(*parts), bool(at))
+    if len(parts) != 3 or not all(parts) or not set(tags) <= set(TAGS) or len(set(tags)) != len(tags):
+        raise argparse.ArgumentTypeError(f"expected LAYOUT:FEW:MANY, then @weights, @separate or both, got {text!r}")
+    return Variant(Choice(*parts), "weights" in tags, "separate" in tags)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("choices", nargs="+", type=parse_choice,
-                    help="LAYOUT:FEW:MANY[@weights] (@weights: activations in the weights' dtype); the first is the reference")
+                    help="LAYOUT:FEW:MANY[@weights][@separate] (activations in the weights' dtype; a product per "
+                         "projection); the first is the reference")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--quantize", choices=("int8", "int4"))
     ap.add_argument("--batch", type=int, default=1)
@@ -106,6 +115,8 @@ def build(path: Path, a: argparse.Namespace, variant: Variant) -> torch.nn.Modul
     if a.quantize:
         model = quantize_model(model, a.quantize)
     activations = None if variant.own_dtype else cpu_activations(model)
+    if not variant.separate:
+        fuse_projections(model)
     use_cpu_kernels(model, choose=fixed(choice), activations=activations)
     if not any(isinstance(m, CpuLinear) for m in model.modules()):
         raise XllamaError(f"{choice} serves none of the model's layers here (unknown, missing or wrong)")

@@ -48,8 +48,8 @@ def test_a_copy_computes_in_float32_or_in_its_weights_dtype(kernels, monkeypatch
 @pytest.mark.parametrize("choices,needle", [
     (["plain:aten:aten", "nosuch:aten:aten"], "error: nosuch: aten / aten is no choice for float32 weights; they have plain: aten, split"),
     (["plain:aten:aten", "fbgemm-fp16:fbgemm:fbgemm"], "error: fbgemm-fp16: fbgemm / fbgemm is no choice for float32"),
-    (["plain:aten:aten", "plain:aten"], "error: argument choices: expected LAYOUT:FEW:MANY or LAYOUT:FEW:MANY@weights, got 'plain:aten'"),
-    (["plain:aten:aten", "plain:aten:aten@float16"], "error: argument choices: expected LAYOUT:FEW:MANY or"),
+    (["plain:aten:aten", "plain:aten"], "error: argument choices: expected LAYOUT:FEW:MANY, then @weights, @separate or both, got 'plain:aten'"),
+    (["plain:aten:aten", "plain:aten:aten@float16"], "error: argument choices: expected LAYOUT:FEW:MANY, then"),
     (["plain:aten:aten"], "error: give at least two choices"),
 ])
 def test_a_choice_that_cannot_run_is_one_error_line(kernels, capsys, choices, needle):

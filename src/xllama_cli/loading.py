@@ -20,6 +20,7 @@ from .checkpoint import Checkpoint, open_checkpoint, release_pages
 from .build import build_model
 from .config import ModelConfig
 from .errors import SettingError, XllamaError
+from .fuse import fuse_projections
 from .kernel_cache import KernelCache
 from .linear import COMPILED, Tuner, fixed, kind_of, use_cpu_kernels
 from .machine import OtherWork, available_bytes, last_level_cache_bytes, native_bf16
@@ -208,8 +209,9 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
     """Put a built model on its fastest inference path, plug-in by plug-in: int8 or int4 weights
     if asked (quantize_model); unless `pack` is False, the CPU kernels (use_cpu_kernels) measured
     fastest on this machine for `decode_batch` sequences decoded together (the times kept in the
-    user's cache folder: kernel_cache.py; XLLAMA_KERNELS: kernels_mode), with float32
-    activations beside half-precision or quantized weights (cpu_activations), or under `compile`
+    user's cache folder: kernel_cache.py; XLLAMA_KERNELS: kernels_mode), each block's q, k and v
+    (and gate and up) as one product (fuse_projections), with float32 activations beside
+    half-precision or quantized weights (cpu_activations), or under `compile`
     the plain weights, whose one-row products inductor fuses into kernels of its own; then the
     compiled decode step if asked (under tensor parallelism without CUDA graphs: see
     generation.compile_options)."""
@@ -224,6 +226,8 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
             if mode == "measure":
                 cache.entries.clear()
             activations = cpu_activations(model)
+            if model.model.embed_tokens.weight.device.type == "cpu":
+                fuse_projections(model)
             use_cpu_kernels(model, cpu_tuner(decode_batch, cache), release=release_pages,
                             activations=activations)
             cache.save()

@@ -1,6 +1,7 @@
 """The Llama transformer: embeddings, blocks, norm, head, from plain layers (nn.Linear, SDPA).
 Parameter names are Hugging Face's. Kernels, int8, tensor parallelism and compilation are applied
-to a built model from outside (linear.py, quantize.py, parallel.py, generation.compile_decode)."""
+to a built model from outside (linear.py, quantize.py, fuse.py, parallel.py,
+generation.compile_decode)."""
 
 from __future__ import annotations
 
@@ -35,9 +36,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
+        self.gate_up: nn.Module | None = None  # one product for gate and up, if fuse.py gave one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
