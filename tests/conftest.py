@@ -28,6 +28,14 @@ def benchmark(name: str):
     return module
 
 
+def computing_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers that compute a model's linear products: its linear layers, but for the parts of
+    a stacked one (fuse.py), which compute through it."""
+    from xllama_cli.fuse import Part
+
+    return [m for m in model.modules() if hasattr(m, "in_features") and not isinstance(m, Part)]
+
+
 def fixture(name: str) -> Path:
     """A path under ../shared/fixtures, or skip the test when the folder is absent (a user's clone)."""
     path = FIXTURES / name

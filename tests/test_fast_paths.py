@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from conftest import make_hf_checkpoint
+from conftest import computing_layers, make_hf_checkpoint
 from torch import nn
 
 from xllama_cli import linear, load_model
@@ -94,7 +94,7 @@ def test_packed_bfloat16_product_equals_f_linear():
 
 def test_load_model_swaps_the_cpu_projections_for_inference_only(tmp_path):
     make_hf_checkpoint(tmp_path, seed=6, num_key_value_heads=2, tie_word_embeddings=True)
-    linears = lambda m: [x for x in m.modules() if hasattr(x, "in_features")]
+    linears = computing_layers
     for decode_batch in (None, 1, 8):
         model = load_model(tmp_path, device="cpu", dtype="float32", decode_batch=decode_batch)
         assert all(type(x) is CpuLinear and x.kind == "float32" for x in linears(model))

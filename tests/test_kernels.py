@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import ROOT, cli_fails, make_hf_checkpoint
+from conftest import ROOT, cli_fails, computing_layers, make_hf_checkpoint
 from xllama_cli import gemv, kernel_cache, linear, load_model, loading
 from xllama_cli.cli import DEMO_MODEL
 from xllama_cli.generation import generate_tokens
@@ -174,7 +174,7 @@ def test_a_layer_no_kernel_serves_keeps_the_model_in_its_weights_dtype(tiny, cac
     monkeypatch.setattr(loading, "use_cpu_kernels", none_for_down)
     model = load_model(tiny, device="cpu", dtype="bfloat16")
     mlp = model.model.layers[0].mlp
-    assert type(mlp.down_proj) is nn.Linear and isinstance(mlp.up_proj, CpuLinear)
+    assert type(mlp.down_proj) is nn.Linear and isinstance(mlp.gate_up.layer, CpuLinear)
     assert model.activation_dtype == torch.bfloat16
     got, want = logits(model), logits(load_model(tiny, device="cpu", dtype="bfloat16", pack=False))
     tol = KINDS["bfloat16"].tol
@@ -268,8 +268,7 @@ def cache_home(tmp_path, monkeypatch):
 
 def shapes(model: nn.Module) -> list[str]:
     """Each distinct shape of a float32 model's linear layers, as load_counting names them."""
-    return sorted({f"float32 {m.out_features}x{m.in_features}" for m in model.modules()
-                   if hasattr(m, "in_features")})
+    return sorted({f"float32 {m.out_features}x{m.in_features}" for m in computing_layers(model)})
 
 
 def load_counting(path, monkeypatch) -> tuple[nn.Module, list[str]]:
@@ -320,7 +319,7 @@ def test_a_corrupt_or_foreign_kernel_cache_is_ignored_and_rebuilt(tiny, cache_ho
     assert sorted(timed) == shapes(model)  # every shape measured again
     rebuilt = json.loads(path.read_text())
     assert rebuilt["machine"] == kernel_cache.machine() and len(rebuilt["entries"]) == len(timed)
-    assert all(isinstance(m, CpuLinear) for m in model.modules() if hasattr(m, "in_features"))
+    assert all(isinstance(m, CpuLinear) for m in computing_layers(model))
 
 
 def test_a_kept_choice_that_no_longer_checks_is_measured_again(tiny, cache_home, monkeypatch):
@@ -343,8 +342,7 @@ def test_a_kept_choice_that_no_longer_checks_is_measured_again(tiny, cache_home,
 def test_times_measured_beside_other_work_serve_the_load_but_are_not_kept(tiny, cache_home, monkeypatch):
     monkeypatch.setattr(Meter, "busy", 0.5)
     model, timed = load_counting(tiny, monkeypatch)
-    assert sorted(timed) == shapes(model) and all(isinstance(m, CpuLinear) for m in model.modules()
-                                                  if hasattr(m, "in_features"))
+    assert sorted(timed) == shapes(model) and all(isinstance(m, CpuLinear) for m in computing_layers(model))
     assert not list(cache_home.glob("kernels-*.json"))  # nothing kept
     assert sorted(load_counting(tiny, monkeypatch)[1]) == shapes(model)  # measured again
     monkeypatch.setattr(Meter, "busy", 0.05)

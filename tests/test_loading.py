@@ -152,7 +152,7 @@ def test_packed_load_of_a_bin_checkpoint_peaks_near_the_weights_size(tmp_path):
             f"base = status('VmRSS')\n"
             f"open('/proc/self/clear_refs', 'w').write('5')\n"
             f"m = load_model({str(tmp_path / 'model')!r}, device='cpu', dtype='float32', decode_batch=None)\n"
-            f"assert m.model.layers[0].mlp.up_proj.choice.layout == 'onednn'\n"
+            f"assert m.model.layers[0].mlp.gate_up.layer.choice.layout == 'onednn'\n"
             f"print(status('VmHWM') - base)")
     peak = int(_fresh_python(code))
     assert peak < 1.25 * size, (peak, size)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 from torch import nn
@@ -49,8 +50,7 @@ class Part(nn.Module):
         self.in_features, self.out_features = source.in_features, source.out_features
         self.index = index
         object.__setattr__(self, "stacked", stacked)  # not a child: the block holds it
-        for name, t in [*source.named_parameters(recurse=False),
-                        *source.named_buffers(recurse=False)]:
+        for name, t in _tensors(source).items():
             empty = torch.empty(0, dtype=t.dtype, device=t.device)
             if isinstance(t, nn.Parameter):
                 setattr(self, name, nn.Parameter(empty, requires_grad=False))
@@ -63,7 +63,8 @@ class Part(nn.Module):
         return self.stacked(x)[self.index]  # the block calls the stacked layer itself
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, part {self.index}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"part {self.index}")
 
 
 def stack(layers: list[nn.Module]) -> nn.Module | None:
@@ -71,8 +72,7 @@ def stack(layers: list[nn.Module]) -> nn.Module | None:
     they differ in type, input, dtype or the tensors they hold. Every tensor a linear layer holds
     (weight, bias, int8 scales, int4 scales and zeros) has one row per output."""
     first = layers[0]
-    tensors = [dict(layer.named_parameters(recurse=False)) | dict(layer.named_buffers(recurse=False))
-               for layer in layers]
+    tensors = [_tensors(layer) for layer in layers]
     if not all(_alike(layer, ts, first, tensors[0]) for layer, ts in zip(layers, tensors)):
         return None
     out = copy.copy(first)  # the same type and settings; its own tensors, set below
@@ -90,18 +90,27 @@ def stack(layers: list[nn.Module]) -> nn.Module | None:
     return out
 
 
+def _tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(layer.named_parameters(recurse=False)) | dict(layer.named_buffers(recurse=False))
+
+
 def _alike(layer: nn.Module, tensors: dict[str, torch.Tensor], first: nn.Module,
            first_tensors: dict[str, torch.Tensor]) -> bool:
+    def same(t: torch.Tensor, u: torch.Tensor) -> bool:
+        return t.dtype == u.dtype and t.device == u.device and t.shape[1:] == u.shape[1:]
+
     return (type(layer) is type(first) and layer.in_features == first.in_features
-            and getattr(layer, "dtype", None) == getattr(first, "dtype", None) and not layer._modules
-            and tensors.keys() == first_tensors.keys()
-            and all(t.dtype == first_tensors[name].dtype and t.device == first_tensors[name].device
-                    and t.shape[1:] == first_tensors[name].shape[1:] for name, t in tensors.items()))
+            and getattr(layer, "dtype", None) == getattr(first, "dtype", None)
+            and not layer._modules and tensors.keys() == first_tensors.keys()
+            and all(same(t, first_tensors[name]) for name, t in tensors.items()))
 
 
-def fuse_projections(model: Transformer) -> Transformer:
+def fuse_projections(model: Transformer, release: Callable[[torch.Tensor], None] | None = None
+                     ) -> Transformer:
     """Give every block a Stacked for its q, k and v projections and one for its gate and up,
-    where they can be stacked (the same type of layer, dtype and tensors)."""
+    where they can be stacked (the same type of layer, dtype and tensors). `release(tensor)` is
+    called for each stacked layer's tensors once copied (e.g. to drop a memory-mapped
+    checkpoint's pages, as linear.use_cpu_kernels does)."""
     for block in model.model.layers:
         for module, names, slot in ((block.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv"),
                                     (block.mlp, ("gate_proj", "up_proj"), "gate_up")):
@@ -114,4 +123,6 @@ def fuse_projections(model: Transformer) -> Transformer:
             setattr(module, slot, stacked)
             for i, (name, source) in enumerate(zip(names, layers)):
                 setattr(module, name, Part(source, stacked, i))
+                for t in _tensors(source).values() if release is not None else ():
+                    release(t)
     return model

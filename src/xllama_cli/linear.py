@@ -604,12 +604,15 @@ def use_cpu_kernels(model: nn.Module, tuner: Tuner | None = None,
                             id(child.weight) in tied, given)
                 groups.setdefault(spec, []).append((parent, name, child))
     for spec in sorted(groups, key=lambda s: -s.n * s.k):
-        kind = kind_of(groups[spec][0][2])
-        choice, state = choose(spec, kind, [layer for _, _, layer in groups[spec]])
+        members = groups.pop(spec)
+        kind = kind_of(members[0][2])
+        choice, state = choose(spec, kind, [layer for _, _, layer in members])
         if choice is None:  # nothing serves them here: the layers stay as they are
             continue
         layout = kind.layout(choice.layout)
-        for i, (parent, name, layer) in enumerate(groups[spec]):
+        for i in range(len(members)):
+            # taken from the list, so that a swapped layer's own tensors are freed now
+            (parent, name, layer), members[i] = members[i], None
             if i > 0:
                 try:
                     state = _prepare(layout, layer)
@@ -619,7 +622,7 @@ def use_cpu_kernels(model: nn.Module, tuner: Tuner | None = None,
             if release is not None and not layout.keeps_source:
                 for t in _tensors(layer):
                     release(t)
-        del state
+            del layer, state
     return model
 
 

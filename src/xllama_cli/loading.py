@@ -227,7 +227,7 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
                 cache.entries.clear()
             activations = cpu_activations(model)
             if model.model.embed_tokens.weight.device.type == "cpu":
-                fuse_projections(model)
+                fuse_projections(model, release=release_pages)
             use_cpu_kernels(model, cpu_tuner(decode_batch, cache), release=release_pages,
                             activations=activations)
             cache.save()
