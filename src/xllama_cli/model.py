@@ -170,7 +170,7 @@ class Transformer(nn.Module):
             slots = steps + (start or 0)  # [T]: the same for every row
             keys = (start or 0) + T
         positions = slots.expand(B, T)
-        cos, sin = self.model.rotary(positions)
+        cos, sin = self.model.rotary(positions, self.activation_dtype)
         # one mask per window the layers use (a sliding window, or none); every cached key is
         # kept, and a key that has left a layer's window is masked
         masks = {w: self._mask(slots, keys, w) for w in self.windows}

@@ -102,7 +102,8 @@ def with_rope(cfg: ModelConfig, name: str | None, factor: float | None) -> Model
 
 
 class RotaryEmbedding(nn.Module):
-    """Holds the inverse frequencies and turns positions [B, T] into cos, sin [B, T, head_dim]."""
+    """Holds the inverse frequencies and turns positions [B, T] into cos, sin [B, 1, T, head_dim]
+    in the form apply_rope takes."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -114,7 +115,11 @@ class RotaryEmbedding(nn.Module):
             inv_freq = self.rule(cfg, 0)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of every position's angles, computed in float32 (as transformers does)
+        then given in `dtype`, the activations', once for every layer and head: broadcast over
+        the heads, and sin's first half negated, which is rotate_half's sign (see apply_rope)."""
         inv_freq = self.inv_freq
         if self.cfg.rope_type == "dynamic":
             # the base depends on each row's length so far (its largest position + 1), computed
@@ -123,16 +128,18 @@ class RotaryEmbedding(nn.Module):
             inv_freq = torch.stack([self.rule(self.cfg, n) for n in lengths.unbind()])
         inv_freq = inv_freq.expand(positions.shape[0], -1) if inv_freq.dim() == 1 else inv_freq
         freqs = positions.to(torch.float32)[:, :, None] * inv_freq[:, None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+        cos, sin = freqs.cos(), freqs.sin()
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+        return cos[:, None].to(dtype), sin[:, None].to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x2, x1), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D] in HF's half-split order; cos, sin: [B, T, D]."""
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    """x: [B, H, T, D] in HF's half-split order; cos, sin: RotaryEmbedding's, [B, 1, T, D].
+    transformers' x * cos + rotate_half(x) * sin, rotate_half(x) being (-x2, x1): with the sign
+    in sin, the halves need only swapping (and -a * b is a * -b, to the bit)."""
+    return x * cos + swap_halves(x) * sin
