@@ -114,7 +114,8 @@ def build(path: Path, a: argparse.Namespace, variant: Variant) -> torch.nn.Modul
     model = load_model(path, device="cpu", dtype=a.dtype, pack=False)
     if a.quantize:
         model = quantize_model(model, a.quantize)
-    activations = None if variant.own_dtype else cpu_activations(model)
+    weight = model.model.embed_tokens.weight
+    activations = None if variant.own_dtype else cpu_activations(weight.device, weight.dtype)
     if not variant.separate:
         fuse_projections(model)
     use_cpu_kernels(model, choose=fixed(choice), activations=activations)

@@ -76,6 +76,14 @@ def test_json_has_every_group_with_kv_bytes_proportional_to_groups(tiny, tmp_pat
     assert data["interrupted"] is False
 
 
+@pytest.mark.parametrize("kernels,elsize", [("auto", 4), ("plain", 2)])
+def test_kv_bytes_are_those_of_the_cache_the_runs_hold(tiny, tmp_path, monkeypatch, kernels, elsize):
+    """bfloat16 weights on the CPU's kernels path keep a float32 cache (float32 activations)."""
+    monkeypatch.setenv("XLLAMA_KERNELS", kernels)
+    rows = bench_json(tmp_path, "--config", tiny, "--groups", "2", "--dtype", "bfloat16", *FAST)["rows"]
+    assert rows[0]["kv_cache_bytes_per_sample"] == 2 * 2 * 2 * 8 * 12 * elsize
+
+
 def test_json_figures_follow_from_the_recorded_runs(tiny, tmp_path):
     data = bench_json(tmp_path, "--config", tiny, "--groups", "2,8", *FAST)
     mha = data["rows"][-1]

@@ -50,15 +50,17 @@ def kv_read_bytes_per_step(cfg: ModelConfig, groups: int, input_len: int, output
 
 
 def run_need_bytes(cfg: ModelConfig, groups: int, base_kv: int, input_len: int, output_len: int,
-                   batch: int, elsize: int, device: torch.device) -> int:
-    """A rough upper estimate of the memory one group count needs beyond the base model."""
+                   batch: int, elsize: int, device: torch.device, cached: int | None = None) -> int:
+    """A rough upper estimate of the memory one group count needs beyond the base model; elsize:
+    a weight's bytes, cached: a KV cache element's and an activation's (elsize if None)."""
+    cached = cached or elsize
     kv_weights = (0 if groups == base_kv
                   else 2 * cfg.n_layers * groups * cfg.head_dim * (cfg.dim + 1) * elsize)
     # the slots generate_tokens allocates, which round the tokens up
     slots = cache_capacity(input_len + output_len, context_length(cfg))
-    cache = batch * kv_cache_bytes_per_sample(cfg, groups, slots, elsize)
+    cache = batch * kv_cache_bytes_per_sample(cfg, groups, slots, cached)
     T = input_len
-    acts = batch * T * (6 * cfg.dim + 3 * cfg.hidden_dim + 2 * cfg.n_heads * cfg.head_dim) * elsize
+    acts = batch * T * (6 * cfg.dim + 3 * cfg.hidden_dim + 2 * cfg.n_heads * cfg.head_dim) * cached
     # CPU attention may hold the [B, H, T, T] scores; CUDA kernels (flash / memory-efficient) do not
     scores = batch * cfg.n_heads * T * T * 4 if device.type != "cuda" else 0
     logits = 2 * batch * cfg.vocab_size * 4

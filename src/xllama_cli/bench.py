@@ -29,8 +29,8 @@ from .config import ARCHITECTURES, ModelConfig
 from .errors import XllamaError
 from .generation import GenerationStats, context_length, generate_tokens
 from .layout import is_kv_param, regroup_kv, target_kv_heads
-from .loading import (Loaded, for_inference, load_model, resolve_device, resolve_dtype,
-                      stored_dtype)
+from .loading import (Loaded, cpu_activations, for_inference, kernels_mode, load_model,
+                      resolve_device, resolve_dtype, stored_dtype)
 from .machine import (available_bytes, bandwidth_probe_bytes, is_out_of_memory, machine_info,
                       measure_bandwidth)
 from .model import Transformer
@@ -410,14 +410,14 @@ def measure(o: BenchOptions, device: torch.device, dtype: torch.dtype,
                          groups=groups, input_len=o.input_len, output_len=o.output_len,
                          batch=o.batch, repeats=o.repeats, seed=o.seed, quantize=o.quantize,
                          compiled=o.compile, machine=machine_info(device))
-    tokens = o.input_len + o.output_len
+    tokens, cached = o.input_len + o.output_len, cache_element_size(result)
     for g in groups:
         result.rows.append(Row(
-            groups=g, kv_cache_bytes_per_sample=kv_cache_bytes_per_sample(cfg, g, tokens, elsize),
+            groups=g, kv_cache_bytes_per_sample=kv_cache_bytes_per_sample(cfg, g, tokens, cached),
             weight_bytes_per_step=weight_bytes_per_step(cfg, g, o.batch, elsize,
                                                         o.quantize == "int8"),
             kv_read_bytes_per_step=kv_read_bytes_per_step(cfg, g, o.input_len, o.output_len,
-                                                          o.batch, elsize)))
+                                                          o.batch, cached)))
     report.info(f"bench: {source} | {_count(params)} params | {device} "
                 f"{str(dtype).removeprefix('torch.')} | batch {o.batch}, input {o.input_len}, "
                 f"output {o.output_len}, {o.repeats} repeats + {WARMUP_RUNS} warm-up | groups "
@@ -497,10 +497,19 @@ def _time_groups(base: Transformer, result: BenchResult) -> None:
                                     f"{result.repeats} runs")
 
 
+def cache_element_size(result: BenchResult) -> int:
+    """Bytes of one KV cache element (and activation) on the path the runs take: float32 beside
+    half-precision weights on the CPU kernels' path (loading.cpu_activations), else the dtype's."""
+    plain = result.compiled or kernels_mode() == "plain"
+    dtype = (None if plain else cpu_activations(result.device, result.dtype)) or result.dtype
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def _fits(base: Transformer, result: BenchResult, row: Row, elsize: int) -> bool:
     """False (and the row marked skipped) when the group count clearly will not fit in memory."""
     need = run_need_bytes(result.config, row.groups, base.config.n_kv_heads, result.input_len,
-                          result.output_len, result.batch, elsize, result.device)
+                          result.output_len, result.batch, elsize, result.device,
+                          cache_element_size(result))
     free = available_bytes(result.device)
     if need > free:
         row.status, row.note = "skipped", f"needs ~{_bytes(need)} more, {_bytes(free)} free"

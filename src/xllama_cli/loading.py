@@ -225,8 +225,9 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
             cache = KernelCache()
             if mode == "measure":
                 cache.entries.clear()
-            activations = cpu_activations(model)
-            if model.model.embed_tokens.weight.device.type == "cpu":
+            weight = model.model.embed_tokens.weight  # quantized models keep it in their dtype
+            activations = cpu_activations(weight.device, weight.dtype)
+            if weight.device.type == "cpu":
                 fuse_projections(model, release=release_pages)
             use_cpu_kernels(model, cpu_tuner(decode_batch, cache), release=release_pages,
                             activations=activations)
@@ -243,13 +244,13 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
     return Loaded(model, step)
 
 
-def cpu_activations(model: Transformer) -> torch.dtype | None:
-    """float32 for a model on the CPU whose weights are half-precision (its products then take
-    float32 inputs, as llama.cpp's do: norms, RoPE, attention and the residual stream in half
+def cpu_activations(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    """The activations' dtype of the CPU kernels' path for a model of `dtype` on `device`:
+    float32 for half-precision weights (or quantized ones, which compute in half precision),
+    as llama.cpp's products take them (norms, RoPE, attention and the residual stream in half
     precision cost a decode step more there than the products' conversions; the KV cache is
-    float32 too), else None (the weights' own dtype)."""
-    weight = model.model.embed_tokens.weight  # quantized models keep it in their compute dtype
-    if weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16):
+    float32 too); else None, the weights' own dtype."""
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
         return torch.float32
     return None
 
