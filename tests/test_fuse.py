@@ -36,6 +36,8 @@ def test_fused_blocks_give_the_logits_of_transformers(tmp_path, family, override
     with torch.no_grad():
         want = hf(torch.tensor(PROMPT)).logits
     torch.testing.assert_close(logits(fused), want, rtol=1e-5, atol=1e-5)
+    again = fuse_projections(fused)  # a second time changes nothing
+    torch.testing.assert_close(logits(again), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits(fused), logits(plain), rtol=1e-5, atol=1e-5)
     assert generate_tokens(fused, PROMPT, 8).tokens == generate_tokens(plain, PROMPT, 8).tokens
 

@@ -115,6 +115,8 @@ def fuse_projections(model: Transformer, release: Callable[[torch.Tensor], None]
         for module, names, slot in ((block.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv"),
                                     (block.mlp, ("gate_proj", "up_proj"), "gate_up")):
             assert isinstance(module, (Attention, MLP))
+            if getattr(module, slot) is not None:  # fused already
+                continue
             layers = [getattr(module, name) for name in names]
             layer = stack(layers)
             if layer is None:
