@@ -28,6 +28,12 @@ def benchmark(name: str):
     return module
 
 
+# benchmarks/decode.py's shape flags (add_shape_flags) for a tiny random model, shared by the
+# benchmark scripts' tests
+TINY_SHAPE = ["--dim", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--ffn", "128",
+              "--vocab", "256"]
+
+
 def computing_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The layers that compute a model's linear products: its linear layers, but for the parts of
     a stacked one (fuse.py), which compute through it."""

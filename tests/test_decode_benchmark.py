@@ -6,10 +6,9 @@ import json
 
 import pytest
 
-from conftest import benchmark
+from conftest import TINY_SHAPE, benchmark
 
-TINY = ["--dim", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--ffn", "128", "--vocab", "256",
-        "--max-seq-len", "128", "--prompt-len", "16,24", "--new-tokens", "8", "--repeats", "1", "--batch", "2"]
+TINY = [*TINY_SHAPE, "--max-seq-len", "128", "--prompt-len", "16,24", "--new-tokens", "8", "--repeats", "1", "--batch", "2"]
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,9 @@ import json
 import pytest
 import torch
 
-from conftest import benchmark
+from conftest import TINY_SHAPE, benchmark
 
-TINY = ["--dim", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--ffn", "128", "--vocab", "256",
-        "--max-seq-len", "64", "--prompt-len", "16", "--new-tokens", "5", "--repeats", "2"]
+TINY = [*TINY_SHAPE, "--max-seq-len", "64", "--prompt-len", "16", "--new-tokens", "5", "--repeats", "2"]
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,9 @@ import json
 
 import pytest
 
-from conftest import benchmark
+from conftest import TINY_SHAPE, benchmark
 
-TINY = ["--dim", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--ffn", "128", "--vocab", "256",
-        "--max-seq-len", "64", "--prompt-len", "16", "--new-tokens", "6", "--repeats", "1"]
+TINY = [*TINY_SHAPE, "--max-seq-len", "64", "--prompt-len", "16", "--new-tokens", "6", "--repeats", "1"]
 
 
 @pytest.fixture(scope="module")
