@@ -356,13 +356,10 @@ class Spec:
     activations: torch.dtype | None = None  # the inputs' dtype, where not the layers' own
 
     def key(self, rows: int, threads: int, streamed: bool) -> str:
-        given = "" if self.activations is None else " " + _name(self.activations) + " inputs"
+        given = ("" if self.activations is None
+                 else f" {str(self.activations).removeprefix('torch.')} inputs")
         return (f"{self.kind} {self.n}x{self.k}{' tied' if self.tied else ''}{given} rows {rows} "
                 f"threads {threads} {'streamed' if streamed else 'cached'}")
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 class Store(Protocol):

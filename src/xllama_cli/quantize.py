@@ -123,8 +123,8 @@ class Int8Linear(nn.Linear):
 def int8pack_linear(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """ATen's int8 CPU kernel: widens each int8 weight in registers as it reads it. It takes 2-D
     inputs, and with K not a multiple of 16 (torch 2.13) returns inf/NaN or crashes the
-    process: those shapes are not given to it (`fits`). Its inputs are in its scales' dtype
-    (in float32 it is many times slower: float32 inputs are rounded to that dtype first)."""
+    process: those shapes are not given to it (`fits`). It is many times slower on float32
+    inputs than on its scales' dtype, so float32 inputs are rounded to that dtype first."""
     q, scales = state
     if x.dtype != scales.dtype:
         return torch._weight_int8pack_mm(x.to(scales.dtype), q, scales).to(x.dtype)
