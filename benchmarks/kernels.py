@@ -40,10 +40,9 @@ import decode as decode_bench  # noqa: E402 - benchmarks/decode.py, beside this 
 from xllama_cli import __version__, report  # noqa: E402
 from xllama_cli.checkpoint import open_checkpoint  # noqa: E402
 from xllama_cli.errors import XllamaError  # noqa: E402
-from xllama_cli.fuse import fuse_projections  # noqa: E402
 from xllama_cli.generation import generate_tokens  # noqa: E402
-from xllama_cli.linear import FLOAT_KINDS, Choice, CpuLinear, Tuner, fixed, use_cpu_kernels  # noqa: E402
-from xllama_cli.loading import compute_in_if_served, cpu_activations, load_model  # noqa: E402
+from xllama_cli.linear import FLOAT_KINDS, Choice, CpuLinear, Tuner, fixed  # noqa: E402
+from xllama_cli.loading import load_model, use_cpu_path  # noqa: E402
 from xllama_cli.machine import machine_info  # noqa: E402
 from xllama_cli.quantize import INT4, INT8, quantize_model  # noqa: E402
 from xllama_cli.sampling import Sampling  # noqa: E402
@@ -109,20 +108,20 @@ def main(argv: list[str] | None = None) -> int:
 def build(path: Path, a: argparse.Namespace, variant: Variant) -> torch.nn.Module:
     """The model with every linear layer on the variant's choice (those of another kind, such as
     int4's int8 head, on the kernels measured fastest), in the activations' dtype of the default
-    path (loading.for_inference) or its weights'; an error where the choice serves none."""
+    path (loading.use_cpu_path) or its weights'; an error where the choice serves none."""
     choice = variant.choice
     model = load_model(path, device="cpu", dtype=a.dtype, pack=False)
     if a.quantize:
         model = quantize_model(model, a.quantize)
-    weight = model.model.embed_tokens.weight
-    activations = None if variant.own_dtype else cpu_activations(weight.device, weight.dtype)
-    if not variant.separate:
-        fuse_projections(model)
-    use_cpu_kernels(model, choose=fixed(choice), activations=activations)
-    if not any(isinstance(m, CpuLinear) for m in model.modules()):
+    tuner, given = Tuner(), fixed(choice)
+
+    def choose(spec, kind, layers):  # the choice, else (another kind's layers) the tuner's
+        picked = given(spec, kind, layers)
+        return picked if picked[0] is not None else tuner.choose(spec, kind, layers)
+
+    use_cpu_path(model, choose, fuse=not variant.separate, float32=not variant.own_dtype)
+    if not any(isinstance(m, CpuLinear) and m.choice == choice for m in model.modules()):
         raise XllamaError(f"{choice} serves none of the model's layers here (unknown, missing or wrong)")
-    use_cpu_kernels(model, Tuner(), activations=activations)
-    compute_in_if_served(model, activations)
     return model
 
 

@@ -163,14 +163,14 @@ def test_a_layer_no_kernel_serves_keeps_the_model_in_its_weights_dtype(tiny, cac
     """A layer left as it is computes in its own dtype only: the model then stays in it."""
     real = loading.use_cpu_kernels
 
-    def none_for_down(model, tuner, **kwargs):
+    def none_for_down(model, choose, **kwargs):
         down = model.model.layers[0].mlp.down_proj  # the only layers of their shape
 
-        def choose(spec, kind, layers):
+        def but_down(spec, kind, layers):
             if (spec.n, spec.k) == (down.out_features, down.in_features):
                 return None, None
-            return tuner.choose(spec, kind, layers)
-        return real(model, choose=choose, **kwargs)
+            return choose(spec, kind, layers)
+        return real(model, choose=but_down, **kwargs)
 
     monkeypatch.setattr(loading, "use_cpu_kernels", none_for_down)
     model = load_model(tiny, device="cpu", dtype="bfloat16")

@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
@@ -22,7 +22,7 @@ from .config import ModelConfig
 from .errors import SettingError, XllamaError
 from .fuse import fuse_projections
 from .kernel_cache import KernelCache
-from .linear import COMPILED, Tuner, fixed, kind_of, use_cpu_kernels
+from .linear import COMPILED, Chooser, Tuner, fixed, kind_of, use_cpu_kernels
 from .machine import OtherWork, available_bytes, last_level_cache_bytes, native_bf16
 from .layout import target_kv_heads
 from .model import Transformer
@@ -225,14 +225,8 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
             cache = KernelCache()
             if mode == "measure":
                 cache.entries.clear()
-            weight = model.model.embed_tokens.weight  # quantized models keep it in their dtype
-            activations = cpu_activations(weight.device, weight.dtype)
-            if weight.device.type == "cpu":
-                fuse_projections(model, release=release_pages)
-            use_cpu_kernels(model, cpu_tuner(decode_batch, cache), release=release_pages,
-                            activations=activations)
+            use_cpu_path(model, cpu_tuner(decode_batch, cache).choose, release_pages)
             cache.save()
-            compute_in_if_served(model, activations)
     step = None
     if compile:
         from .generation import compile_decode
@@ -255,9 +249,20 @@ def cpu_activations(device: torch.device, dtype: torch.dtype) -> torch.dtype | N
     return None
 
 
-def compute_in_if_served(model: Transformer, activations: torch.dtype | None) -> None:
-    """model.compute_in(activations) if every linear layer took a CPU kernel (which take them);
-    a layer left as it is computes in its own dtype only, so the model then stays in it."""
+def use_cpu_path(model: Transformer, choose: Chooser,
+                 release: Callable[[torch.Tensor], None] | None = None, *, fuse: bool = True,
+                 float32: bool = True) -> None:
+    """for_inference's CPU kernels, each layer's chosen by `choose` (a Tuner's, or
+    linear.fixed): unless `fuse` is False, each block's q, k and v (and gate and up) as one
+    product; the kernels chosen for float32 inputs beside half-precision weights
+    (cpu_activations) unless `float32` is False, and the model then computing in float32 if
+    every linear layer took a kernel (a layer left as it is computes in its own dtype only, so
+    the model then stays in it). `release`: as use_cpu_kernels's."""
+    weight = model.model.embed_tokens.weight  # quantized models keep it in their compute dtype
+    activations = cpu_activations(weight.device, weight.dtype) if float32 else None
+    if fuse and weight.device.type == "cpu":
+        fuse_projections(model, release=release)
+    use_cpu_kernels(model, choose=choose, release=release, activations=activations)
     if activations is not None and not any(kind_of(m) for m in model.modules()):
         model.compute_in(activations)
 

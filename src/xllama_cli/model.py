@@ -170,11 +170,12 @@ class Transformer(nn.Module):
             slots = steps + (start or 0)  # [T]: the same for every row
             keys = (start or 0) + T
         positions = slots.expand(B, T)
-        cos, sin = self.model.rotary(positions, self.activation_dtype)
+        dtype = self.activation_dtype
+        cos, sin = self.model.rotary(positions, dtype)
         # one mask per window the layers use (a sliding window, or none); every cached key is
         # kept, and a key that has left a layer's window is masked
         masks = {w: self._mask(slots, keys, w) for w in self.windows}
-        x = self.model.embed_tokens(tokens).to(self.activation_dtype)
+        x = self.model.embed_tokens(tokens).to(dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, masks[layer.window], start, row, span)
         x = self.model.norm(x)
