@@ -56,3 +56,14 @@ def test_bad_flag_is_one_error_line(peers, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: argument --precision: expected a list of fp32, bf16, int8, int4") and err.count("\n") == 1
+
+
+def test_llamacpp_decode_after_the_prompt_is_its_pg_test_less_its_pp_test(peers):
+    # llama-bench -o json, trimmed to the fields read: 128 prompt tokens in 0.1 s, 64 new tokens
+    # from an empty context in 0.5 s, the prompt then 64 new tokens in 0.1 + 0.8 s
+    tests = [{"n_prompt": 128, "n_gen": 0, "avg_ns": 1e8, "avg_ts": 1280.0},
+             {"n_prompt": 0, "n_gen": 64, "avg_ns": 5e8, "avg_ts": 128.0},
+             {"n_prompt": 128, "n_gen": 64, "avg_ns": 9e8, "avg_ts": 213.3}]
+    prefill, after_prompt, empty = peers.llamacpp_rates(tests, 64)
+    assert (prefill, empty) == (1280.0, 128.0)
+    assert after_prompt == pytest.approx(64 / 0.8)
