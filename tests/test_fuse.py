@@ -77,3 +77,19 @@ def test_layers_that_differ_are_not_stacked():
     assert stack([nn.Linear(8, 4), nn.Linear(6, 4)]) is None
     assert stack([nn.Linear(8, 4), Int8Linear(nn.Linear(8, 4), torch.bfloat16)]) is None
     assert stack([nn.Linear(8, 4), nn.Linear(8, 4).bfloat16()]) is None
+
+
+def test_fused_attention_gives_q_and_k_as_one_output_and_decodes_as_the_plain_block(tmp_path):
+    # RoPE turns q and k in one go; through the cache, a prefill then a decode step
+    make_hf_checkpoint(tmp_path, seed=5, num_key_value_heads=2)
+    plain = load_model(tmp_path, device="cpu", dtype="float32", pack=False)
+    fused = fuse_projections(load_model(tmp_path, device="cpu", dtype="float32", pack=False))
+    attn = fused.model.layers[0].self_attn
+    q, k, v = (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features)
+    assert attn.qkv.sizes == [q + k, v] and (attn.q_proj.start, attn.k_proj.start, attn.v_proj.start) == (0, q, q + k)
+    for model in (plain, fused):
+        model.setup_cache(1, 32)
+    with torch.no_grad():
+        for start, tokens in ((0, PROMPT), (len(PROMPT[0]), [[7]])):
+            torch.testing.assert_close(fused(torch.tensor(tokens), start), plain(torch.tensor(tokens), start),
+                                       rtol=1e-5, atol=1e-5)

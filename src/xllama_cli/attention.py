@@ -20,7 +20,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attention_bias)
-        self.qkv: nn.Module | None = None  # one product for q, k and v, if fuse.py gave one
+        self.qkv: nn.Module | None = None  # one product giving q and k, then v, if fuse.py gave one
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -29,14 +29,16 @@ class Attention(nn.Module):
         """x: [B, T, dim]. mask: bool [B, 1, T, S] (True = may attend) or None for plain causal.
         start, row, span: where x goes in the cache (KVCache.update); start None: no cache."""
         B, T, _ = x.shape
-        if self.qkv is not None:
-            q, k, v = self.qkv(x)
+        if self.qkv is not None:  # q and k as one output: RoPE turns both at once
+            qk, v = self.qkv(x)
+            qk = qk.view(B, T, self.n_heads + self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rope(qk, cos, sin).split((self.n_heads, self.n_kv_heads), 1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+            k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            v = self.v_proj(x)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if start is not None:
             assert self.kv_cache is not None, "call model.setup_cache() before using start="
             k, v = self.kv_cache.update(start, k, v, row, span)

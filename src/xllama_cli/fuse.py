@@ -7,7 +7,8 @@ weights, and a small weight is read at less than the memory's pace: one product 
 (or two) weights stacked is faster than their products one by one (benchmarks/kernels.py
 measures it). The block computes with the stacked layer (`Attention.qkv`, `MLP.gate_up`: a
 `Stacked`) and keeps its own layers' names, as `Part`s of it, so that state_dict() has the plain
-model's keys.
+model's keys. Attention's stacked layer gives q and k as one output, so that RoPE turns both in
+one go (a decode step's elementwise ops each cost a call's overhead, whatever their size).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from .model import MLP, Transformer
 
 class Stacked(nn.Module):
     """Layers that read the same input, as one layer (`layer`: their weights, and every other
-    tensor they hold per output, concatenated along the outputs) whose output is split back into
-    theirs. It adds no keys to state_dict(): its parts keep the layers' own."""
+    tensor they hold per output, concatenated along the outputs) whose output is split into
+    `sizes` columns (a layer's, or neighbours' together). It adds no keys to state_dict(): its
+    parts keep the layers' own."""
 
     def __init__(self, layer: nn.Module, sizes: list[int]) -> None:
         super().__init__()
@@ -41,14 +43,15 @@ class Stacked(nn.Module):
 
 
 class Part(nn.Module):
-    """Where one of a Stacked's layers was: its outputs, its `bias` and the names of its weights
-    (whose values the stacked layer now holds in its own form: the part keeps an empty tensor,
-    as linear.CpuLinear does for a packed weight)."""
+    """Where one of a Stacked's layers was: its outputs (columns start.. of the stacked
+    layer's), its `bias` and the names of its weights (whose values the stacked layer now holds
+    in its own form: the part keeps an empty tensor, as linear.CpuLinear does for a packed
+    weight)."""
 
-    def __init__(self, source: nn.Module, stacked: Stacked, index: int) -> None:
+    def __init__(self, source: nn.Module, stacked: Stacked, start: int) -> None:
         super().__init__()
         self.in_features, self.out_features = source.in_features, source.out_features
-        self.index = index
+        self.start = start
         object.__setattr__(self, "stacked", stacked)  # not a child: the block holds it
         for name, t in _tensors(source).items():
             empty = torch.empty(0, dtype=t.dtype, device=t.device)
@@ -60,11 +63,12 @@ class Part(nn.Module):
             self.bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stacked(x)[self.index]  # the block calls the stacked layer itself
+        # the block calls the stacked layer itself
+        return self.stacked.layer(x)[..., self.start:self.start + self.out_features]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"part {self.index}")
+                f"columns from {self.start}")
 
 
 def stack(layers: list[nn.Module]) -> nn.Module | None:
@@ -107,13 +111,15 @@ def _alike(layer: nn.Module, tensors: dict[str, torch.Tensor], first: nn.Module,
 
 def fuse_projections(model: Transformer, release: Callable[[torch.Tensor], None] | None = None
                      ) -> Transformer:
-    """Give every block a Stacked for its q, k and v projections and one for its gate and up,
-    where they can be stacked (the same type of layer, dtype and tensors). `release(tensor)` is
+    """Give every block a Stacked for its q, k and v projections (giving q and k as one
+    output, then v) and one for its gate and up (giving each), where they can be stacked (the
+    same type of layer, dtype and tensors). `release(tensor)` is
     called for each stacked layer's tensors once copied (e.g. to drop a memory-mapped
     checkpoint's pages, as linear.use_cpu_kernels does)."""
     for block in model.model.layers:
-        for module, names, slot in ((block.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv"),
-                                    (block.mlp, ("gate_proj", "up_proj"), "gate_up")):
+        for module, names, slot, joined in (
+                (block.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv", 2),
+                (block.mlp, ("gate_proj", "up_proj"), "gate_up", 1)):
             assert isinstance(module, (Attention, MLP))
             if getattr(module, slot) is not None:  # fused already
                 continue
@@ -121,10 +127,13 @@ def fuse_projections(model: Transformer, release: Callable[[torch.Tensor], None]
             layer = stack(layers)
             if layer is None:
                 continue
-            stacked = Stacked(layer, [lay.out_features for lay in layers])
+            widths = [lay.out_features for lay in layers]
+            stacked = Stacked(layer, [sum(widths[:joined]), *widths[joined:]])
             setattr(module, slot, stacked)
-            for i, (name, source) in enumerate(zip(names, layers)):
-                setattr(module, name, Part(source, stacked, i))
+            start = 0
+            for name, source in zip(names, layers):
+                setattr(module, name, Part(source, stacked, start))
+                start += source.out_features
                 for t in _tensors(source).values() if release is not None else ():
                     release(t)
     return model
