@@ -88,7 +88,10 @@ def twins(tmp_path_factory) -> dict[int, Path]:
 
 def peak_rss(tmp_path: Path, *args: str, stdin: str = "") -> int:
     out = tmp_path / "peak"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    # no CPU kernels: a load that measures them (on a machine whose kernel cache lacks the
+    # shapes, until a load keeps their times) compiles numba's loop and times candidates' copies,
+    # 100-200 MiB that one twin would pay and the other not; the cache's size is the same either way
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "XLLAMA_KERNELS": "plain"}
     r = subprocess.run([sys.executable, "-c", PROBE, str(out), *args], input=stdin, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
