@@ -50,6 +50,7 @@ def _kernel() -> Callable[..., None] | None:
                     acc += w[n, k] * x[r, k]
                 y[r, n] = acc
 
+    threads = torch.get_num_threads()
     try:  # the first call compiles, and starts numba's threads
         one = np.ones((1, 1), np.float32)
         gemv(one, one, one.copy())
@@ -57,6 +58,11 @@ def _kernel() -> Callable[..., None] | None:
             return None
     except Exception:  # noqa: BLE001 - no OpenMP runtime for numba here: no candidate
         return None
+    finally:
+        # starting numba's threads sets torch's count too (to NUMBA_NUM_THREADS, every logical
+        # CPU): the count torch had (OMP_NUM_THREADS, torch.set_num_threads or its default of
+        # one per core) is put back, for torch's ops and for the keys of the kernel cache
+        torch.set_num_threads(threads)
 
     def run(w: Any, x: Any, y: Any) -> None:
         # as many threads as torch's: the count the choice was measured for
