@@ -130,7 +130,13 @@ def cpu_jiffies() -> tuple[int, int, int]:
 
 class OtherWork:
     """The share of the machine's CPU time that other processes take from now until `share()`:
-    what a measurement competed with (None where the platform does not say)."""
+    what a measurement competed with (None where the platform does not say, or the time was too
+    short to tell)."""
+
+    # /proc counts whole clock ticks, each CPU's and this process's rounded its own way: over a
+    # few ticks a quiet machine reads as busy (1 tick of 2: 50%). Over MIN_TICKS a CPU (0.2 s at
+    # Linux's usual 100 a second), a tick each way is a few percent.
+    MIN_TICKS = 20
 
     def __init__(self) -> None:
         self.before = cpu_jiffies()
@@ -138,7 +144,7 @@ class OtherWork:
     def share(self) -> float | None:
         after = cpu_jiffies()
         total = after[0] - self.before[0]
-        if total <= 0:
+        if total < self.MIN_TICKS * (os.cpu_count() or 1):
             return None
         busy, own = after[1] - self.before[1], after[2] - self.before[2]
         return max(0.0, busy - own) / total
