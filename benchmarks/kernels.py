@@ -7,18 +7,17 @@
         [--prompt-len 128] [--new-tokens 64] [--repeats 5] [--batch 1] [--model DIR] [--json PATH]
 
 linear.Tuner times each product alone, one after another. In a decode step, though, the products
-alternate with the step's other ops, and a product's threads can slow those (numba's threads, a
-second OpenMP runtime beside torch's, do: see gemv.py). This benchmark settles such cases: every
-choice (LAYOUT:FEW:MANY, as linear.Choice names them; the first is the reference) is given to
+alternate with the step's other ops, and a product can slow those (numba's loops for bf16 and int8
+weights did, though as fast as fbgemm's alone: see gemv.py). This benchmark settles such cases:
+every choice (LAYOUT:FEW:MANY, as linear.Choice names them; the first is the reference) is given to
 every layer of its own copy of the model (linear.fixed, checked against F.linear like any other),
-then the copies generate greedily in turn, round by round after one warm-up each. A copy is built
-as the default path builds it (loading.for_inference): float32 activations beside half-precision
-and quantized weights (loading.cpu_activations), each block's q, k and v (and gate and up) as one
+then the copies generate greedily in turn, round by round after one warm-up each. A copy is built as
+the default path builds it (loading.for_inference): float32 activations beside half-precision and
+quantized weights (loading.cpu_activations), each block's q, k and v (and gate and up) as one
 product (fuse.py). `@weights` after a choice keeps the activations in the weights' own dtype;
-`@separate` keeps one product per projection. Prints the
-median decode ms a step and prefill tok/s of each, and its ratio to the first choice's (the
-median of the per-round ratios: neighbours share the drift). The model is decode.py's random
-bench-220m (or --model).
+`@separate` keeps one product per projection. Prints the median decode ms a step and prefill tok/s
+of each, and its ratio to the first choice's (the median of the per-round ratios: neighbours share
+the drift). The model is decode.py's random bench-220m (or --model).
 """
 
 from __future__ import annotations

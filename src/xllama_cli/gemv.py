@@ -9,12 +9,15 @@ call (no C++ compiler) and keeps the machine code in its on-disk cache. It is a 
 any other: linear.py times it against torch's products and checks it against F.linear first;
 where numba is missing, it is none.
 
-Why float32 only: numba's threads are a second OpenMP runtime beside torch's, and while they
-wait for the next call they slow torch's own multi-threaded ops between the products. Where the
-products are most of a step (float32 weights) the faster product wins by far more; loops of the
-same kind for bfloat16 and int8 weights, as fast as fbgemm's products when timed alone, made a
-decode step slower (README, "CPU kernels chosen by measurement"), which timing a product alone
-cannot see."""
+Why float32 only: loops of the same kind for bfloat16 and int8 weights, as fast as fbgemm's
+products when timed alone, made a decode step slower (README, "CPU kernels chosen by
+measurement"), which timing a product alone cannot see; where the products are most of a step
+(float32 weights) the faster product wins by far more. Why they were slower is not known: it is
+not a second thread pool, as once thought, since numba's parallel regions run on torch's own
+OpenMP threads (with torch loaded first, numba's omppool binds GOMP_parallel and
+omp_set_num_threads to torch's libgomp: LD_DEBUG=bindings; the process has no more threads after
+numba's first call). That shared runtime is also why starting numba's threads changes torch's
+thread count, which _kernel puts back."""
 
 from __future__ import annotations
 
