@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from itertools import accumulate
 from typing import Callable
 
 import torch
@@ -113,9 +114,9 @@ def fuse_projections(model: Transformer, release: Callable[[torch.Tensor], None]
                      ) -> Transformer:
     """Give every block a Stacked for its q, k and v projections (giving q and k as one
     output, then v) and one for its gate and up (giving each), where they can be stacked (the
-    same type of layer, dtype and tensors). `release(tensor)` is
-    called for each stacked layer's tensors once copied (e.g. to drop a memory-mapped
-    checkpoint's pages, as linear.use_cpu_kernels does)."""
+    same type of layer, dtype and tensors). `release(tensor)` is called for each stacked layer's
+    tensors once copied (e.g. to drop a memory-mapped checkpoint's pages, as
+    linear.use_cpu_kernels does)."""
     for block in model.model.layers:
         for module, names, slot, joined in (
                 (block.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv", 2),
@@ -130,10 +131,8 @@ def fuse_projections(model: Transformer, release: Callable[[torch.Tensor], None]
             widths = [lay.out_features for lay in layers]
             stacked = Stacked(layer, [sum(widths[:joined]), *widths[joined:]])
             setattr(module, slot, stacked)
-            start = 0
-            for name, source in zip(names, layers):
+            for name, source, start in zip(names, layers, accumulate(widths, initial=0)):
                 setattr(module, name, Part(source, stacked, start))
-                start += source.out_features
                 for t in _tensors(source).values() if release is not None else ():
                     release(t)
     return model
