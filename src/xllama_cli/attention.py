@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +24,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attention_bias)
         self.qkv: nn.Module | None = None  # one product giving q and k, then v, if fuse.py gave one
         self.kv_cache: KVCache | None = None
+        # a one-token step in one call (cpu_attention.py), where one was given: it takes the
+        # stacked q/k/v output, RoPE's cos and sin, the cache and where the token goes in it
+        self.fused_step: Callable[..., torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, start: int | torch.Tensor | None, row: int = 0,
@@ -29,6 +34,10 @@ class Attention(nn.Module):
         """x: [B, T, dim]. mask: bool [B, 1, T, S] (True = may attend) or None for plain causal.
         start, row, span: where x goes in the cache (KVCache.update); start None: no cache."""
         B, T, _ = x.shape
+        if T == 1 and self.fused_step is not None and start is not None:
+            assert self.kv_cache is not None, "call model.setup_cache() before using start="
+            y = self.fused_step(self.qkv.layer(x), cos, sin, self.kv_cache, start, row)
+            return self.o_proj(y)
         if self.qkv is not None:  # q and k as one output: RoPE turns both at once
             qk, v = self.qkv(x)
             qk = qk.view(B, T, self.n_heads + self.n_kv_heads, self.head_dim).transpose(1, 2)

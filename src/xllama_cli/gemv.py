@@ -13,36 +13,27 @@ Why float32 only: loops of the same kind for bfloat16 and int8 weights, as fast 
 products when timed alone, made a decode step slower (README, "CPU kernels chosen by
 measurement"), which timing a product alone cannot see; where the products are most of a step
 (float32 weights) the faster product wins by far more. Why they were slower is not known: it is
-not a second thread pool, as once thought, since numba's parallel regions run on torch's own
-OpenMP threads (with torch loaded first, numba's omppool binds GOMP_parallel and
-omp_set_num_threads to torch's libgomp: LD_DEBUG=bindings; the process has no more threads after
-numba's first call). That shared runtime is also why starting numba's threads changes torch's
-thread count, which _kernel puts back."""
+not a second thread pool, as once thought, since numba's parallel loops run on torch's own
+OpenMP threads (jit.py)."""
 
 from __future__ import annotations
 
-import os
 from functools import cache
-from typing import Any, Callable
+from typing import Callable
 
+import numpy as np
 import torch
+
+from .jit import numba_module, on_torch_threads
 
 
 @cache
 def _kernel() -> Callable[..., None] | None:
     """The compiled loop (numba compiles it at its first call, or loads it from its cache), or
-    None where numba cannot be imported or its threads are not OpenMP's. (numba prefers TBB
-    where it is installed and falls back to its own workqueue where no OpenMP runtime is: a
-    workqueue made decode slower beside torch's threads even where the loop alone was faster,
-    and TBB is unmeasured. A layer the user chose with NUMBA_THREADING_LAYER is kept, and only
-    used if it is OpenMP.)"""
-    try:
-        import numba
-        import numpy as np
-    except Exception:  # noqa: BLE001 - a missing or broken numba: no candidate
+    None where numba is not usable (jit.numba_module)."""
+    numba = numba_module()
+    if numba is None:
         return None
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = "omp"
 
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def gemv(w, x, y):  # w float32 [N, K], x float32 [R, K] -> y float32 [R, N]
@@ -53,28 +44,7 @@ def _kernel() -> Callable[..., None] | None:
                     acc += w[n, k] * x[r, k]
                 y[r, n] = acc
 
-    threads = torch.get_num_threads()
-    try:  # the first call compiles, and starts numba's threads
-        one = np.ones((1, 1), np.float32)
-        gemv(one, one, one.copy())
-        if numba.threading_layer() != "omp":
-            return None
-    except Exception:  # noqa: BLE001 - no OpenMP runtime for numba here: no candidate
-        return None
-    finally:
-        # starting numba's threads sets torch's count too (to NUMBA_NUM_THREADS, every logical
-        # CPU): the count torch had (OMP_NUM_THREADS, torch.set_num_threads or its default of
-        # one per core) is put back, for torch's ops and for the keys of the kernel cache
-        torch.set_num_threads(threads)
-
-    def run(w: Any, x: Any, y: Any) -> None:
-        # as many threads as torch's: the count the choice was measured for
-        threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-        if numba.get_num_threads() != threads:
-            numba.set_num_threads(threads)
-        gemv(w, x, y)
-
-    return run
+    return on_torch_threads(gemv)
 
 
 def fits(n: int, k: int) -> bool:

@@ -19,6 +19,7 @@ import torch
 from .checkpoint import Checkpoint, open_checkpoint, release_pages
 from .build import build_model
 from .config import ModelConfig
+from .cpu_attention import use_fused_attention
 from .errors import SettingError, XllamaError
 from .fuse import fuse_projections
 from .kernel_cache import KernelCache
@@ -211,7 +212,8 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
     fastest on this machine for `decode_batch` sequences decoded together (the times kept in the
     user's cache folder: kernel_cache.py; XLLAMA_KERNELS: kernels_mode), each block's q, k and v
     (and gate and up) as one product (fuse_projections), with float32 activations beside
-    half-precision or quantized weights (cpu_activations), or under `compile`
+    half-precision or quantized weights (cpu_activations), and a decode step's attention as one
+    loop where measured faster (use_fused_attention), or under `compile`
     the plain weights, whose one-row products inductor fuses into kernels of its own; then the
     compiled decode step if asked (under tensor parallelism without CUDA graphs: see
     generation.compile_options)."""
@@ -225,7 +227,10 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
             cache = KernelCache()
             if mode == "measure":
                 cache.entries.clear()
-            use_cpu_path(model, cpu_tuner(decode_batch, cache).choose, release_pages)
+            tuner = cpu_tuner(decode_batch, cache)
+            use_cpu_path(model, tuner.choose, release_pages)
+            if decode_batch is not None and model.lm_head.weight.device.type == "cpu":
+                use_fused_attention(model, cache, decode_batch, tuner.other_work)
             cache.save()
     step = None
     if compile:
