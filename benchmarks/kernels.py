@@ -4,6 +4,7 @@
     PYTHONPATH=src python benchmarks/kernels.py --dtype bfloat16 --quantize int8 plain:int_mm:int_mm fbgemm:fbgemm:fbgemm
     PYTHONPATH=src python benchmarks/kernels.py --dtype bfloat16 fbgemm-fp16:fbgemm:fbgemm@weights fbgemm-fp16:fbgemm:fbgemm
     PYTHONPATH=src python benchmarks/kernels.py --dtype bfloat16 fbgemm-fp16:fbgemm:fbgemm@separate fbgemm-fp16:fbgemm:fbgemm
+    PYTHONPATH=src python benchmarks/kernels.py --dtype bfloat16 --quantize int4 int4pack:int4pack:int4pack int4pack:int4pack:int4pack@fused
         [--prompt-len 128] [--new-tokens 64] [--repeats 5] [--batch 1] [--model DIR] [--json PATH]
 
 linear.Tuner times each product alone, one after another. In a decode step, though, the products
@@ -15,7 +16,8 @@ then the copies generate greedily in turn, round by round after one warm-up each
 the default path builds it (loading.for_inference): float32 activations beside half-precision and
 quantized weights (loading.cpu_activations), each block's q, k and v (and gate and up) as one
 product (fuse.py). `@weights` after a choice keeps the activations in the weights' own dtype;
-`@separate` keeps one product per projection. Prints the median decode ms a step and prefill tok/s
+`@separate` keeps one product per projection. `@fused` gives the copy's blocks cpu_attention.py's
+fused decode step (RoPE, cache write and attention in one loop), unmeasured. Prints the median decode ms a step and prefill tok/s
 of each, and its ratio to the first choice's (the median of the per-round ratios: neighbours share
 the drift). The model is decode.py's random bench-220m (or --model).
 """
@@ -38,6 +40,7 @@ import torch  # noqa: E402
 import decode as decode_bench  # noqa: E402 - benchmarks/decode.py, beside this file
 from xllama_cli import __version__, report  # noqa: E402
 from xllama_cli.checkpoint import open_checkpoint  # noqa: E402
+from xllama_cli.cpu_attention import give_fused_step  # noqa: E402
 from xllama_cli.errors import XllamaError  # noqa: E402
 from xllama_cli.generation import generate_tokens  # noqa: E402
 from xllama_cli.linear import FLOAT_KINDS, Choice, CpuLinear, Tuner, fixed  # noqa: E402
@@ -51,32 +54,38 @@ from xllama_cli.writer import atomic_write  # noqa: E402
 @dataclass(frozen=True)
 class Variant:
     """One copy of the model: its layers' kernel choice, and where it departs from the default
-    path: activations in the weights' own dtype, one product per projection."""
+    path: activations in the weights' own dtype, one product per projection; the fused attention
+    step given whether or not the default path would measure it faster."""
 
     choice: Choice
     own_dtype: bool = False
     separate: bool = False
+    fused: bool = False
 
     def __str__(self) -> str:
-        return f"{self.choice}{' @weights' if self.own_dtype else ''}{' @separate' if self.separate else ''}"
+        tags = (" @weights" if self.own_dtype else "", " @separate" if self.separate else "",
+                " @fused" if self.fused else "")
+        return f"{self.choice}{''.join(tags)}"
 
 
-TAGS = ("weights", "separate")
+TAGS = ("weights", "separate", "fused")
 
 
 def parse_choice(text: str) -> Variant:
     body, *tags = text.split("@")
     parts = body.split(":")
     if len(parts) != 3 or not all(parts) or not set(tags) <= set(TAGS) or len(set(tags)) != len(tags):
-        raise argparse.ArgumentTypeError(f"expected LAYOUT:FEW:MANY, then @weights, @separate or both, got {text!r}")
-    return Variant(Choice(*parts), "weights" in tags, "separate" in tags)
+        raise argparse.ArgumentTypeError(f"expected LAYOUT:FEW:MANY, then any of @weights, @separate, @fused, got {text!r}")
+    if {"separate", "fused"} <= set(tags):
+        raise argparse.ArgumentTypeError(f"@fused takes q, k and v from one product, which @separate splits: {text!r}")
+    return Variant(Choice(*parts), "weights" in tags, "separate" in tags, "fused" in tags)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("choices", nargs="+", type=parse_choice,
-                    help="LAYOUT:FEW:MANY[@weights][@separate] (activations in the weights' dtype; a product per "
-                         "projection); the first is the reference")
+                    help="LAYOUT:FEW:MANY[@weights][@separate][@fused] (activations in the weights' dtype; a product "
+                         "per projection; the fused attention step); the first is the reference")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--quantize", choices=("int8", "int4"))
     ap.add_argument("--batch", type=int, default=1)
@@ -121,6 +130,9 @@ def build(path: Path, a: argparse.Namespace, variant: Variant) -> torch.nn.Modul
     use_cpu_path(model, choose, fuse=not variant.separate, float32=not variant.own_dtype)
     if not any(isinstance(m, CpuLinear) and m.choice == choice for m in model.modules()):
         raise XllamaError(f"{choice} serves none of the model's layers here (unknown, missing or wrong)")
+    if variant.fused and not give_fused_step(model):
+        raise XllamaError(f"the fused attention step serves none of {variant}'s layers here (it needs numba, q, k and "
+                          "v stacked and a float32 cache)")
     return model
 
 

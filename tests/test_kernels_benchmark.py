@@ -1,6 +1,6 @@
 """benchmarks/kernels.py on a tiny random model: every choice measured in turn, its ratio to the
-first, in the default path's activations or the weights' own, a choice that serves no layer and a
-malformed one refused with one error line."""
+first, in the default path's activations or the weights' own, with the fused attention step or not,
+a choice that serves no layer and a malformed one refused with one error line."""
 
 from __future__ import annotations
 
@@ -44,12 +44,24 @@ def test_a_copy_computes_in_float32_or_in_its_weights_dtype(kernels, monkeypatch
         "plain: aten / aten @weights", "plain: aten / aten"]
 
 
+def test_a_copy_given_the_fused_attention_step_decodes_with_it(kernels, monkeypatch, tmp_path):
+    built = []
+    real = kernels.build
+    monkeypatch.setattr(kernels, "build", lambda *a: built.append(real(*a)) or built[-1])
+    out = tmp_path / "kernels.json"
+    assert kernels.main([*TINY, "plain:aten:aten", "plain:aten:aten@fused", "--json", str(out)]) == 0
+    assert [[b.self_attn.fused_step is not None for b in m.model.layers] for m in built] == [[False] * 2, [True] * 2]
+    assert [r["choice"] for r in json.loads(out.read_text())["rows"]] == [
+        "plain: aten / aten", "plain: aten / aten @fused"]
+
+
 @pytest.mark.parametrize("choices,needle", [
     (["plain:aten:aten", "nosuch:aten:aten"], "error: nosuch: aten / aten is no choice for float32 weights; they have plain: aten, split"),
     (["plain:aten:aten", "fbgemm-fp16:fbgemm:fbgemm"], "error: fbgemm-fp16: fbgemm / fbgemm is no choice for float32"),
-    (["plain:aten:aten", "plain:aten"], "error: argument choices: expected LAYOUT:FEW:MANY, then @weights, @separate or both, got 'plain:aten'"),
+    (["plain:aten:aten", "plain:aten"], "error: argument choices: expected LAYOUT:FEW:MANY, then any of @weights, @separate, @fused, got 'plain:aten'"),
     (["plain:aten:aten", "plain:aten:aten@float16"], "error: argument choices: expected LAYOUT:FEW:MANY, then"),
     (["plain:aten:aten"], "error: give at least two choices"),
+    (["plain:aten:aten", "plain:aten:aten@separate@fused"], "error: argument choices: @fused takes q, k and v from one product"),
 ])
 def test_a_choice_that_cannot_run_is_one_error_line(kernels, capsys, choices, needle):
     try:
