@@ -173,7 +173,8 @@ def summarize(a: argparse.Namespace, variant: Variant, mine: dict, ref: dict) ->
             "prefill_tok_s": a.batch * a.prompt_len / statistics.median(mine["prefill_s"]),
             "decode_speed_vs_first": statistics.median(r / m for m, r in zip(mine["decode_s"], ref["decode_s"])),
             "prefill_speed_vs_first": statistics.median(r / m for m, r in zip(mine["prefill_s"], ref["prefill_s"])),
-            "decode_ms_runs": [s * 1e3 for s in mine["decode_s"]]}
+            "decode_ms_runs": [s * 1e3 for s in mine["decode_s"]],
+            "prefill_ms_runs": [s * 1e3 for s in mine["prefill_s"]]}
 
 
 def show(a: argparse.Namespace, rows: list[dict]) -> None:

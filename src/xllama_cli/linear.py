@@ -81,6 +81,7 @@ class Product:
     run: Callable[[torch.Tensor, Any], torch.Tensor]
     fits: Callable[[int, int], bool] = lambda n, k: True
     many: bool = True  # a candidate for many rows too (a loop built for few rows is not)
+    few: bool = True  # a candidate for few rows too (one that widens the weight first is not)
 
 
 @dataclass(frozen=True)
@@ -548,7 +549,7 @@ def measure(kind: Kind, layers: list[nn.Module], tied: bool, few_rows: int,
             if not p.fits(n, k):
                 continue
             for side, rows in (("few", SMALL_ROWS // 2), ("many", SMALL_ROWS + 3)):
-                if side == "many" and not p.many:
+                if not (p.many if side == "many" else p.few):
                     continue
                 if _right(kind, first, p, states[layout.name][0], rows, given):
                     candidates.append((layout, p, side))

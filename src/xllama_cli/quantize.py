@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import int4_gemm
 from .errors import SettingError
 from .linear import SMALL_ROWS, Kind, Layout, Product, agrees, is_small, probed
 
@@ -304,7 +305,10 @@ def int4pack_works(dtype: torch.dtype) -> bool:
 
 INT4 = Kind("int4", (
     Layout("plain", int4_state, (Product("widen", widened_int4_linear),), keeps_source=True),
-    Layout("int4pack", int4pack, (Product("int4pack", int4pack_linear),), int4pack_works),
+    Layout("int4pack", int4pack, (
+        Product("int4pack", int4pack_linear),
+        Product("widen-bf16", int4_gemm.widened_int4pack_linear, int4_gemm.fits, few=False),
+    ), int4pack_works),
 ), int4_reference, TOL)
 
 
