@@ -34,10 +34,11 @@ from . import gemv
 # Up to this many rows (batch x new tokens) a product is bound by reading the weights (decode);
 # above it (prefill) by arithmetic. Each layer has one product for each side.
 SMALL_ROWS = 16
-# The prefill side is timed at this many rows; a layout's cost is that of a prompt of PROMPT_TOKENS
-# tokens followed by as many decode steps.
-MANY_ROWS = 64
+# A layout's cost is that of a prompt of PROMPT_TOKENS tokens followed by as many decode steps;
+# the prefill side is timed at the prompt's rows (MANY_ROWS), not at fewer and scaled: a product
+# with a fixed cost a call (int4_gemm's widening of the weight) would be misjudged.
 PROMPT_TOKENS = 128
+MANY_ROWS = PROMPT_TOKENS
 # Timing one shape: at least MIN_REPS rounds over its candidates, more while the shape's share of
 # the time budget lasts, at most MAX_REPS. The minimum over rounds is kept: other processes only
 # ever add time. Times measured while other processes took more than BUSY of the CPUs (which
