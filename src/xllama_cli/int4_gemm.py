@@ -83,8 +83,8 @@ def _loop() -> Callable[..., None] | None:
 def widened_rows(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, first: int,
                  rows: int) -> torch.Tensor:
     """Rows first..first+rows-1 (first a multiple of BLOCK) of an int4pack weight (its packed
-    form, and float32 scales and zeros [groups, N padded]) as bf16 [K, rows]: a view of this thread's buffer,
-    overwritten by its next call."""
+    form, and float32 scales and zeros [groups, N padded]) as bf16 [K, rows]: a view of this
+    thread's buffer, overwritten by its next call."""
     k = packed.shape[1] * 2
     need = k * rows
     buffer = getattr(_buffers, "widened", None)

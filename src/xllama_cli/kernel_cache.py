@@ -25,7 +25,9 @@ from .errors import XllamaError
 from .machine import cpu_flags, cpu_name
 from .writer import atomic_write
 
-VERSION = 3  # 2: numba's product among the candidates; 3: int4's widened many-row product, prefill timed at 128 rows
+# 2: numba's product among the candidates; 3: int4's widened many-row product, and the many-row
+# side timed at 128 rows
+VERSION = 3
 
 
 def cache_folder() -> Path:
