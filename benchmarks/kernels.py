@@ -100,6 +100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     decode_bench.check_counts(ap, a, ("batch", "prompt_len", "new_tokens", "repeats", "threads"))
     if len(a.choices) < 2:
         ap.error("give at least two choices: a reference and one to compare with it")
+    if a.dtype != "float32" and any(v.fused and v.own_dtype for v in a.choices):
+        ap.error(f"@fused needs float32 activations, which @weights takes away from {a.dtype} weights")
     kind = {"int8": INT8, "int4": INT4}.get(a.quantize) or FLOAT_KINDS[getattr(torch, a.dtype)]
     for c in (v.choice for v in a.choices):
         layout = kind.layout(c.layout)

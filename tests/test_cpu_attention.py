@@ -110,7 +110,8 @@ def test_an_unstacked_or_half_precision_model_is_not_given_it():
                                     hidden_dim=96, max_seq_len=64))
     assert give_fused_step(model) == 0  # q, k and v not stacked
     half = small_model().to(torch.bfloat16)
-    assert not use_fused_attention(half, MemoryStore(), 1)  # a bfloat16 cache
+    assert give_fused_step(half) == 0  # a bfloat16 cache
+    assert not use_fused_attention(half, MemoryStore(), 1)
 
 
 @torch.inference_mode()

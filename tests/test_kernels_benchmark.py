@@ -62,6 +62,7 @@ def test_a_copy_given_the_fused_attention_step_decodes_with_it(kernels, monkeypa
     (["plain:aten:aten", "plain:aten:aten@float16"], "error: argument choices: expected LAYOUT:FEW:MANY, then"),
     (["plain:aten:aten"], "error: give at least two choices"),
     (["plain:aten:aten", "plain:aten:aten@separate@fused"], "error: argument choices: @fused takes q, k and v from one product"),
+    (["--dtype", "bfloat16", "plain:aten:aten", "plain:aten:aten@weights@fused"], "error: @fused needs float32 activations"),
 ])
 def test_a_choice_that_cannot_run_is_one_error_line(kernels, capsys, choices, needle):
     try:

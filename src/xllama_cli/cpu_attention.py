@@ -137,21 +137,29 @@ def _rows(t: torch.Tensor, rows: int) -> Any:
 
 
 def serves(attn: Attention, window: int | None) -> bool:
-    """Whether the loop can serve this layer's decode steps: q, k and v from one product, a
-    float32 cache on the CPU, attention over every slot (no sliding window), head_dim even."""
+    """Whether the loop can serve this layer's decode steps (in a model computing in float32:
+    `served`): q, k and v from one product on the CPU, attention over every slot (no sliding
+    window), head_dim even."""
     weight = getattr(attn.qkv.layer, "weight", None) if isinstance(attn.qkv, Stacked) else None
     return (weight is not None and weight.device.type == "cpu" and window is None
             and attn.head_dim % 2 == 0 and _loop() is not None)
 
 
+def served(model: Transformer) -> list[nn.Module]:
+    """The blocks whose decode steps the loop can serve: none unless the model computes in
+    float32 (its cache is then float32)."""
+    if model.activation_dtype != torch.float32:
+        return []
+    return [b for b in model.model.layers if serves(b.self_attn, b.window)]
+
+
 def use_fused_attention(model: Transformer, store: Store, rows: int,
                         other_work: Callable[[], Any] | None = None) -> bool:
-    """Give every block the loop serves (`serves`) the fused step, where it agrees with the plain
+    """Give every block the loop serves (`served`) the fused step, where it agrees with the plain
     path on the model's shapes and is the faster for `rows` sequences decoded together here: as
     measured now, or as kept in `store`; measured beside more than linear.BUSY of other work,
     its times are used but not kept. Whether it was given."""
-    if not any(serves(b.self_attn, b.window) for b in model.model.layers) or (
-            model.activation_dtype != torch.float32):
+    if not served(model):
         return False
     cfg = model.config
     slots = min(TIMED_SLOTS, cfg.max_seq_len)
@@ -176,9 +184,10 @@ def use_fused_attention(model: Transformer, store: Store, rows: int,
 
 
 def give_fused_step(model: Transformer, step: FusedStep | None = None) -> int:
-    """Give every block the loop serves `step` (a new one by default), unmeasured; how many."""
+    """Give every block the loop serves (`served`) `step` (a new one by default), unmeasured;
+    how many."""
     step = step or FusedStep()
-    blocks = [b for b in model.model.layers if serves(b.self_attn, b.window)]
+    blocks = served(model)
     for block in blocks:
         block.self_attn.fused_step = step
     return len(blocks)
