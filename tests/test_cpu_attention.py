@@ -14,7 +14,7 @@ from xllama_cli import cpu_attention
 from xllama_cli.config import ModelConfig
 from xllama_cli.cpu_attention import give_fused_step, use_fused_attention
 from xllama_cli.fuse import fuse_projections
-from xllama_cli.linear import MemoryStore
+from xllama_cli.linear import MemoryStore, Tuner
 from xllama_cli.model import Transformer
 
 if cpu_attention._loop() is None:
@@ -111,14 +111,14 @@ def test_an_unstacked_or_half_precision_model_is_not_given_it():
     assert give_fused_step(model) == 0  # q, k and v not stacked
     half = small_model().to(torch.bfloat16)
     assert give_fused_step(half) == 0  # a bfloat16 cache
-    assert not use_fused_attention(half, MemoryStore(), 1)
+    assert not use_fused_attention(half, Tuner(MemoryStore(), 1))
 
 
 @torch.inference_mode()
 def test_it_is_given_where_measured_faster_and_its_times_are_kept(monkeypatch):
     store = MemoryStore()
     model = small_model()
-    use_fused_attention(model, store, 1)
+    use_fused_attention(model, Tuner(store, 1))
     (key, entry), = store.entries.items()
     assert key.startswith("attention 4x16 heads 2 kv rows 1 ")
     times = entry["times"]["attention"]["few"]
@@ -131,7 +131,7 @@ def test_it_is_given_where_measured_faster_and_its_times_are_kept(monkeypatch):
     for fused, plain, given in ((1.0, 2.0, True), (2.0, 1.0, False)):
         store.put(key, {"times": {"attention": {"few": {"plain": plain, "fused": fused}}}})
         model = small_model()
-        assert use_fused_attention(model, store, 1) is given
+        assert use_fused_attention(model, Tuner(store, 1)) is given
         assert all((layer.self_attn.fused_step is not None) is given for layer in model.model.layers)
 
 
@@ -146,5 +146,5 @@ def test_a_loop_that_disagrees_with_the_plain_path_is_not_given(monkeypatch):
 
     monkeypatch.setattr(cpu_attention, "_loop", lambda: wrong)
     store = MemoryStore()
-    assert not use_fused_attention(small_model(), store, 1)
+    assert not use_fused_attention(small_model(), Tuner(store, 1))
     assert not store.entries  # nothing timed

@@ -25,7 +25,7 @@ from .attention import Attention
 from .fuse import Stacked
 from .jit import numba_module, on_torch_threads
 from .kv_cache import KVCache
-from .linear import BUSY, Store, agrees
+from .linear import Tuner, agrees
 from .model import Transformer
 
 ROUNDS = 15  # alternating timings of each path in a measurement; the median is compared
@@ -136,32 +136,25 @@ def _rows(t: torch.Tensor, rows: int) -> Any:
     return t.numpy()
 
 
-def serves(attn: Attention, window: int | None) -> bool:
-    """Whether the loop can serve this layer's decode steps (in a model computing in float32:
-    `served`): q, k and v from one product on the CPU, attention over every slot (no sliding
-    window), head_dim even."""
-    weight = getattr(attn.qkv.layer, "weight", None) if isinstance(attn.qkv, Stacked) else None
-    return (weight is not None and weight.device.type == "cpu" and window is None
-            and attn.head_dim % 2 == 0 and _loop() is not None)
-
-
 def served(model: Transformer) -> list[nn.Module]:
-    """The blocks whose decode steps the loop can serve: none unless the model computes in
-    float32 (its cache is then float32)."""
-    if model.activation_dtype != torch.float32:
+    """The blocks whose decode steps the loop can serve: in a model computing in float32 (its
+    cache is then float32), those with q, k and v from one product on the CPU, attention over
+    every slot (no sliding window) and an even head_dim."""
+    if model.activation_dtype != torch.float32 or _loop() is None:
         return []
-    return [b for b in model.model.layers if serves(b.self_attn, b.window)]
+    return [b for b in model.model.layers
+            if isinstance(b.self_attn.qkv, Stacked) and b.window is None
+            and b.self_attn.head_dim % 2 == 0 and b.self_attn.qkv.layer.weight.device.type == "cpu"]
 
 
-def use_fused_attention(model: Transformer, store: Store, rows: int,
-                        other_work: Callable[[], Any] | None = None) -> bool:
+def use_fused_attention(model: Transformer, tuner: Tuner) -> bool:
     """Give every block the loop serves (`served`) the fused step, where it agrees with the plain
-    path on the model's shapes and is the faster for `rows` sequences decoded together here: as
-    measured now, or as kept in `store`; measured beside more than linear.BUSY of other work,
-    its times are used but not kept. Whether it was given."""
-    if not served(model):
+    path on the model's shapes and is the faster for the tuner's decode rows here: as kept in its
+    store, else measured now (and kept as the tuner keeps a product's times). Whether it was
+    given."""
+    if not served(model) or tuner.decode_rows is None:
         return False
-    cfg = model.config
+    cfg, rows = model.config, tuner.decode_rows
     slots = min(TIMED_SLOTS, cfg.max_seq_len)
     key = (f"attention {cfg.n_heads}x{cfg.head_dim} heads {cfg.n_kv_heads} kv rows {rows} "
            f"threads {torch.get_num_threads()} slots {slots}")
@@ -169,14 +162,11 @@ def use_fused_attention(model: Transformer, store: Store, rows: int,
     plain, fused = _bench(model, step, rows, slots)
     if not agrees(fused(), plain()):
         return False
-    kept = store.get(key)  # as linear.Tuner keeps a product's: {layout: {side: {name: s}}}
+    kept = tuner.store.get(key)  # as the Tuner keeps a product's: {layout: {side: {name: s}}}
     times = kept["times"].get("attention", {}).get("few", {}) if kept else {}
     if times.keys() != {"plain", "fused"}:
-        meter = other_work() if other_work else None
-        times = _time({"plain": plain, "fused": fused})
-        busy = meter.share() if meter else None
-        if busy is None or busy <= BUSY:
-            store.put(key, {"times": {"attention": {"few": times}}})
+        times = tuner.timed(key, lambda: {"attention": {"few": _time(
+            {"plain": plain, "fused": fused})}})["attention"]["few"]
     if times["fused"] >= times["plain"]:
         return False
     give_fused_step(model, step)

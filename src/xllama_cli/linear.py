@@ -430,18 +430,25 @@ class Tuner:
             state = prepared_if_right(kind, layers[0], choice, spec.activations) if choice else None
             if state is not None:
                 return choice, state
+        times = self.timed(key, lambda: measure(
+            kind, _streamed(layers, self.stream_bytes), spec.tied, self.few_rows,
+            spec.activations))
+        choice = best(times, self.decode_rows is not None)
+        state = prepared_if_right(kind, layers[0], choice, spec.activations) if choice else None
+        return (choice, state) if state is not None else (None, None)
+
+    def timed(self, key: str, run: Callable[[], dict]) -> dict:
+        """run()'s times ({layout: {side: {name: seconds}}}), kept in the store under `key`
+        unless other processes took more than BUSY of the CPUs meanwhile."""
         meter = self.other_work() if self.other_work else None
-        times = measure(kind, _streamed(layers, self.stream_bytes), spec.tied, self.few_rows,
-                        spec.activations)
+        times = run()
         busy = meter.share() if meter else None
         self.measured.append(key)
         if busy is not None and busy > BUSY:
             self.unkept.append(key)
         else:
             self.store.put(key, {"times": times})
-        choice = best(times, self.decode_rows is not None)
-        state = prepared_if_right(kind, layers[0], choice, spec.activations) if choice else None
-        return (choice, state) if state is not None else (None, None)
+        return times
 
 
 def _bytes(layer: nn.Module) -> int:

@@ -229,8 +229,7 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
                 cache.entries.clear()
             tuner = cpu_tuner(decode_batch, cache)
             use_cpu_path(model, tuner.choose, release_pages)
-            if decode_batch is not None and model.lm_head.weight.device.type == "cpu":
-                use_fused_attention(model, cache, decode_batch, tuner.other_work)
+            use_fused_attention(model, tuner)
             cache.save()
     step = None
     if compile:
