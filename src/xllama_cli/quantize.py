@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import int4_gemm
+from . import int4_gemm, int4_vnni
 from .errors import SettingError
 from .linear import SMALL_ROWS, Kind, Layout, Product, agrees, is_small, probed
 
@@ -303,12 +303,22 @@ def int4pack_works(dtype: torch.dtype) -> bool:
     return probed(f"int4pack {dtype}", check)
 
 
+def int4_vnni_form(layer: nn.Module) -> int4_vnni.State:
+    """The weights in int4_vnni's form, and N and K."""
+    q = unpack_nibbles(layer.weight)
+    return int4_vnni.pack(q, layer.scales, layer.zeros), q.shape[0], q.shape[1]
+
+
 INT4 = Kind("int4", (
     Layout("plain", int4_state, (Product("widen", widened_int4_linear),), keeps_source=True),
     Layout("int4pack", int4pack, (
         Product("int4pack", int4pack_linear),
         Product("widen-bf16", int4_gemm.widened_int4pack_linear, int4_gemm.fits, few=False),
     ), int4pack_works),
+    Layout("vnni", int4_vnni_form, (
+        Product("vnni", int4_vnni.vnni_linear, many=False),
+        Product("widen-bf16", int4_vnni.widened_linear, few=False),
+    ), lambda dtype: int4_vnni.usable()),
 ), int4_reference, TOL)
 
 
