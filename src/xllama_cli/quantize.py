@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import int4_gemm, int4_vnni
+from . import int4_gemm, vnni
 from .errors import SettingError
 from .linear import SMALL_ROWS, Kind, Layout, Product, agrees, is_small, probed
 
@@ -184,6 +184,10 @@ def _int8_state(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return layer.weight, layer.scales
 
 
+def int8_vnni_form(layer: nn.Module) -> vnni.Int8State:
+    return vnni.pack_int8(layer.weight, layer.scales)
+
+
 INT8 = Kind("int8", (
     Layout("plain", _int8_state, (
         Product("widen", widened_linear),
@@ -192,6 +196,10 @@ INT8 = Kind("int8", (
         keeps_source=True),
     Layout("fbgemm", fbgemm_int8_pack, (Product("fbgemm", fbgemm_int8_linear),),
            fbgemm_int8_works),
+    Layout("vnni", int8_vnni_form, (
+        Product("vnni", vnni.int8_linear, lambda n, k: k % GROUP == 0, many=False),
+        Product("widen-bf16", vnni.int8_widened_linear, few=False),
+    ), lambda dtype: vnni.usable()),
 ), int8_reference, TOL)
 
 
@@ -303,10 +311,10 @@ def int4pack_works(dtype: torch.dtype) -> bool:
     return probed(f"int4pack {dtype}", check)
 
 
-def int4_vnni_form(layer: nn.Module) -> int4_vnni.State:
-    """The weights in int4_vnni's form, and N and K."""
+def vnni_form(layer: nn.Module) -> vnni.State:
+    """The weights in vnni's int4 form, and N and K."""
     q = unpack_nibbles(layer.weight)
-    return int4_vnni.pack(q, layer.scales, layer.zeros), q.shape[0], q.shape[1]
+    return vnni.pack(q, layer.scales, layer.zeros), q.shape[0], q.shape[1]
 
 
 INT4 = Kind("int4", (
@@ -315,10 +323,10 @@ INT4 = Kind("int4", (
         Product("int4pack", int4pack_linear),
         Product("widen-bf16", int4_gemm.widened_int4pack_linear, int4_gemm.fits, few=False),
     ), int4pack_works),
-    Layout("vnni", int4_vnni_form, (
-        Product("vnni", int4_vnni.vnni_linear, many=False),
-        Product("widen-bf16", int4_vnni.widened_linear, few=False),
-    ), lambda dtype: int4_vnni.usable()),
+    Layout("vnni", vnni_form, (
+        Product("vnni", vnni.vnni_linear, many=False),
+        Product("widen-bf16", vnni.widened_linear, few=False),
+    ), lambda dtype: vnni.usable()),
 ), int4_reference, TOL)
 
 

@@ -1,0 +1,462 @@
+"""int4 and int8 weights multiplied by a decode step's few rows with the CPU's 8-bit dot product
+(AVX-512 VNNI's vpdpbusd), as llama.cpp's Q4_0 and Q8_0 products do: each row of activations is
+quantized to int8 in groups of 32, and 64 weights at a time are multiplied by them in integers.
+
+ATen's int4 CPU kernel (`_weight_int4pack_mm_for_cpu`) dequantizes every weight to floating point
+in registers, and reads a decode step's weights at well under the memory's pace. This module
+holds the weights in its own row-major form (`pack`), written for the loop: each row is one
+stream of bytes (its nibbles, then its groups' scales and zeros in bf16) that the loop reads
+front to back, prefetching PREFETCH bytes ahead. numba compiles the loop with LLVM for the CPU in
+use (no C++ compiler); the dot product is LLVM's x86 intrinsic, so the loop is offered only where
+the CPU has it (`usable`). A prompt's many rows widen the same form to bf16 a chunk of rows at a
+time for oneDNN's GEMM, as int4_gemm.py does for int4pack's.
+
+For an Int4Linear's group g of a row, w = (q - 8) * s + z (quantize.quantize_int4); for
+activations x = d * xq in that group (xq int8, d = max |x| / 127), the row's product is
+sum_g s d (q . xq) + sum_g (z - 8 s) (sum of the group's x): an integer dot of unsigned nibbles by
+signed bytes, vpdpbusd's operands. Rounding the activations to int8 costs about 1% of the
+largest output (llama.cpp's Q8_0 activations do the same); linear.py checks the product against
+the dequantized weights' float32 one, to int4's tolerance, before it is used.
+
+int8 weights (quantize.quantize_int8: w = q s, a scale a row) are held as q + 128, unsigned,
+so that vpdpbusd takes them as they are: the row's product is s (sum_g d (q' . xq) - C), where
+C = 128 sum_g d (sum of the group's xq) is the same for every row, computed once a call. Their
+form (`pack_int8`): each row padded with zeros to a whole number of UNROLL blocks of 64.
+
+The int4 form, per row: groups are taken four at a time (a block, 64 bytes), padded with zero
+groups to a whole number of UNROLL blocks. Byte j of a block's first 32 holds group 0's weight j in its low
+nibble and group 1's in its high one; bytes 32..63 likewise groups 2 and 3. So a block's low
+nibbles are groups 0 and 2 in order and its high ones groups 1 and 3: the activations, their
+scales and sums are laid out in that order (SLOTS), and the scales and zeros too. After the
+row's blocks come its scales, then its zeros, bf16, four a block."""
+
+from __future__ import annotations
+
+import threading
+from functools import cache
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .jit import numba_module, on_torch_threads
+
+GROUP = 32  # weights (and activations) that share a scale: quantize.GROUP
+BLOCK_GROUPS = 4  # groups a block holds (64 bytes of nibbles)
+UNROLL = 2  # blocks a loop iteration takes, each into its own accumulator
+PREFETCH = 4096  # bytes ahead of the block being read that the loop asks the memory for
+BLOCK_BYTES = 64 + 2 * 2 * BLOCK_GROUPS  # a block's nibbles, and its four bf16 scales and zeros
+SLOTS = (0, 2, 1, 3)  # where a block's group i goes in the order the loop reads them
+FEATURES = ("avx512f", "avx512bw", "avx512vnni")  # what the loop's instructions need
+CHUNK_WEIGHTS = 1 << 21  # weights widened at once for many rows (4 MiB of bf16)
+
+_buffers = threading.local()
+_INT4_ROW: Any = None  # the loops' intrinsics (_intrinsics), made with the loops
+_INT8_ROW: Any = None
+
+
+def usable() -> bool:
+    """Whether the loop can run here: an x86 CPU with AVX-512 VNNI, and numba."""
+    return _kernels() is not None
+
+
+@cache
+def _host_has_features() -> bool:
+    try:
+        import llvmlite.binding as llvm
+        features = llvm.get_host_cpu_features()
+    except Exception:  # noqa: BLE001 - no llvmlite, or a host it cannot read
+        return False
+    return all(features.get(f, False) for f in FEATURES)
+
+
+def padded_groups(k: int) -> int:
+    """Groups a row of k inputs takes in the form: a whole number of UNROLL blocks."""
+    per = BLOCK_GROUPS * UNROLL
+    return -(-(k // GROUP) // per) * per
+
+
+def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """q uint8 [N, K] in 0..15, scales and zeros float32 [N, K / GROUP] (quantize_int4's) ->
+    the form (uint8 [N, blocks * BLOCK_BYTES])."""
+    n, k = q.shape
+    groups, padded = k // GROUP, padded_groups(k)
+    blocks = padded // BLOCK_GROUPS
+    qg = torch.zeros(n, padded, GROUP, dtype=torch.uint8)
+    qg[:, :groups] = q.view(n, groups, GROUP)
+    qb = qg.view(n, blocks, BLOCK_GROUPS, GROUP)
+    nibbles = torch.cat((qb[:, :, 0] | (qb[:, :, 1] << 4), qb[:, :, 2] | (qb[:, :, 3] << 4)), -1)
+    order = torch.tensor(SLOTS).argsort()  # slot s holds group order[s]
+
+    def per_slot(t: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(n, padded)
+        full[:, :groups] = t
+        return full.view(n, blocks, BLOCK_GROUPS)[:, :, order].reshape(n, padded).to(
+            torch.bfloat16).view(torch.uint8)
+
+    return torch.cat((nibbles.reshape(n, -1), per_slot(scales), per_slot(zeros)), 1).contiguous()
+
+
+def _intrinsics() -> tuple[Any, Any]:
+    """The numba intrinsics for one weight row's dot product with one quantized activation row,
+    each setting y[n] from the row starting at byte `at` of a flat form w:
+    int4_row(w, at, xq, d, xs, blocks, y, n): xq int8, d and xs float32 (the activations, their
+    scales and sums), in slots; int8_row(w, at, xq, dv, blocks, y, n, s, c): xq int8, dv float32
+    (each group's scale, on the 8 lanes its 32 products land in), s the row's scale and c the
+    offset C (module docstring)."""
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    i8, i16, i32, i64, f32 = (ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64),
+                              ir.FloatType())
+    bytes64, ints16 = ir.VectorType(i8, 64), ir.VectorType(i32, 16)
+    floats16 = ir.VectorType(f32, 16)
+    floats4, shorts4, ints4 = ir.VectorType(f32, 4), ir.VectorType(i16, 4), ir.VectorType(i32, 4)
+    fast = ("fast",)
+
+    def const(n: int) -> Any:
+        return ir.Constant(i64, n)
+
+    def lanes(values: list[int]) -> Any:
+        return ir.Constant(ir.VectorType(i32, len(values)), values)
+
+    class Emit:
+        """What both loops write in LLVM's IR, for one intrinsic's builder."""
+
+        def __init__(self, context: Any, builder: Any) -> None:
+            self.context, self.b = context, builder
+            module = builder.module
+            self._vpdpbusd = cgutils.get_or_insert_function(
+                module, ir.FunctionType(ints16, [ints16] * 3), "llvm.x86.avx512.vpdpbusd.512")
+            self._prefetch = cgutils.get_or_insert_function(
+                module, ir.FunctionType(ir.VoidType(), [ir.PointerType(), i32, i32, i32]),
+                "llvm.prefetch.p0")
+
+        def data(self, ty: Any, value: Any) -> Any:
+            return self.context.make_array(ty)(self.context, self.b, value).data
+
+        def at(self, base: Any, offset: Any, ty: Any = i8) -> Any:
+            return self.b.gep(base, [offset], source_etype=ty)
+
+        def load(self, ptr: Any, ty: Any, align: int) -> Any:
+            return self.b.load(ptr, typ=ty, align=align)
+
+        def prefetch(self, ptr: Any) -> None:  # for reading, kept in every cache level
+            self.b.call(self._prefetch, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3),
+                                         ir.Constant(i32, 1)])
+
+        def dot(self, unsigned: Any, signed: Any) -> Any:
+            """64 bytes by 64: 16 int32 lanes, each the sum of 4 products."""
+            none = ir.Constant(ints16, [0] * 16)
+            return self.b.call(self._vpdpbusd, [none, self.b.bitcast(unsigned, ints16),
+                                                self.b.bitcast(signed, ints16)])
+
+        def accumulators(self, size: int) -> list[Any]:
+            zero = ir.Constant(ir.VectorType(f32, size), [0.0] * size)
+            return [cgutils.alloca_once_value(self.b, zero) for _ in range(UNROLL)]
+
+        def blocks(self, count: Any, block: Callable[[Any, int], None]) -> None:
+            """block(i, u) for i in 0..count-1, UNROLL at a time (u: which of them)."""
+            with cgutils.for_range(self.b, self.b.udiv(count, const(UNROLL))) as loop:
+                for u in range(UNROLL):
+                    block(self.b.add(self.b.mul(loop.index, const(UNROLL)), const(u)), u)
+
+        def add(self, a: Any, b: Any) -> Any:
+            return self.b.fadd(a, b, flags=fast)
+
+        def mul(self, a: Any, b: Any) -> Any:
+            return self.b.fmul(a, b, flags=fast)
+
+        def sum(self, accs: list[Any], extra: Any = None) -> Any:
+            """The accumulators' lanes summed as a tree (not a chain of dependent additions),
+            with `extra`'s 4 lanes if given."""
+            total = self.b.load(accs[0])
+            for acc in accs[1:]:
+                total = self.add(total, self.b.load(acc))
+            width = total.type.count // 2
+            while width:
+                if width == 2 and extra is not None:
+                    total = self.add(total, extra)
+                first = self.b.shuffle_vector(total, total, lanes(list(range(width))))
+                second = self.b.shuffle_vector(total, total, lanes(list(range(width, 2 * width))))
+                total, width = self.add(first, second), width // 2
+            return self.b.extract_element(total, ir.Constant(i32, 0))
+
+    @intrinsic
+    def int4_row(typingctx, w, at, xq, d, xs, blocks, y, n):  # noqa: ANN
+        sig = types.void(w, at, xq, d, xs, blocks, y, n)
+
+        def codegen(context, builder, signature, args):  # noqa: ANN
+            w, at, xq, d, xs, blocks, y, n = args
+            tw, _, txq, td, txs, _, ty, _ = signature.args
+            e = Emit(context, builder)
+            row = e.at(e.data(tw, w), at)
+            scales = e.at(row, builder.mul(blocks, const(64)))
+            zeros = e.at(row, builder.mul(blocks, const(72)))
+            xp, dp, xsp = e.data(txq, xq), e.data(td, d), e.data(txs, xs)
+            accs = e.accumulators(16)
+            offsets = cgutils.alloca_once_value(builder, ir.Constant(floats4, [0.0] * 4))
+            low, shift = ir.Constant(bytes64, [15] * 64), ir.Constant(bytes64, [4] * 64)
+
+            def bf16(ptr: Any) -> Any:  # four bf16 -> <4 x float>: the high halves of floats
+                wide = builder.zext(e.load(ptr, shorts4, 2), ints4)
+                return builder.bitcast(builder.shl(wide, ir.Constant(ints4, [16] * 4)), floats4)
+
+            def block(i: Any, u: int) -> None:
+                at_w = builder.mul(i, const(64))
+                e.prefetch(e.at(row, builder.add(at_w, const(PREFETCH))))
+                nibbles = e.load(e.at(row, at_w), bytes64, 1)
+                at_x = builder.mul(i, const(128))
+                x_low = e.load(e.at(xp, at_x), bytes64, 1)
+                x_high = e.load(e.at(xp, builder.add(at_x, const(64))), bytes64, 1)
+                dot_low = e.dot(builder.and_(nibbles, low), x_low)
+                dot_high = e.dot(builder.lshr(nibbles, shift), x_high)
+                at_s, at_f = builder.mul(i, const(8)), builder.mul(i, const(4))
+                s, z = bf16(e.at(scales, at_s)), bf16(e.at(zeros, at_s))
+                sd = e.mul(s, e.load(e.at(dp, at_f, f32), floats4, 4))
+                # the offset term: (z - 8 s) times the group's sum of activations
+                m = builder.fsub(z, e.mul(s, ir.Constant(floats4, [8.0] * 4)), flags=fast)
+                sums = e.load(e.at(xsp, at_f, f32), floats4, 4)
+                builder.store(e.add(builder.load(offsets), e.mul(m, sums)), offsets)
+                total = builder.load(accs[u])
+                for dot, pick in ((dot_low, [0] * 8 + [1] * 8), (dot_high, [2] * 8 + [3] * 8)):
+                    scale = builder.shuffle_vector(sd, sd, lanes(pick))
+                    total = e.add(total, e.mul(builder.sitofp(dot, floats16), scale))
+                builder.store(total, accs[u])
+
+            e.blocks(blocks, block)
+            builder.store(e.sum(accs, builder.load(offsets)), e.at(e.data(ty, y), n, f32))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
+    def int8_row(typingctx, w, at, xq, dv, blocks, y, n, s, c):  # noqa: ANN
+        sig = types.void(w, at, xq, dv, blocks, y, n, s, c)
+
+        def codegen(context, builder, signature, args):  # noqa: ANN
+            w, at, xq, dv, blocks, y, n, s, c = args
+            tw, _, txq, tdv, _, ty, _, _, _ = signature.args
+            e = Emit(context, builder)
+            row = e.at(e.data(tw, w), at)
+            xp, dp = e.data(txq, xq), e.data(tdv, dv)
+            accs = e.accumulators(16)
+
+            def block(i: Any, u: int) -> None:
+                at_w = builder.mul(i, const(64))
+                e.prefetch(e.at(row, builder.add(at_w, const(PREFETCH))))
+                dot = e.dot(e.load(e.at(row, at_w), bytes64, 1), e.load(e.at(xp, at_w), bytes64, 1))
+                scale = e.load(e.at(dp, builder.mul(i, const(16)), f32), floats16, 4)
+                total = e.add(builder.load(accs[u]), e.mul(builder.sitofp(dot, floats16), scale))
+                builder.store(total, accs[u])
+
+            e.blocks(blocks, block)
+            one = e.mul(builder.fsub(e.sum(accs), c, flags=fast), s)
+            builder.store(one, e.at(e.data(ty, y), n, f32))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return int4_row, int8_row
+
+
+@cache
+def _kernels() -> dict[str, Callable[..., None]] | None:
+    """The compiled products and widening loops of each form, or None where they cannot run
+    here."""
+    numba = numba_module()
+    if numba is None or not _host_has_features():
+        return None
+    global _INT4_ROW, _INT8_ROW
+    # globals, not a closure's cells: numba's cache keys on those
+    _INT4_ROW, _INT8_ROW = _intrinsics()
+    slots = np.array(SLOTS, np.int64)
+
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
+    def product(x, w, y):
+        """x float32 [R, K] @ the form w [N, blocks * BLOCK_BYTES] -> y float32 [R, N]."""
+        rows, k = x.shape
+        n_rows, width = w.shape
+        blocks = width // BLOCK_BYTES
+        padded = blocks * BLOCK_GROUPS
+        xq = np.zeros((rows, padded * GROUP), np.int8)
+        d = np.zeros((rows, padded), np.float32)
+        xs = np.zeros((rows, padded), np.float32)
+        for r in range(rows):  # each group of x as int8 and a scale (and its sum), in slots
+            for g in range(k // GROUP):
+                slot = g - g % BLOCK_GROUPS + slots[g % BLOCK_GROUPS]
+                top, total = np.float32(0.0), np.float32(0.0)
+                for j in range(GROUP):
+                    v = x[r, g * GROUP + j]
+                    total += v
+                    top = max(top, abs(v))
+                inv = np.float32(127.0) / top if top > 0 else np.float32(0.0)
+                for j in range(GROUP):
+                    xq[r, slot * GROUP + j] = np.int8(np.round(x[r, g * GROUP + j] * inv))
+                d[r, slot] = top / np.float32(127.0)
+                xs[r, slot] = total
+        flat = w.reshape(-1)
+        for n in numba.prange(n_rows):
+            for r in range(rows):
+                _INT4_ROW(flat, np.int64(n * width), xq[r], d[r], xs[r], np.int64(blocks), y[r],
+                        np.int64(n))
+
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
+    def widen(w, halves, first, k, out):
+        """Rows first..first+R-1 of the form w (halves: the same bytes as uint16) as the bf16
+        bits of their weights, out uint16 [R, k]: w = (q - 8) s + z rounded to nearest even."""
+        width = w.shape[1]
+        blocks = width // BLOCK_BYTES
+        for r in numba.prange(out.shape[0]):
+            n = first + r
+            value = np.empty(1, np.float32)
+            bits = value.view(np.uint32)
+            for g in range(k // GROUP):
+                b, i = g // BLOCK_GROUPS, g % BLOCK_GROUPS
+                slot = b * BLOCK_GROUPS + slots[i]
+                bits[0] = np.uint32(halves[n, blocks * 32 + slot]) << np.uint32(16)
+                s = value[0]
+                bits[0] = np.uint32(halves[n, blocks * 36 + slot]) << np.uint32(16)
+                z = value[0] - np.float32(8.0) * s
+                at, shift = b * 64 + (i // 2) * 32, (i % 2) * 4
+                for j in range(GROUP):
+                    value[0] = np.float32((w[n, at + j] >> shift) & 15) * s + z
+                    u = bits[0]
+                    out[r, g * GROUP + j] = np.uint16(
+                        (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+                        >> np.uint32(16))
+
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
+    def int8_product(x, w, scales, y):
+        """x float32 [R, K] @ the int8 form w [N, Kp] (scales float32 [N]) -> y float32 [R, N]."""
+        rows, k = x.shape
+        n_rows, width = w.shape
+        xq = np.zeros((rows, width), np.int8)
+        dv = np.zeros((rows, width // 4), np.float32)  # 8 lanes a group
+        c = np.zeros(rows, np.float32)
+        for r in range(rows):
+            for g in range(k // GROUP):
+                top = np.float32(0.0)
+                for j in range(GROUP):
+                    top = max(top, abs(x[r, g * GROUP + j]))
+                inv = np.float32(127.0) / top if top > 0 else np.float32(0.0)
+                total = np.float32(0.0)
+                for j in range(GROUP):
+                    v = np.round(x[r, g * GROUP + j] * inv)
+                    xq[r, g * GROUP + j] = np.int8(v)
+                    total += v
+                d = top / np.float32(127.0)
+                for j in range(8):
+                    dv[r, g * 8 + j] = d
+                c[r] += d * np.float32(128.0) * total
+        flat = w.reshape(-1)
+        for n in numba.prange(n_rows):
+            for r in range(rows):
+                _INT8_ROW(flat, np.int64(n * width), xq[r], dv[r], np.int64(width // 64), y[r],
+                          np.int64(n), scales[n], c[r])
+
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
+    def int8_widen(w, scales, first, out):
+        """Rows first..first+R-1 of the int8 form as the bf16 bits of their weights, out uint16
+        [R, k]: (q' - 128) s rounded to nearest even."""
+        for r in numba.prange(out.shape[0]):
+            n = first + r
+            value = np.empty(1, np.float32)
+            bits = value.view(np.uint32)
+            for j in range(out.shape[1]):
+                value[0] = np.float32(np.int32(w[n, j]) - 128) * scales[n]
+                u = bits[0]
+                out[r, j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16))
+                                                              & np.uint32(1))) >> np.uint32(16))
+
+    return {"int4": on_torch_threads(product), "int4 widen": on_torch_threads(widen),
+            "int8": on_torch_threads(int8_product), "int8 widen": on_torch_threads(int8_widen)}
+
+
+def _buffer(size: int) -> torch.Tensor:
+    """This thread's buffer for widened rows, of at least `size` uint16."""
+    buffer = getattr(_buffers, "widened", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = _buffers.widened = torch.empty(max(size, CHUNK_WEIGHTS), dtype=torch.uint16)
+    return buffer
+
+
+# an Int4Linear's weights in the form: (the form, N, K)
+State = tuple[torch.Tensor, int, int]
+
+
+def vnni_linear(x: torch.Tensor, state: State) -> torch.Tensor:
+    """x [R, K] (any float dtype) @ W.T -> [R, N] in x's dtype, by the VNNI loop."""
+    form, n, k = state
+    xf = x.float().contiguous()
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    _kernels()["int4"](xf.numpy(), form.numpy(), y.numpy())
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def widened_rows(state: State, first: int, rows: int) -> torch.Tensor:
+    """Rows first..first+rows-1 of the weight as bf16 [rows, K]: a view of this thread's
+    buffer, overwritten by its next call."""
+    form, n, k = state
+    out = _buffer(rows * k)[:rows * k].view(rows, k)
+    _kernels()["int4 widen"](form.numpy(), form.view(torch.int16).numpy().view(np.uint16), first, k,
+                  out.numpy())
+    return out.view(torch.bfloat16)
+
+
+def widened_linear(x: torch.Tensor, state: State) -> torch.Tensor:
+    """x [R, K] @ W.T for many rows: the weight widened to bf16 a chunk of rows at a time, each
+    chunk multiplied by oneDNN's bf16 GEMM (F.linear); y in x's dtype."""
+    form, n, k = state
+    xb = x.to(torch.bfloat16)
+    step = max(1, CHUNK_WEIGHTS // k)
+    parts = [torch.nn.functional.linear(xb, widened_rows(state, first, min(step, n - first)))
+             for first in range(0, n, step)]
+    y = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+    return y.to(x.dtype)
+
+
+# ---- int8 ----
+# an Int8Linear's weights in the int8 form: (the form, float32 scales [N], N, K)
+Int8State = tuple[torch.Tensor, torch.Tensor, int, int]
+
+
+def pack_int8(q: torch.Tensor, scales: torch.Tensor) -> Int8State:
+    """q int8 [N, K] and its scales [N] (quantize_int8's) -> the int8 form."""
+    n, k = q.shape
+    per = 64 * UNROLL
+    form = torch.full((n, -(-k // per) * per), 128, dtype=torch.uint8)  # zero weights
+    form[:, :k] = (q.to(torch.int16) + 128).to(torch.uint8)
+    return form, scales.detach().float().contiguous(), n, k
+
+
+def int8_linear(x: torch.Tensor, state: Int8State) -> torch.Tensor:
+    """x [R, K] (any float dtype) @ W.T -> [R, N] in x's dtype, by the VNNI loop."""
+    form, scales, n, k = state
+    xf = x.float().contiguous()
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    _kernels()["int8"](xf.numpy(), form.numpy(), scales.numpy(), y.numpy())
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def int8_widened_rows(state: Int8State, first: int, rows: int) -> torch.Tensor:
+    """Rows first..first+rows-1 of the weight as bf16 [rows, K padded]: a view of this thread's
+    buffer, overwritten by its next call."""
+    form, scales, n, k = state
+    width = form.shape[1]
+    out = _buffer(rows * width)[:rows * width].view(rows, width)
+    _kernels()["int8 widen"](form.numpy(), scales.numpy(), first, out.numpy())
+    return out.view(torch.bfloat16)
+
+
+def int8_widened_linear(x: torch.Tensor, state: Int8State) -> torch.Tensor:
+    """x [R, K] @ W.T for many rows, as widened_linear for the int4 form."""
+    form, scales, n, k = state
+    xb = torch.nn.functional.pad(x.to(torch.bfloat16), (0, form.shape[1] - k))
+    step = max(1, CHUNK_WEIGHTS // form.shape[1])
+    parts = [torch.nn.functional.linear(xb, int8_widened_rows(state, first, min(step, n - first)))
+             for first in range(0, n, step)]
+    y = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+    return y.to(x.dtype)

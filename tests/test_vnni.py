@@ -1,0 +1,144 @@
+"""vnni.py: int4 weights in a row-major form read by an AVX-512 VNNI loop (activations
+quantized to int8 in groups of 32, as llama.cpp's Q8_0 ones), and the same form widened to bf16
+for a prompt's rows. The integer arithmetic is exact (activations that int8 holds give the
+float32 product of the dequantized weights), rounding the activations costs about a percent, the
+widened rows are the weights rounded to bf16, and the tuner offers each product on its side only,
+and the form only on a CPU with the instructions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from xllama_cli import vnni
+from xllama_cli.linear import measure
+from xllama_cli.quantize import (INT4, INT8, Int4Linear, Int8Linear, int4_reference, int8_reference,
+                                 int8_vnni_form, unpack_nibbles, vnni_form)
+
+if not vnni.usable():
+    pytest.skip("no AVX-512 VNNI or no numba here", allow_module_level=True)
+
+
+def layer(n: int, k: int, seed: int = 0) -> Int4Linear:
+    torch.manual_seed(seed)
+    return Int4Linear(nn.Linear(k, n, bias=False), torch.bfloat16)
+
+
+def held_weights(source: Int4Linear) -> torch.Tensor:
+    """The weights the form holds: each group's scale and zero in bf16, float32 [N, K]."""
+    q = unpack_nibbles(source.weight).float()
+    n, k = q.shape
+    s, z = (t.bfloat16().float()[:, :, None] for t in (source.scales, source.zeros))
+    return ((q.view(n, k // 32, 32) - 8) * s + z).view(n, k)
+
+
+# K: whole blocks; groups padded to a whole number of blocks (96: 3 groups); N odd
+def int8_layer(n: int, k: int, seed: int = 0) -> Int8Linear:
+    torch.manual_seed(seed)
+    return Int8Linear(nn.Linear(k, n, bias=False), torch.bfloat16)
+
+
+def exact_activations(rows: int, k: int) -> torch.Tensor:
+    """Each group of 32 a whole multiple of its scale, its largest at 127 steps: int8 holds them
+    as they are."""
+    gen = torch.Generator().manual_seed(1)
+    steps = torch.randint(-127, 128, (rows, k // 32, 32), generator=gen).float()
+    steps[:, :, 0] = 127
+    return (steps * torch.rand(rows, k // 32, 1, generator=gen)).view(rows, k)
+
+
+@pytest.mark.parametrize("n,k,rows", [(64, 256, 1), (37, 96, 3), (200, 2816 // 4, 2)])
+def test_activations_int8_holds_give_the_exact_product(n, k, rows):
+    """Nothing is rounded, so any misplaced nibble, scale or group would show beyond float32's
+    rounding."""
+    source = layer(n, k)
+    x = exact_activations(rows, k)
+    got = vnni.vnni_linear(x, vnni_form(source))
+    want = x @ held_weights(source).t()
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@torch.no_grad()
+def test_rounding_the_activations_costs_about_a_percent_of_the_largest_output():
+    source = layer(300, 1024, seed=2)
+    x = torch.randn(4, 1024, generator=torch.Generator().manual_seed(3))
+    want = int4_reference(x, source)
+    got = vnni.vnni_linear(x, vnni_form(source))
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert 0 < err < 0.015
+    assert vnni.vnni_linear(x.bfloat16(), vnni_form(source)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("n,k", [(48, 128), (7, 96)])
+def test_widened_rows_are_the_held_weights_rounded_to_bf16(n, k):
+    source = layer(n, k, seed=4)
+    got = vnni.widened_rows(vnni_form(source), 0, n)
+    want = held_weights(source)
+    assert got.dtype == torch.bfloat16 and got.shape == (n, k)
+    # the loop computes q s + (z - 8 s) in float32: a value can land one bf16 step away
+    assert torch.allclose(got.float(), want, rtol=2 ** -7, atol=0)
+    assert (got == want.to(torch.bfloat16)).float().mean() > 0.99
+
+
+@torch.no_grad()
+def test_a_product_over_many_chunks_is_the_product_over_one(monkeypatch):
+    source = layer(200, 128, seed=5)
+    state = vnni_form(source)
+    x = torch.randn(37, 128, generator=torch.Generator().manual_seed(6))
+    whole = vnni.widened_linear(x, state)
+    monkeypatch.setattr(vnni, "CHUNK_WEIGHTS", 48 * 128)  # 48 rows a chunk, the last 8
+    chunked = vnni.widened_linear(x, state)
+    assert whole.shape == (37, 200) and whole.dtype == torch.float32
+    assert torch.equal(chunked, whole)
+    want = int4_reference(x, source)
+    assert torch.allclose(whole, want, rtol=INT4.tol, atol=INT4.tol * want.abs().max().item())
+
+
+def test_the_tuner_times_each_product_on_its_own_side():
+    times = measure(INT4, [layer(128, 64)], tied=False, few_rows=1)["vnni"]
+    assert set(times["few"]) == {"vnni"} and set(times["many"]) == {"widen-bf16"}
+
+
+# K: whole blocks of 128; padded (96, 2816 = 22 blocks of 128, 160)
+@pytest.mark.parametrize("n,k,rows", [(64, 256, 1), (37, 96, 3), (200, 2816, 2), (16, 160, 1)])
+def test_int8_activations_int8_holds_give_the_exact_product(n, k, rows):
+    source = int8_layer(n, k)
+    x = exact_activations(rows, k)
+    got = vnni.int8_linear(x, int8_vnni_form(source))
+    want = int8_reference(x, source)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@torch.no_grad()
+def test_int8_rounding_the_activations_costs_under_a_percent_and_widening_is_exact():
+    source = int8_layer(300, 1024, seed=2)
+    x = torch.randn(4, 1024, generator=torch.Generator().manual_seed(3))
+    want = int8_reference(x, source)
+    state = int8_vnni_form(source)
+    err = ((vnni.int8_linear(x, state) - want).abs().max() / want.abs().max()).item()
+    assert 0 < err < 0.01
+    weights = (source.weight.float() * source.scales.float()[:, None]).to(torch.bfloat16)
+    assert torch.equal(vnni.int8_widened_rows(state, 0, 300)[:, :1024], weights)
+    wide = vnni.int8_widened_linear(x, state)
+    assert torch.allclose(wide, want, rtol=INT8.tol, atol=INT8.tol * want.abs().max().item())
+
+
+def test_the_tuner_times_the_int8_form_on_each_side_and_only_for_whole_groups():
+    times = measure(INT8, [int8_layer(128, 64)], tied=False, few_rows=1)["vnni"]
+    assert set(times["few"]) == {"vnni"} and set(times["many"]) == {"widen-bf16"}
+    odd = measure(INT8, [int8_layer(128, 40)], tied=False, few_rows=1)  # no whole group in a row
+    assert not odd.get("vnni", {}).get("few")  # so the form is never chosen (linear.best)
+
+
+def test_no_form_where_the_cpu_lacks_the_instructions(monkeypatch):
+    monkeypatch.setattr(vnni, "_host_has_features", lambda: False)
+    vnni._kernels.cache_clear()
+    try:
+        assert not vnni.usable()
+        assert "vnni" not in measure(INT4, [layer(128, 64)], tied=False, few_rows=1)
+        assert "vnni" not in measure(INT8, [int8_layer(128, 64)], tied=False, few_rows=1)
+    finally:
+        vnni._kernels.cache_clear()
