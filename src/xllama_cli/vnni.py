@@ -2,33 +2,32 @@
 (AVX-512 VNNI's vpdpbusd), as llama.cpp's Q4_0 and Q8_0 products do: each row of activations is
 quantized to int8 in groups of 32, and 64 weights at a time are multiplied by them in integers.
 
-ATen's int4 CPU kernel (`_weight_int4pack_mm_for_cpu`) dequantizes every weight to floating point
-in registers, and reads a decode step's weights at well under the memory's pace. This module
-holds the weights in its own row-major form (`pack`), written for the loop: each row is one
-stream of bytes (its nibbles, then its groups' scales and zeros in bf16) that the loop reads
-front to back, prefetching PREFETCH bytes ahead. numba compiles the loop with LLVM for the CPU in
-use (no C++ compiler); the dot product is LLVM's x86 intrinsic, so the loop is offered only where
-the CPU has it (`usable`). A prompt's many rows widen the same form to bf16 a chunk of rows at a
-time for oneDNN's GEMM, as int4_gemm.py does for int4pack's.
+ATen's int4 kernel (`_weight_int4pack_mm_for_cpu`) dequantizes every weight to floating point in
+registers, and it, fbgemm's and ATen's int8 products read a decode step's weights well under the
+memory's pace. This module holds each weight in a row-major form of its own, written for its
+loop: a row is one stream of bytes that the loop reads front to back, asking the memory for the
+bytes PREFETCH ahead as it goes (without that, the int4 loop read 29-34 G weights/s here where
+it reads 52-57). numba compiles the loops with LLVM for the CPU in use (no C++ compiler); the dot
+product is LLVM's x86 intrinsic, so the forms are offered only where the CPU has it (`usable`). A
+prompt's many rows widen the same form to bf16 a chunk of rows at a time for oneDNN's GEMM, as
+int4_gemm.py does for int4pack's. Rounding the activations to int8 costs about 1% of the
+largest output (as llama.cpp's Q8_0 activations do); linear.py checks each product against the
+dequantized weights' float32 one, to the kind's tolerance, before it is used.
 
-For an Int4Linear's group g of a row, w = (q - 8) * s + z (quantize.quantize_int4); for
-activations x = d * xq in that group (xq int8, d = max |x| / 127), the row's product is
-sum_g s d (q . xq) + sum_g (z - 8 s) (sum of the group's x): an integer dot of unsigned nibbles by
-signed bytes, vpdpbusd's operands. Rounding the activations to int8 costs about 1% of the
-largest output (llama.cpp's Q8_0 activations do the same); linear.py checks the product against
-the dequantized weights' float32 one, to int4's tolerance, before it is used.
+int4 (quantize.quantize_int4: in group g of a row, w = (q - 8) s + z). With x = d xq in each
+group (xq int8, d = max |x| / 127), a row's product is
+sum_g s d (q . xq) + sum_g (z - 8 s) (the sum of the group's x): an integer dot of unsigned
+nibbles by signed bytes, vpdpbusd's operands. The form (`pack`), per row: groups four at a time
+(a block, 64 bytes), padded with zero groups to a whole number of UNROLL blocks. Byte j of a
+block's first 32 holds group 0's weight j in its low nibble and group 1's in its high one; bytes
+32..63 likewise groups 2 and 3. So a block's low nibbles are groups 0 and 2 in order and its high
+ones groups 1 and 3: the activations, their scales and sums are laid out in that order (SLOTS),
+and the groups' scales and zeros too, which follow the row's blocks, bf16, four a block.
 
-int8 weights (quantize.quantize_int8: w = q s, a scale a row) are held as q + 128, unsigned,
-so that vpdpbusd takes them as they are: the row's product is s (sum_g d (q' . xq) - C), where
-C = 128 sum_g d (sum of the group's xq) is the same for every row, computed once a call. Their
-form (`pack_int8`): each row padded with zeros to a whole number of UNROLL blocks of 64.
-
-The int4 form, per row: groups are taken four at a time (a block, 64 bytes), padded with zero
-groups to a whole number of UNROLL blocks. Byte j of a block's first 32 holds group 0's weight j in its low
-nibble and group 1's in its high one; bytes 32..63 likewise groups 2 and 3. So a block's low
-nibbles are groups 0 and 2 in order and its high ones groups 1 and 3: the activations, their
-scales and sums are laid out in that order (SLOTS), and the scales and zeros too. After the
-row's blocks come its scales, then its zeros, bf16, four a block."""
+int8 (quantize.quantize_int8: w = q s, a scale a row). Held as q' = q + 128, unsigned, so that
+vpdpbusd takes the weights as they are: a row's product is s (sum_g d (q' . xq) - C), where
+C = 128 sum_g d (the sum of the group's xq) is the same for every row, computed once a call. The
+form (`pack_int8`): each row padded with zero weights to a whole number of UNROLL blocks of 64."""
 
 from __future__ import annotations
 
