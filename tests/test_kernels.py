@@ -208,6 +208,24 @@ def test_a_few_row_loop_is_timed_for_decode_only():
     assert "numba" not in times["plain"]["many"] and times["plain"]["many"]
 
 
+def test_the_bf16_loop_gives_float32s_product_of_the_bf16_weights_for_decode_only():
+    """The activations are not rounded: its products are F.linear's in float32 over the bf16
+    weights. Timed for few rows only, and only for rows of whole blocks (64 weights)."""
+    if not gemv.bfloat16_fits(48, 128):
+        pytest.skip("numba with OpenMP threads is not available here")
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(48, 128, generator=gen).bfloat16(), torch.randn(3, 128, generator=gen)
+    got = gemv.bfloat16_linear(x, w)
+    want = F.linear(x, w.float())
+    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert gemv.bfloat16_linear(x.bfloat16(), w).dtype == torch.bfloat16
+    times = measure(FLOAT_KINDS[torch.bfloat16], [nn.Linear(128, 48, bias=False).bfloat16()],
+                    False, 1)
+    assert "numba" in times["plain"]["few"] and "numba" not in times["plain"]["many"]
+    odd = measure(FLOAT_KINDS[torch.bfloat16], [nn.Linear(96, 48, bias=False).bfloat16()], False, 1)
+    assert "numba" not in odd["plain"]["few"]
+
+
 def test_numba_threads_other_than_openmp_offer_no_loop():
     """numba's workqueue threads beside torch's made decode slower: no candidate then."""
     code = "from xllama_cli import gemv; print(gemv.fits(48, 64))"

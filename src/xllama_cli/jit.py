@@ -1,5 +1,6 @@
-"""numba, the compiler of the CPU loops (gemv.py, cpu_attention.py): imported once, its parallel
-loops on torch's own OpenMP threads, each loop run with as many threads as torch uses.
+"""numba, the compiler of the CPU loops (gemv.py, cpu_attention.py, int4_gemm.py, vnni.py):
+imported once, its parallel loops on torch's own OpenMP threads, each loop run with as many
+threads as torch uses; and `emitter`, for the loops written in LLVM's IR (numba intrinsics).
 
 numba compiles a loop with LLVM for the CPU in use at its first call (no C++ compiler) and keeps
 the machine code in its on-disk cache. With torch loaded first, numba's OpenMP layer binds
@@ -63,3 +64,90 @@ def on_torch_threads(loop: Callable[..., Any]) -> Callable[..., Any]:
         return loop(*args)
 
     return run
+
+
+@cache
+def emitter() -> type:
+    """The helper with which a numba intrinsic writes a loop over a weight row in LLVM's IR (as
+    gemv.py's bf16 loop and vnni.py's do): where a numba loop would leave the vectorizing, the
+    unrolling and the prefetching to LLVM's judgement, the IR says them. Built at first use
+    (numba and llvmlite imported then)."""
+    from llvmlite import ir
+    from numba.core import cgutils
+
+    i8, i32, i64, f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+    fast = ("fast",)
+
+    class Emit:
+        """IR for one intrinsic's builder: pointers into arrays, loads, prefetches, unrolled
+        blocks with an accumulator each, and their sum."""
+
+        def __init__(self, context: Any, builder: Any) -> None:
+            self.context, self.b = context, builder
+
+        @staticmethod
+        def i64(n: int) -> Any:
+            return ir.Constant(i64, n)
+
+        @staticmethod
+        def lanes(values: list[int]) -> Any:
+            """A shuffle's mask."""
+            return ir.Constant(ir.VectorType(i32, len(values)), values)
+
+        def call(self, name: str, result: Any, args: list[Any]) -> Any:
+            """LLVM's intrinsic `name` (which returns `result`) on args."""
+            fn = cgutils.get_or_insert_function(
+                self.b.module, ir.FunctionType(result, [a.type for a in args]), name)
+            return self.b.call(fn, args)
+
+        def data(self, ty: Any, value: Any) -> Any:
+            """The data pointer of a numba array argument of type ty."""
+            return self.context.make_array(ty)(self.context, self.b, value).data
+
+        def at(self, base: Any, offset: Any, ty: Any = i8) -> Any:
+            """base + offset elements of ty."""
+            return self.b.gep(base, [offset], source_etype=ty)
+
+        def load(self, ptr: Any, ty: Any, align: int) -> Any:
+            return self.b.load(ptr, typ=ty, align=align)
+
+        def prefetch(self, ptr: Any) -> None:
+            """Ask for the line at ptr, for reading, into every cache level."""
+            self.call("llvm.prefetch.p0", ir.VoidType(),
+                      [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+
+        def accumulators(self, lanes: int, count: int) -> list[Any]:
+            """`count` float32 vectors of `lanes` lanes, zero."""
+            zero = ir.Constant(ir.VectorType(f32, lanes), [0.0] * lanes)
+            return [cgutils.alloca_once_value(self.b, zero) for _ in range(count)]
+
+        def blocks(self, count: Any, unroll: int, block: Callable[[Any, int], None]) -> None:
+            """block(i, u) for i in 0..count-1 (a multiple of unroll), unroll at a time (u: which
+            of them)."""
+            with cgutils.for_range(self.b, self.b.udiv(count, self.i64(unroll))) as loop:
+                for u in range(unroll):
+                    block(self.b.add(self.b.mul(loop.index, self.i64(unroll)), self.i64(u)), u)
+
+        def add(self, a: Any, b: Any) -> Any:
+            return self.b.fadd(a, b, flags=fast)
+
+        def mul(self, a: Any, b: Any) -> Any:
+            return self.b.fmul(a, b, flags=fast)
+
+        def sum(self, accs: list[Any], extra: Any = None) -> Any:
+            """The accumulators' lanes summed as a tree (not a chain of dependent additions),
+            with `extra`'s 4 lanes if given."""
+            total = self.b.load(accs[0])
+            for acc in accs[1:]:
+                total = self.add(total, self.b.load(acc))
+            width = total.type.count // 2
+            while width:
+                if width == 2 and extra is not None:
+                    total = self.add(total, extra)
+                first = self.b.shuffle_vector(total, total, self.lanes(list(range(width))))
+                second = self.b.shuffle_vector(total, total,
+                                               self.lanes(list(range(width, 2 * width))))
+                total, width = self.add(first, second), width // 2
+            return self.b.extract_element(total, ir.Constant(i32, 0))
+
+    return Emit

@@ -266,7 +266,9 @@ def _float_kind(dtype: torch.dtype) -> Kind:
         Product("split", in_weight_dtype(split_linear), splits),
         *((Product("onednn", in_weight_dtype(packed_linear)),) if dtype != torch.float16 else ()),
         *((Product("numba", gemv.float32_linear, gemv.fits, many=False),)
-          if dtype == torch.float32 else ())),
+          if dtype == torch.float32 else ()),
+        *((Product("numba", gemv.bfloat16_linear, gemv.bfloat16_fits, many=False),)
+          if dtype == torch.bfloat16 else ())),
         keeps_source=True)
     # a compiled step's: inductor fuses the one-row product (see matmul)
     compiled = Layout("compiled", _weight, (Product("matmul", matmul),), keeps_source=True,

@@ -38,7 +38,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .jit import numba_module, on_torch_threads
+from .jit import emitter, numba_module, on_torch_threads
 
 GROUP = 32  # weights (and activations) that share a scale: quantize.GROUP
 BLOCK_GROUPS = 4  # groups a block holds (64 bytes of nibbles)
@@ -108,80 +108,20 @@ def _intrinsics() -> tuple[Any, Any]:
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    i8, i16, i32, i64, f32 = (ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64),
-                              ir.FloatType())
+    i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
     bytes64, ints16 = ir.VectorType(i8, 64), ir.VectorType(i32, 16)
     floats16 = ir.VectorType(f32, 16)
     floats4, shorts4, ints4 = ir.VectorType(f32, 4), ir.VectorType(i16, 4), ir.VectorType(i32, 4)
     fast = ("fast",)
 
-    def const(n: int) -> Any:
-        return ir.Constant(i64, n)
+    Emit = emitter()
+    const, lanes = Emit.i64, Emit.lanes
 
-    def lanes(values: list[int]) -> Any:
-        return ir.Constant(ir.VectorType(i32, len(values)), values)
-
-    class Emit:
-        """What both loops write in LLVM's IR, for one intrinsic's builder."""
-
-        def __init__(self, context: Any, builder: Any) -> None:
-            self.context, self.b = context, builder
-            module = builder.module
-            self._vpdpbusd = cgutils.get_or_insert_function(
-                module, ir.FunctionType(ints16, [ints16] * 3), "llvm.x86.avx512.vpdpbusd.512")
-            self._prefetch = cgutils.get_or_insert_function(
-                module, ir.FunctionType(ir.VoidType(), [ir.PointerType(), i32, i32, i32]),
-                "llvm.prefetch.p0")
-
-        def data(self, ty: Any, value: Any) -> Any:
-            return self.context.make_array(ty)(self.context, self.b, value).data
-
-        def at(self, base: Any, offset: Any, ty: Any = i8) -> Any:
-            return self.b.gep(base, [offset], source_etype=ty)
-
-        def load(self, ptr: Any, ty: Any, align: int) -> Any:
-            return self.b.load(ptr, typ=ty, align=align)
-
-        def prefetch(self, ptr: Any) -> None:  # for reading, kept in every cache level
-            self.b.call(self._prefetch, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3),
-                                         ir.Constant(i32, 1)])
-
-        def dot(self, unsigned: Any, signed: Any) -> Any:
-            """64 bytes by 64: 16 int32 lanes, each the sum of 4 products."""
-            none = ir.Constant(ints16, [0] * 16)
-            return self.b.call(self._vpdpbusd, [none, self.b.bitcast(unsigned, ints16),
-                                                self.b.bitcast(signed, ints16)])
-
-        def accumulators(self, size: int) -> list[Any]:
-            zero = ir.Constant(ir.VectorType(f32, size), [0.0] * size)
-            return [cgutils.alloca_once_value(self.b, zero) for _ in range(UNROLL)]
-
-        def blocks(self, count: Any, block: Callable[[Any, int], None]) -> None:
-            """block(i, u) for i in 0..count-1, UNROLL at a time (u: which of them)."""
-            with cgutils.for_range(self.b, self.b.udiv(count, const(UNROLL))) as loop:
-                for u in range(UNROLL):
-                    block(self.b.add(self.b.mul(loop.index, const(UNROLL)), const(u)), u)
-
-        def add(self, a: Any, b: Any) -> Any:
-            return self.b.fadd(a, b, flags=fast)
-
-        def mul(self, a: Any, b: Any) -> Any:
-            return self.b.fmul(a, b, flags=fast)
-
-        def sum(self, accs: list[Any], extra: Any = None) -> Any:
-            """The accumulators' lanes summed as a tree (not a chain of dependent additions),
-            with `extra`'s 4 lanes if given."""
-            total = self.b.load(accs[0])
-            for acc in accs[1:]:
-                total = self.add(total, self.b.load(acc))
-            width = total.type.count // 2
-            while width:
-                if width == 2 and extra is not None:
-                    total = self.add(total, extra)
-                first = self.b.shuffle_vector(total, total, lanes(list(range(width))))
-                second = self.b.shuffle_vector(total, total, lanes(list(range(width, 2 * width))))
-                total, width = self.add(first, second), width // 2
-            return self.b.extract_element(total, ir.Constant(i32, 0))
+    def vpdpbusd(e: Any, unsigned: Any, signed: Any) -> Any:
+        """vpdpbusd: 64 bytes by 64, as 16 int32 lanes, each the sum of 4 products."""
+        none = ir.Constant(ints16, [0] * 16)
+        return e.call("llvm.x86.avx512.vpdpbusd.512", ints16,
+                      [none, e.b.bitcast(unsigned, ints16), e.b.bitcast(signed, ints16)])
 
     @intrinsic
     def int4_row(typingctx, w, at, xq, d, xs, blocks, y, n):  # noqa: ANN
@@ -195,7 +135,7 @@ def _intrinsics() -> tuple[Any, Any]:
             scales = e.at(row, builder.mul(blocks, const(64)))
             zeros = e.at(row, builder.mul(blocks, const(72)))
             xp, dp, xsp = e.data(txq, xq), e.data(td, d), e.data(txs, xs)
-            accs = e.accumulators(16)
+            accs = e.accumulators(16, UNROLL)
             offsets = cgutils.alloca_once_value(builder, ir.Constant(floats4, [0.0] * 4))
             low, shift = ir.Constant(bytes64, [15] * 64), ir.Constant(bytes64, [4] * 64)
 
@@ -210,8 +150,8 @@ def _intrinsics() -> tuple[Any, Any]:
                 at_x = builder.mul(i, const(128))
                 x_low = e.load(e.at(xp, at_x), bytes64, 1)
                 x_high = e.load(e.at(xp, builder.add(at_x, const(64))), bytes64, 1)
-                dot_low = e.dot(builder.and_(nibbles, low), x_low)
-                dot_high = e.dot(builder.lshr(nibbles, shift), x_high)
+                dot_low = vpdpbusd(e, builder.and_(nibbles, low), x_low)
+                dot_high = vpdpbusd(e, builder.lshr(nibbles, shift), x_high)
                 at_s, at_f = builder.mul(i, const(8)), builder.mul(i, const(4))
                 s, z = bf16(e.at(scales, at_s)), bf16(e.at(zeros, at_s))
                 sd = e.mul(s, e.load(e.at(dp, at_f, f32), floats4, 4))
@@ -225,7 +165,7 @@ def _intrinsics() -> tuple[Any, Any]:
                     total = e.add(total, e.mul(builder.sitofp(dot, floats16), scale))
                 builder.store(total, accs[u])
 
-            e.blocks(blocks, block)
+            e.blocks(blocks, UNROLL, block)
             builder.store(e.sum(accs, builder.load(offsets)), e.at(e.data(ty, y), n, f32))
             return context.get_dummy_value()
 
@@ -241,17 +181,18 @@ def _intrinsics() -> tuple[Any, Any]:
             e = Emit(context, builder)
             row = e.at(e.data(tw, w), at)
             xp, dp = e.data(txq, xq), e.data(tdv, dv)
-            accs = e.accumulators(16)
+            accs = e.accumulators(16, UNROLL)
 
             def block(i: Any, u: int) -> None:
                 at_w = builder.mul(i, const(64))
                 e.prefetch(e.at(row, builder.add(at_w, const(PREFETCH))))
-                dot = e.dot(e.load(e.at(row, at_w), bytes64, 1), e.load(e.at(xp, at_w), bytes64, 1))
+                dot = vpdpbusd(e, e.load(e.at(row, at_w), bytes64, 1),
+                               e.load(e.at(xp, at_w), bytes64, 1))
                 scale = e.load(e.at(dp, builder.mul(i, const(16)), f32), floats16, 4)
                 total = e.add(builder.load(accs[u]), e.mul(builder.sitofp(dot, floats16), scale))
                 builder.store(total, accs[u])
 
-            e.blocks(blocks, block)
+            e.blocks(blocks, UNROLL, block)
             one = e.mul(builder.fsub(e.sum(accs), c, flags=fast), s)
             builder.store(one, e.at(e.data(ty, y), n, f32))
             return context.get_dummy_value()
