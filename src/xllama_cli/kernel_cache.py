@@ -26,8 +26,9 @@ from .machine import cpu_flags, cpu_name
 from .writer import atomic_write
 
 # 2: numba's product among the candidates; 3: int4's widened many-row product, and the many-row
-# side timed at 128 rows; 4: the VNNI forms of int4 and int8 weights (vnni.py). A new candidate
-# needs a new version: kept times are reused as they are, and would never meet it
+# side timed at 128 rows; 4: the VNNI forms of int4 and int8 weights (vnni.py) and the bf16 loop
+# (gemv.py). A new candidate needs a new version: kept times are reused as they are, and would
+# never meet it
 VERSION = 4
 
 
