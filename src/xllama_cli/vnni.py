@@ -234,7 +234,7 @@ def _kernels() -> dict[str, Callable[..., None]] | None:
                     top = max(top, abs(v))
                 inv = np.float32(127.0) / top if top > 0 else np.float32(0.0)
                 for j in range(GROUP):
-                    xq[r, slot * GROUP + j] = np.int8(np.round(x[r, g * GROUP + j] * inv))
+                    xq[r, slot * GROUP + j] = np.int8(np.rint(x[r, g * GROUP + j] * inv))
                 d[r, slot] = top / np.float32(127.0)
                 xs[r, slot] = total
         flat = w.reshape(-1)
@@ -284,7 +284,7 @@ def _kernels() -> dict[str, Callable[..., None]] | None:
                 inv = np.float32(127.0) / top if top > 0 else np.float32(0.0)
                 total = np.float32(0.0)
                 for j in range(GROUP):
-                    v = np.round(x[r, g * GROUP + j] * inv)
+                    v = np.rint(x[r, g * GROUP + j] * inv)
                     xq[r, g * GROUP + j] = np.int8(v)
                     total += v
                 d = top / np.float32(127.0)
