@@ -7,10 +7,15 @@ and the form only on a CPU with the instructions."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
+from conftest import ROOT
 from xllama_cli import vnni
 from xllama_cli.linear import measure
 from xllama_cli.quantize import (INT4, INT8, Int4Linear, Int8Linear, int4_reference, int8_reference,
@@ -142,3 +147,13 @@ def test_no_form_where_the_cpu_lacks_the_instructions(monkeypatch):
         assert "vnni" not in measure(INT8, [int8_layer(128, 64)], tied=False, few_rows=1)
     finally:
         vnni._kernels.cache_clear()
+
+
+def test_no_form_where_numba_compiles_for_another_cpu():
+    """NUMBA_CPU_NAME=generic (portable machine code): LLVM could not select vpdpbusd there, and
+    would abort the process, so the forms are not offered."""
+    code = "from xllama_cli import vnni; print(vnni.usable())"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, NUMBA_CPU_NAME="generic", PYTHONPATH=str(ROOT / "src")))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False"]

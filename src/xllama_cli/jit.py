@@ -72,11 +72,14 @@ def emitter() -> type:
     gemv.py's bf16 loop and vnni.py's do): where a numba loop would leave the vectorizing, the
     unrolling and the prefetching to LLVM's judgement, the IR says them. Built at first use
     (numba and llvmlite imported then)."""
+    import llvmlite.binding as llvm
     from llvmlite import ir
     from numba.core import cgutils
 
     i8, i32, i64, f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
     fast = ("fast",)
+    # the intrinsic's name mangles its pointer type: opaque since LLVM 17 (llvmlite 0.45)
+    PREFETCH = "llvm.prefetch.p0" if llvm.llvm_version_info >= (17,) else "llvm.prefetch.p0i8"
 
     class Emit:
         """IR for one intrinsic's builder: pointers into arrays, loads, prefetches, unrolled
@@ -109,12 +112,15 @@ def emitter() -> type:
             return self.b.gep(base, [offset], source_etype=ty)
 
         def load(self, ptr: Any, ty: Any, align: int) -> Any:
-            return self.b.load(ptr, typ=ty, align=align)
+            """A ty (a vector) from ptr, an element pointer: cast first for LLVM's typed
+            pointers (numba before 0.62), a no-op under its opaque ones."""
+            return self.b.load(self.b.bitcast(ptr, ir.PointerType(ty)), typ=ty, align=align)
 
         def prefetch(self, ptr: Any) -> None:
             """Ask for the line at ptr, for reading, into every cache level."""
-            self.call("llvm.prefetch.p0", ir.VoidType(),
-                      [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            byte = self.b.bitcast(ptr, ir.PointerType(i8))
+            self.call(PREFETCH, ir.VoidType(),
+                      [byte, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
 
         def accumulators(self, lanes: int, count: int) -> list[Any]:
             """`count` float32 vectors of `lanes` lanes, zero."""

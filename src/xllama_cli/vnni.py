@@ -61,8 +61,17 @@ def usable() -> bool:
 
 @cache
 def _host_has_features() -> bool:
+    """Whether numba compiles for a CPU with FEATURES: the host's, unless NUMBA_CPU_NAME or
+    NUMBA_CPU_FEATURES name another (where LLVM could not select the instruction, it aborts the
+    process rather than raise)."""
     try:
         import llvmlite.binding as llvm
+        import numba
+        if numba.config.CPU_FEATURES:
+            named = {f[1:]: f[0] == "+" for f in numba.config.CPU_FEATURES.split(",") if f}
+            return all(named.get(f, False) for f in FEATURES)
+        if numba.config.CPU_NAME not in (None, "", "host"):
+            return False
         features = llvm.get_host_cpu_features()
     except Exception:  # noqa: BLE001 - no llvmlite, or a host it cannot read
         return False
