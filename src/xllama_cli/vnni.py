@@ -52,6 +52,7 @@ CHUNK_WEIGHTS = 1 << 21  # weights widened at once for many rows (4 MiB of bf16)
 _buffers = threading.local()
 _INT4_ROW: Any = None  # the loops' intrinsics (_intrinsics), made with the loops
 _INT8_ROW: Any = None
+_QUANTIZE: Any = None  # the activations' pass both products share
 
 
 def usable() -> bool:
@@ -218,9 +219,28 @@ def _kernels() -> dict[str, Callable[..., None]] | None:
     numba = numba_module()
     if numba is None or not _host_has_features():
         return None
-    global _INT4_ROW, _INT8_ROW
+    global _INT4_ROW, _INT8_ROW, _QUANTIZE
     # globals, not a closure's cells: numba's cache keys on those
     _INT4_ROW, _INT8_ROW = _intrinsics()
+
+    # unsigned indices: with signed ones numba's wraparound checks keep LLVM from vectorizing
+    @numba.njit(inline="always", fastmath=True, boundscheck=False)
+    def quantize(x, at, xq, to):
+        """x[at..at+GROUP) -> xq[to..to+GROUP), int8 steps of d = max |x| / 127: (d, the sum of
+        the x, the sum of the steps)."""
+        top, total, steps = np.float32(0.0), np.float32(0.0), np.float32(0.0)
+        for j in range(GROUP):
+            v = x[at + np.uint64(j)]
+            total += v
+            top = max(top, abs(v))
+        inv = np.float32(127.0) / top if top > 0 else np.float32(0.0)
+        for j in range(GROUP):
+            q = np.rint(x[at + np.uint64(j)] * inv)
+            xq[to + np.uint64(j)] = np.int8(q)
+            steps += q
+        return top / np.float32(127.0), total, steps
+
+    _QUANTIZE = quantize
     slots = np.array(SLOTS, np.int64)
 
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
@@ -236,16 +256,8 @@ def _kernels() -> dict[str, Callable[..., None]] | None:
         for r in range(rows):  # each group of x as int8 and a scale (and its sum), in slots
             for g in range(k // GROUP):
                 slot = g - g % BLOCK_GROUPS + slots[g % BLOCK_GROUPS]
-                top, total = np.float32(0.0), np.float32(0.0)
-                for j in range(GROUP):
-                    v = x[r, g * GROUP + j]
-                    total += v
-                    top = max(top, abs(v))
-                inv = np.float32(127.0) / top if top > 0 else np.float32(0.0)
-                for j in range(GROUP):
-                    xq[r, slot * GROUP + j] = np.int8(np.rint(x[r, g * GROUP + j] * inv))
-                d[r, slot] = top / np.float32(127.0)
-                xs[r, slot] = total
+                d[r, slot], xs[r, slot], _ = _QUANTIZE(
+                    x[r], np.uint64(g * GROUP), xq[r], np.uint64(slot * GROUP))
         flat = w.reshape(-1)
         for n in numba.prange(n_rows):
             for r in range(rows):
@@ -287,19 +299,11 @@ def _kernels() -> dict[str, Callable[..., None]] | None:
         c = np.zeros(rows, np.float32)
         for r in range(rows):
             for g in range(k // GROUP):
-                top = np.float32(0.0)
-                for j in range(GROUP):
-                    top = max(top, abs(x[r, g * GROUP + j]))
-                inv = np.float32(127.0) / top if top > 0 else np.float32(0.0)
-                total = np.float32(0.0)
-                for j in range(GROUP):
-                    v = np.rint(x[r, g * GROUP + j] * inv)
-                    xq[r, g * GROUP + j] = np.int8(v)
-                    total += v
-                d = top / np.float32(127.0)
+                at = np.uint64(g * GROUP)
+                d, _, steps = _QUANTIZE(x[r], at, xq[r], at)
                 for j in range(8):
                     dv[r, g * 8 + j] = d
-                c[r] += d * np.float32(128.0) * total
+                c[r] += d * np.float32(128.0) * steps
         flat = w.reshape(-1)
         for n in numba.prange(n_rows):
             for r in range(rows):
