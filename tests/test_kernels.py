@@ -77,14 +77,14 @@ def logits(model: nn.Module) -> torch.Tensor:
 
 def logits_tolerance(kind: str, choice: Choice) -> float:
     """How near this tiny model's logits come to F.linear's in float32. Kernels that round the
-    activations to int8 too, as llama.cpp's Q8_0 and Q4_0 products do (int8's; int4's vnni, in
+    activations to int8 too, as llama.cpp's Q8_0 and Q4_0 products do (int8's; int4's vnni form's, in
     groups of 32), add that rounding: a few percent here, where each row has two groups, compounded
     over the layers. What it costs a trained model, the perplexity tests bound (test_quantize)."""
     if kind == "float32":
         return 1e-5
     if kind == "int8":
         return 5e-2
-    if kind == "int4" and "vnni" in (choice.few, choice.many):
+    if kind == "int4" and choice.layout == "vnni":
         return 7e-2
     return KINDS[kind].tol
 

@@ -22,7 +22,7 @@ from xllama_cli.quantize import (INT4, INT8, Int4Linear, Int8Linear, int4_refere
                                  int8_vnni_form, unpack_nibbles, vnni_form)
 
 if not vnni.usable():
-    pytest.skip("no AVX-512 VNNI or no numba here", allow_module_level=True)
+    pytest.skip("neither AVX-512 VNNI nor AVX2, or no numba, here", allow_module_level=True)
 
 
 def layer(n: int, k: int, seed: int = 0) -> Int4Linear:
@@ -53,27 +53,32 @@ def exact_activations(rows: int, k: int) -> torch.Tensor:
     return (steps * torch.rand(rows, k // 32, 1, generator=gen)).view(rows, k)
 
 
+ISAS = vnni.isas()  # both where the CPU has AVX-512 VNNI, and then both are tested
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n,k,rows", [(64, 256, 1), (37, 96, 3), (200, 2816 // 4, 2)])
-def test_activations_int8_holds_give_the_exact_product(n, k, rows):
+def test_activations_int8_holds_give_the_exact_product(n, k, rows, isa):
     """Nothing is rounded, so any misplaced nibble, scale or group would show beyond float32's
     rounding."""
     source = layer(n, k)
     x = exact_activations(rows, k)
-    got = vnni.vnni_linear(x, vnni_form(source))
+    got = vnni._int4_linear(isa, x, vnni_form(source))
     want = x @ held_weights(source).t()
     assert got.shape == (rows, n) and got.dtype == torch.float32
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 @torch.no_grad()
-def test_rounding_the_activations_costs_about_a_percent_of_the_largest_output():
+@pytest.mark.parametrize("isa", ISAS)
+def test_rounding_the_activations_costs_about_a_percent_of_the_largest_output(isa):
     source = layer(300, 1024, seed=2)
     x = torch.randn(4, 1024, generator=torch.Generator().manual_seed(3))
     want = int4_reference(x, source)
-    got = vnni.vnni_linear(x, vnni_form(source))
+    got = vnni._int4_linear(isa, x, vnni_form(source))
     err = ((got - want).abs().max() / want.abs().max()).item()
     assert 0 < err < 0.015
-    assert vnni.vnni_linear(x.bfloat16(), vnni_form(source)).dtype == torch.bfloat16
+    assert vnni._int4_linear(isa, x.bfloat16(), vnni_form(source)).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("n,k", [(48, 128), (7, 96)])
@@ -102,16 +107,19 @@ def test_a_product_over_many_chunks_is_the_product_over_one(monkeypatch):
 
 
 def test_the_tuner_times_each_product_on_its_own_side():
+    """Each instruction set's loop for few rows (both where the CPU has both: which is faster
+    is measured), the widened form for many."""
     times = measure(INT4, [layer(128, 64)], tied=False, few_rows=1)["vnni"]
-    assert set(times["few"]) == {"vnni"} and set(times["many"]) == {"widen-bf16"}
+    assert set(times["few"]) == set(vnni.isas()) and set(times["many"]) == {"widen-bf16"}
 
 
 # K: whole blocks of 128; padded (96, 2816 = 22 blocks of 128, 160)
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n,k,rows", [(64, 256, 1), (37, 96, 3), (200, 2816, 2), (16, 160, 1)])
-def test_int8_activations_int8_holds_give_the_exact_product(n, k, rows):
+def test_int8_activations_int8_holds_give_the_exact_product(n, k, rows, isa):
     source = int8_layer(n, k)
     x = exact_activations(rows, k)
-    got = vnni.int8_linear(x, int8_vnni_form(source))
+    got = vnni._int8_linear(isa, x, int8_vnni_form(source))
     want = int8_reference(x, source)
     assert got.shape == (rows, n) and got.dtype == torch.float32
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
@@ -123,7 +131,7 @@ def test_int8_rounding_the_activations_costs_under_a_percent_and_widening_is_exa
     x = torch.randn(4, 1024, generator=torch.Generator().manual_seed(3))
     want = int8_reference(x, source)
     state = int8_vnni_form(source)
-    err = ((vnni.int8_linear(x, state) - want).abs().max() / want.abs().max()).item()
+    err = ((vnni._int8_linear(ISAS[0], x, state) - want).abs().max() / want.abs().max()).item()
     assert 0 < err < 0.01
     weights = (source.weight.float() * source.scales.float()[:, None]).to(torch.bfloat16)
     assert torch.equal(vnni.int8_widened_rows(state, 0, 300)[:, :1024], weights)
@@ -133,25 +141,43 @@ def test_int8_rounding_the_activations_costs_under_a_percent_and_widening_is_exa
 
 def test_the_tuner_times_the_int8_form_on_each_side_and_only_for_whole_groups():
     times = measure(INT8, [int8_layer(128, 64)], tied=False, few_rows=1)["vnni"]
-    assert set(times["few"]) == {"vnni"} and set(times["many"]) == {"widen-bf16"}
+    assert set(times["few"]) == set(vnni.isas()) and set(times["many"]) == {"widen-bf16"}
     odd = measure(INT8, [int8_layer(128, 40)], tied=False, few_rows=1)  # no whole group in a row
     assert not odd.get("vnni", {}).get("few")  # so the form is never chosen (linear.best)
 
 
 def test_no_form_where_the_cpu_lacks_the_instructions(monkeypatch):
-    monkeypatch.setattr(vnni, "_host_has_features", lambda: False)
-    vnni._kernels.cache_clear()
-    try:
-        assert not vnni.usable()
-        assert "vnni" not in measure(INT4, [layer(128, 64)], tied=False, few_rows=1)
-        assert "vnni" not in measure(INT8, [int8_layer(128, 64)], tied=False, few_rows=1)
-    finally:
-        vnni._kernels.cache_clear()
+    monkeypatch.setattr(vnni, "_isa", lambda: None)  # neither AVX-512 VNNI nor AVX2
+    assert not vnni.usable()
+    assert "vnni" not in measure(INT4, [layer(128, 64)], tied=False, few_rows=1)
+    assert "vnni" not in measure(INT8, [int8_layer(128, 64)], tied=False, few_rows=1)
+
+
+@torch.no_grad()
+def test_the_avx2_loops_give_the_vnni_loops_products():
+    """Where the CPU has both, the AVX2 path (vpmaddubsw, vpmaddwd; int8 by |xq| and q with
+    xq's sign) gives what vpdpbusd gives: int4 to the bit, int8 to float32's rounding of the
+    VNNI path's offset. (On a CPU with AVX2 only, the other tests run the AVX2 path.)"""
+    if vnni._isa() != "vnni":
+        pytest.skip("no AVX-512 VNNI here to compare with")
+    paths = {isa: vnni._kernels(isa) for isa in ("vnni", "avx2")}
+    x = torch.randn(3, 2816, generator=torch.Generator().manual_seed(7))
+    int4 = vnni_form(layer(200, 2816, seed=8))[0].numpy()
+    int8, scales, _, _ = int8_vnni_form(int8_layer(200, 2816, seed=9))
+    got = {}
+    for isa, loops in paths.items():
+        y4, y8 = torch.zeros(3, 200), torch.zeros(3, 200)
+        loops["int4"](x.numpy(), int4, y4.numpy())
+        loops["int8"](x.numpy(), int8.numpy(), scales.numpy(), y8.numpy())
+        got[isa] = (y4, y8)
+    assert torch.equal(got["avx2"][0], got["vnni"][0])
+    want = got["vnni"][1]
+    assert torch.allclose(got["avx2"][1], want, rtol=0, atol=1e-5 * want.abs().max().item())
 
 
 def test_no_form_where_numba_compiles_for_another_cpu():
-    """NUMBA_CPU_NAME=generic (portable machine code): LLVM could not select vpdpbusd there, and
-    would abort the process, so the forms are not offered."""
+    """NUMBA_CPU_NAME=generic (portable machine code): LLVM could not select vpdpbusd or AVX2's
+    instructions there, and would abort the process, so the forms are not offered."""
     code = "from xllama_cli import vnni; print(vnni.usable())"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, NUMBA_CPU_NAME="generic", PYTHONPATH=str(ROOT / "src")))

@@ -197,7 +197,10 @@ INT8 = Kind("int8", (
     Layout("fbgemm", fbgemm_int8_pack, (Product("fbgemm", fbgemm_int8_linear),),
            fbgemm_int8_works),
     Layout("vnni", int8_vnni_form, (
-        Product("vnni", vnni.int8_linear, lambda n, k: k % GROUP == 0, many=False),
+        Product("vnni", vnni.int8_linear, lambda n, k: k % GROUP == 0 and vnni.serves_vnni(n, k),
+                many=False),
+        Product("avx2", vnni.int8_avx2_linear,
+                lambda n, k: k % GROUP == 0 and vnni.serves_avx2(n, k), many=False),
         Product("widen-bf16", vnni.int8_widened_linear, few=False),
     ), lambda dtype: vnni.usable()),
 ), int8_reference, TOL)
@@ -324,7 +327,8 @@ INT4 = Kind("int4", (
         Product("widen-bf16", int4_gemm.widened_int4pack_linear, int4_gemm.fits, few=False),
     ), int4pack_works),
     Layout("vnni", vnni_form, (
-        Product("vnni", vnni.vnni_linear, many=False),
+        Product("vnni", vnni.vnni_linear, vnni.serves_vnni, many=False),
+        Product("avx2", vnni.avx2_linear, vnni.serves_avx2, many=False),
         Product("widen-bf16", vnni.widened_linear, few=False),
     ), lambda dtype: vnni.usable()),
 ), int4_reference, TOL)

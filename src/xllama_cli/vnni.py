@@ -1,6 +1,7 @@
 """int4 and int8 weights multiplied by a decode step's few rows with the CPU's 8-bit dot product
-(AVX-512 VNNI's vpdpbusd), as llama.cpp's Q4_0 and Q8_0 products do: each row of activations is
-quantized to int8 in groups of 32, and 64 weights at a time are multiplied by them in integers.
+(AVX-512 VNNI's vpdpbusd, else AVX2's), as llama.cpp's Q4_0 and Q8_0 products do: each row of
+activations is quantized to int8 in groups of 32, and 64 weights at a time are multiplied by them
+in integers.
 
 ATen's int4 kernel (`_weight_int4pack_mm_for_cpu`) dequantizes every weight to floating point in
 registers, and it, fbgemm's and ATen's int8 products read a decode step's weights well under the
@@ -8,11 +9,12 @@ memory's pace. This module holds each weight in a row-major form of its own, wri
 loop: a row is one stream of bytes that the loop reads front to back, asking the memory for the
 bytes PREFETCH ahead as it goes (without that, the int4 loop read 29-34 G weights/s here where
 it reads 52-57). numba compiles the loops with LLVM for the CPU in use (no C++ compiler); the dot
-product is LLVM's x86 intrinsic, so the forms are offered only where the CPU has it (`usable`). A
-prompt's many rows widen the same form to bf16 a chunk of rows at a time for oneDNN's GEMM, as
-int4_gemm.py does for int4pack's. Rounding the activations to int8 costs about 1% of the
-largest output (as llama.cpp's Q8_0 activations do); linear.py checks each product against the
-dequantized weights' float32 one, to the kind's tolerance, before it is used.
+products are LLVM's x86 intrinsics: AVX-512 VNNI's vpdpbusd, or on a CPU with AVX2 only the pair
+llama.cpp's AVX2 path uses (vpmaddubsw, vpmaddwd), and the forms are offered only where the CPU
+has one of them (`usable`). A prompt's many rows widen the same form to bf16 a chunk of rows at a
+time for oneDNN's GEMM, as int4_gemm.py does for int4pack's. Rounding the activations to int8
+costs about 1% of the largest output (as llama.cpp's Q8_0 activations do); linear.py checks each
+product against the dequantized weights' float32 one, to the kind's tolerance, before use.
 
 int4 (quantize.quantize_int4: in group g of a row, w = (q - 8) s + z). With x = d xq in each
 group (xq int8, d = max |x| / 127), a row's product is
@@ -46,7 +48,7 @@ UNROLL = 2  # blocks a loop iteration takes, each into its own accumulator
 PREFETCH = 4096  # bytes ahead of the block being read that the loop asks the memory for
 BLOCK_BYTES = 64 + 2 * 2 * BLOCK_GROUPS  # a block's nibbles, and its four bf16 scales and zeros
 SLOTS = (0, 2, 1, 3)  # where a block's group i goes in the order the loop reads them
-FEATURES = ("avx512f", "avx512bw", "avx512vnni")  # what the loop's instructions need
+FEATURES = ("avx512f", "avx512bw", "avx512vnni")  # what vpdpbusd needs (else AVX2's path)
 CHUNK_WEIGHTS = 1 << 21  # weights widened at once for many rows (4 MiB of bf16)
 
 _buffers = threading.local()
@@ -56,27 +58,36 @@ _QUANTIZE: Any = None  # the activations' pass both products share
 
 
 def usable() -> bool:
-    """Whether the loop can run here: an x86 CPU with AVX-512 VNNI, and numba."""
-    return _kernels() is not None
+    """Whether the loops can run here: numba, and an x86 CPU with AVX-512 VNNI or AVX2."""
+    return _isa() is not None and _kernels(_isa()) is not None
+
+
+def isas() -> tuple[str, ...]:
+    """The instruction sets the loops can be written with here, best first: a CPU with AVX-512
+    VNNI has AVX2 too, and which is faster is measured (on this Zen 5, AVX2's by 6-7%)."""
+    return {"vnni": ("vnni", "avx2"), "avx2": ("avx2",)}.get(_isa(), ())
 
 
 @cache
-def _host_has_features() -> bool:
-    """Whether numba compiles for a CPU with FEATURES: the host's, unless NUMBA_CPU_NAME or
-    NUMBA_CPU_FEATURES name another (where LLVM could not select the instruction, it aborts the
-    process rather than raise)."""
+def _isa() -> str | None:
+    """The instructions the loops are written with for the CPU numba compiles for: "vnni"
+    (AVX-512 VNNI's vpdpbusd), else "avx2" (vpmaddubsw and vpmaddwd, as llama.cpp's AVX2 path),
+    else None. That CPU is the host, unless NUMBA_CPU_NAME or NUMBA_CPU_FEATURES name another:
+    where LLVM cannot select an instruction it aborts the process rather than raise."""
     try:
         import llvmlite.binding as llvm
         import numba
         if numba.config.CPU_FEATURES:
             named = {f[1:]: f[0] == "+" for f in numba.config.CPU_FEATURES.split(",") if f}
-            return all(named.get(f, False) for f in FEATURES)
-        if numba.config.CPU_NAME not in (None, "", "host"):
-            return False
-        features = llvm.get_host_cpu_features()
+        elif numba.config.CPU_NAME not in (None, "", "host"):
+            return None
+        else:
+            named = llvm.get_host_cpu_features()
     except Exception:  # noqa: BLE001 - no llvmlite, or a host it cannot read
-        return False
-    return all(features.get(f, False) for f in FEATURES)
+        return None
+    if all(named.get(f, False) for f in FEATURES):
+        return "vnni"
+    return "avx2" if named.get("avx2", False) else None
 
 
 def padded_groups(k: int) -> int:
@@ -106,8 +117,9 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Te
     return torch.cat((nibbles.reshape(n, -1), per_slot(scales), per_slot(zeros)), 1).contiguous()
 
 
-def _intrinsics() -> tuple[Any, Any]:
-    """The numba intrinsics for one weight row's dot product with one quantized activation row,
+def _intrinsics(isa: str) -> tuple[Any, Any]:
+    """The numba intrinsics, written with `isa`'s instructions (_isa), for one weight row's dot
+    product with one quantized activation row,
     each setting y[n] from the row starting at byte `at` of a flat form w:
     int4_row(w, at, xq, d, xs, blocks, y, n): xq int8, d and xs float32 (the activations, their
     scales and sums), in slots; int8_row(w, at, xq, dv, blocks, y, n, s, c): xq int8, dv float32
@@ -127,11 +139,40 @@ def _intrinsics() -> tuple[Any, Any]:
     Emit = emitter()
     const, lanes = Emit.i64, Emit.lanes
 
+    def halves(e: Any, v: Any) -> tuple[Any, Any]:
+        return (e.b.shuffle_vector(v, v, lanes(list(range(32)))),
+                e.b.shuffle_vector(v, v, lanes(list(range(32, 64)))))
+
     def vpdpbusd(e: Any, unsigned: Any, signed: Any) -> Any:
-        """vpdpbusd: 64 bytes by 64, as 16 int32 lanes, each the sum of 4 products."""
-        none = ir.Constant(ints16, [0] * 16)
-        return e.call("llvm.x86.avx512.vpdpbusd.512", ints16,
-                      [none, e.b.bitcast(unsigned, ints16), e.b.bitcast(signed, ints16)])
+        """64 bytes by 64, as 16 int32 lanes, each the sum of 4 products of an unsigned and a
+        signed byte: vpdpbusd; on AVX2, per 32 bytes, vpmaddubsw (pairs, into int16: exact while
+        a pair's sum stays within int16, as int4's nibbles by int8 do) then vpmaddwd by ones."""
+        if isa == "vnni":
+            none = ir.Constant(ints16, [0] * 16)
+            return e.call("llvm.x86.avx512.vpdpbusd.512", ints16,
+                          [none, e.b.bitcast(unsigned, ints16), e.b.bitcast(signed, ints16)])
+        ones = ir.Constant(ir.VectorType(i16, 16), [1] * 16)
+        parts = [e.call("llvm.x86.avx2.pmadd.wd", ir.VectorType(i32, 8), [e.call(
+                     "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(i16, 16), [u, s]), ones])
+                 for u, s in zip(halves(e, unsigned), halves(e, signed))]
+        return e.b.shuffle_vector(parts[0], parts[1], lanes(list(range(16))))
+
+    def signed_dot(e: Any, offset: Any, signed: Any) -> Any:
+        """The int8 form's dot: vpdpbusd of q + 128 (its bytes as they are) by xq on VNNI, less
+        the offset C after; on AVX2, where pairs of 255 * 127 overflow int16, q . xq itself as
+        |xq| by q with xq's sign (psignb), as llama.cpp's AVX2 Q8_0 product."""
+        if isa == "vnni":
+            return vpdpbusd(e, offset, signed)
+        q = e.b.xor(offset, ir.Constant(bytes64, [128] * 64))
+        parts = []
+        for w, x in zip(halves(e, q), halves(e, signed)):
+            magnitude = e.call("llvm.abs.v32i8", ir.VectorType(i8, 32), [x, ir.Constant(
+                ir.IntType(1), 0)])
+            sign = e.call("llvm.x86.avx2.psign.b", ir.VectorType(i8, 32), [w, x])
+            parts.append(e.call("llvm.x86.avx2.pmadd.wd", ir.VectorType(i32, 8), [e.call(
+                "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(i16, 16), [magnitude, sign]),
+                ir.Constant(ir.VectorType(i16, 16), [1] * 16)]))
+        return e.b.shuffle_vector(parts[0], parts[1], lanes(list(range(16))))
 
     @intrinsic
     def int4_row(typingctx, w, at, xq, d, xs, blocks, y, n):  # noqa: ANN
@@ -196,14 +237,17 @@ def _intrinsics() -> tuple[Any, Any]:
             def block(i: Any, u: int) -> None:
                 at_w = builder.mul(i, const(64))
                 e.prefetch(e.at(row, builder.add(at_w, const(PREFETCH))))
-                dot = vpdpbusd(e, e.load(e.at(row, at_w), bytes64, 1),
-                               e.load(e.at(xp, at_w), bytes64, 1))
+                dot = signed_dot(e, e.load(e.at(row, at_w), bytes64, 1),
+                                 e.load(e.at(xp, at_w), bytes64, 1))
                 scale = e.load(e.at(dp, builder.mul(i, const(16)), f32), floats16, 4)
                 total = e.add(builder.load(accs[u]), e.mul(builder.sitofp(dot, floats16), scale))
                 builder.store(total, accs[u])
 
             e.blocks(blocks, UNROLL, block)
-            one = e.mul(builder.fsub(e.sum(accs), c, flags=fast), s)
+            total = e.sum(accs)
+            if isa == "vnni":  # AVX2's dot is q . xq already
+                total = builder.fsub(total, c, flags=fast)
+            one = e.mul(total, s)
             builder.store(one, e.at(e.data(ty, y), n, f32))
             return context.get_dummy_value()
 
@@ -213,15 +257,24 @@ def _intrinsics() -> tuple[Any, Any]:
 
 
 @cache
-def _kernels() -> dict[str, Callable[..., None]] | None:
-    """The compiled products and widening loops of each form, or None where they cannot run
-    here."""
+def _kernels(isa: str | None) -> dict[str, Callable[..., None]] | None:
+    """The products and widening loops of each form, written with `isa`'s instructions (one of
+    `isas()`) and compiled now, or None where they cannot run here."""
     numba = numba_module()
-    if numba is None or not _host_has_features():
+    if numba is None or isa not in isas():
         return None
+
+    def loop(fn: Callable[..., None]) -> Callable[..., None]:
+        # numba's cache names its files after the function: one name per isa, so that one
+        # isa's machine code is never loaded for the other's
+        fn.__qualname__ = f"{fn.__qualname__}.{isa}"
+        return numba.njit(parallel=True, fastmath=True, cache=True, nogil=True,
+                          boundscheck=False)(fn)
+
     global _INT4_ROW, _INT8_ROW, _QUANTIZE
-    # globals, not a closure's cells: numba's cache keys on those
-    _INT4_ROW, _INT8_ROW = _intrinsics()
+    # globals, not a closure's cells (numba's cache keys on those): numba reads them as it
+    # compiles, so each isa's loops are compiled below, while the globals hold its intrinsics
+    _INT4_ROW, _INT8_ROW = _intrinsics(isa)
 
     # unsigned indices: with signed ones numba's wraparound checks keep LLVM from vectorizing
     @numba.njit(inline="always", fastmath=True, boundscheck=False)
@@ -243,7 +296,7 @@ def _kernels() -> dict[str, Callable[..., None]] | None:
     _QUANTIZE = quantize
     slots = np.array(SLOTS, np.int64)
 
-    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
+    @loop
     def product(x, w, y):
         """x float32 [R, K] @ the form w [N, blocks * BLOCK_BYTES] -> y float32 [R, N]."""
         rows, k = x.shape
@@ -264,7 +317,7 @@ def _kernels() -> dict[str, Callable[..., None]] | None:
                 _INT4_ROW(flat, np.int64(n * width), xq[r], d[r], xs[r], np.int64(blocks), y[r],
                         np.int64(n))
 
-    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
+    @loop
     def widen(w, halves, first, k, out):
         """Rows first..first+R-1 of the form w (halves: the same bytes as uint16) as the bf16
         bits of their weights, out uint16 [R, k]: w = (q - 8) s + z rounded to nearest even."""
@@ -289,7 +342,7 @@ def _kernels() -> dict[str, Callable[..., None]] | None:
                         (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
                         >> np.uint32(16))
 
-    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
+    @loop
     def int8_product(x, w, scales, y):
         """x float32 [R, K] @ the int8 form w [N, Kp] (scales float32 [N]) -> y float32 [R, N]."""
         rows, k = x.shape
@@ -310,7 +363,7 @@ def _kernels() -> dict[str, Callable[..., None]] | None:
                 _INT8_ROW(flat, np.int64(n * width), xq[r], dv[r], np.int64(width // 64), y[r],
                           np.int64(n), scales[n], c[r])
 
-    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
+    @loop
     def int8_widen(w, scales, first, out):
         """Rows first..first+R-1 of the int8 form as the bf16 bits of their weights, out uint16
         [R, k]: (q' - 128) s rounded to nearest even."""
@@ -324,8 +377,21 @@ def _kernels() -> dict[str, Callable[..., None]] | None:
                 out[r, j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16))
                                                               & np.uint32(1))) >> np.uint32(16))
 
-    return {"int4": on_torch_threads(product), "int4 widen": on_torch_threads(widen),
-            "int8": on_torch_threads(int8_product), "int8 widen": on_torch_threads(int8_widen)}
+    loops = {"int4": product, "int4 widen": widen, "int8": int8_product, "int8 widen": int8_widen}
+    _compile(loops)
+    return {name: on_torch_threads(loop) for name, loop in loops.items()}
+
+
+def _compile(loops: dict[str, Callable[..., None]]) -> None:
+    """Each loop called once on a small input, so that numba compiles it now."""
+    x = np.zeros((1, GROUP), np.float32)
+    int4 = pack(torch.zeros(1, GROUP, dtype=torch.uint8), torch.zeros(1, 1), torch.zeros(1, 1))
+    int8, scales, _, _ = pack_int8(torch.zeros(1, GROUP, dtype=torch.int8), torch.zeros(1))
+    loops["int4"](x, int4.numpy(), np.zeros((1, 1), np.float32))
+    loops["int4 widen"](int4.numpy(), int4.view(torch.int16).numpy().view(np.uint16), 0, GROUP,
+                        np.zeros((1, GROUP), np.uint16))
+    loops["int8"](x, int8.numpy(), scales.numpy(), np.zeros((1, 1), np.float32))
+    loops["int8 widen"](int8.numpy(), scales.numpy(), 0, np.zeros((1, int8.shape[1]), np.uint16))
 
 
 def _buffer(size: int) -> torch.Tensor:
@@ -340,13 +406,31 @@ def _buffer(size: int) -> torch.Tensor:
 State = tuple[torch.Tensor, int, int]
 
 
-def vnni_linear(x: torch.Tensor, state: State) -> torch.Tensor:
-    """x [R, K] (any float dtype) @ W.T -> [R, N] in x's dtype, by the VNNI loop."""
+def _int4_linear(isa: str, x: torch.Tensor, state: State) -> torch.Tensor:
+    """x [R, K] (any float dtype) @ W.T -> [R, N] in x's dtype, by isa's loop."""
     form, n, k = state
     xf = x.float().contiguous()
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    _kernels()["int4"](xf.numpy(), form.numpy(), y.numpy())
+    _kernels(isa)["int4"](xf.numpy(), form.numpy(), y.numpy())
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def vnni_linear(x: torch.Tensor, state: State) -> torch.Tensor:
+    return _int4_linear("vnni", x, state)
+
+
+def avx2_linear(x: torch.Tensor, state: State) -> torch.Tensor:
+    return _int4_linear("avx2", x, state)
+
+
+def serves_vnni(n: int, k: int) -> bool:
+    """A product's `fits`: whether the loops with vpdpbusd run here."""
+    return "vnni" in isas() and _kernels("vnni") is not None
+
+
+def serves_avx2(n: int, k: int) -> bool:
+    """A product's `fits`: whether the loops with AVX2's instructions run here."""
+    return "avx2" in isas() and _kernels("avx2") is not None
 
 
 def widened_rows(state: State, first: int, rows: int) -> torch.Tensor:
@@ -354,8 +438,8 @@ def widened_rows(state: State, first: int, rows: int) -> torch.Tensor:
     buffer, overwritten by its next call."""
     form, n, k = state
     out = _buffer(rows * k)[:rows * k].view(rows, k)
-    _kernels()["int4 widen"](form.numpy(), form.view(torch.int16).numpy().view(np.uint16), first, k,
-                  out.numpy())
+    halves = form.view(torch.int16).numpy().view(np.uint16)
+    _kernels(_isa())["int4 widen"](form.numpy(), halves, first, k, out.numpy())
     return out.view(torch.bfloat16)
 
 
@@ -385,13 +469,21 @@ def pack_int8(q: torch.Tensor, scales: torch.Tensor) -> Int8State:
     return form, scales.detach().float().contiguous(), n, k
 
 
-def int8_linear(x: torch.Tensor, state: Int8State) -> torch.Tensor:
-    """x [R, K] (any float dtype) @ W.T -> [R, N] in x's dtype, by the VNNI loop."""
+def _int8_linear(isa: str, x: torch.Tensor, state: Int8State) -> torch.Tensor:
+    """x [R, K] (any float dtype) @ W.T -> [R, N] in x's dtype, by isa's loop."""
     form, scales, n, k = state
     xf = x.float().contiguous()
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    _kernels()["int8"](xf.numpy(), form.numpy(), scales.numpy(), y.numpy())
+    _kernels(isa)["int8"](xf.numpy(), form.numpy(), scales.numpy(), y.numpy())
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def int8_linear(x: torch.Tensor, state: Int8State) -> torch.Tensor:
+    return _int8_linear("vnni", x, state)
+
+
+def int8_avx2_linear(x: torch.Tensor, state: Int8State) -> torch.Tensor:
+    return _int8_linear("avx2", x, state)
 
 
 def int8_widened_rows(state: Int8State, first: int, rows: int) -> torch.Tensor:
@@ -400,7 +492,7 @@ def int8_widened_rows(state: Int8State, first: int, rows: int) -> torch.Tensor:
     form, scales, n, k = state
     width = form.shape[1]
     out = _buffer(rows * width)[:rows * width].view(rows, width)
-    _kernels()["int8 widen"](form.numpy(), scales.numpy(), first, out.numpy())
+    _kernels(_isa())["int8 widen"](form.numpy(), scales.numpy(), first, out.numpy())
     return out.view(torch.bfloat16)
 
 
