@@ -1,7 +1,8 @@
 """int4_gemm.py: a prompt's product over int4 weights in ATen's int4pack form, the weight widened to
 bf16 a chunk of rows at a time by a numba loop, then oneDNN's bf16 GEMM. The loop reads int4pack's
 form (whole blocks of 64 rows and a last, partial one) to the bit of its bf16 rounding, a product
-over several chunks is the product over one, and the tuner offers it for many rows only."""
+over several chunks is the product over one (as for vnni.py's widened forms), and the tuner
+offers it for many rows only."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from xllama_cli import int4_gemm
+from xllama_cli import int4_gemm, vnni
 from xllama_cli.linear import measure
-from xllama_cli.quantize import INT4, Int4Linear, int4_reference, int4pack, unpack_nibbles
+from xllama_cli.quantize import (INT4, INT8, Int4Linear, Int8Linear, int4_reference, int4pack,
+                                 int8_reference, int8_vnni_form, unpack_nibbles, vnni_form)
 
 if int4_gemm._loop() is None:
     pytest.skip("numba is not usable here", allow_module_level=True)
@@ -41,18 +43,34 @@ def test_widened_rows_are_the_int4pack_weights_rounded_to_bf16(n):
     assert (got == want).float().mean() > 0.99
 
 
+# the prompt products that widen a weight a chunk of rows at a time: int4pack's form (chunks of
+# whole 64-row blocks), and vnni.py's int4 and int8 forms (48 rows a chunk, the last 8)
+WIDENED = [("int4pack", 64 * 128), ("vnni int4", 48 * 128), ("vnni int8", 48 * 128)]
+
+
 @torch.no_grad()
-def test_a_product_over_many_chunks_is_the_product_over_one(monkeypatch):
-    source = layer(200, 128, seed=1)
-    state = int4pack(source)
+@pytest.mark.parametrize("form,chunk", WIDENED, ids=[w[0] for w in WIDENED])
+def test_a_product_over_many_chunks_is_the_product_over_one(monkeypatch, form, chunk):
+    if form.startswith("vnni") and not vnni.usable():
+        pytest.skip("neither AVX-512 VNNI nor AVX2 here")
+    module, product, source, reference, tol = {
+        "int4pack": (int4_gemm, int4_gemm.widened_int4pack_linear, layer(200, 128, seed=1),
+                     int4_reference, INT4.tol),
+        "vnni int4": (vnni, vnni.widened_linear, layer(200, 128, seed=1), int4_reference,
+                      INT4.tol),
+        "vnni int8": (vnni, vnni.int8_widened_linear,
+                      Int8Linear(nn.Linear(128, 200, bias=False), torch.bfloat16),
+                      int8_reference, INT8.tol),
+    }[form]
+    state = {"int4pack": int4pack, "vnni int4": vnni_form, "vnni int8": int8_vnni_form}[form](source)
     x = torch.randn(37, 128, generator=torch.Generator().manual_seed(2))
-    whole = int4_gemm.widened_int4pack_linear(x, state)
-    monkeypatch.setattr(int4_gemm, "CHUNK_WEIGHTS", 64 * 128)  # one block of rows a chunk
-    chunked = int4_gemm.widened_int4pack_linear(x, state)
+    whole = product(x, state)
+    monkeypatch.setattr(module, "CHUNK_WEIGHTS", chunk)
+    chunked = product(x, state)
     assert whole.shape == (37, 200) and whole.dtype == torch.float32
     assert torch.equal(chunked, whole)
-    want = int4_reference(x, source)
-    assert torch.allclose(whole, want, rtol=INT4.tol, atol=INT4.tol * want.abs().max().item())
+    want = reference(x, source)
+    assert torch.allclose(whole, want, rtol=tol, atol=tol * want.abs().max().item())
 
 
 def test_the_tuner_times_it_for_many_rows_only():

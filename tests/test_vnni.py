@@ -92,20 +92,6 @@ def test_widened_rows_are_the_held_weights_rounded_to_bf16(n, k):
     assert (got == want.to(torch.bfloat16)).float().mean() > 0.99
 
 
-@torch.no_grad()
-def test_a_product_over_many_chunks_is_the_product_over_one(monkeypatch):
-    source = layer(200, 128, seed=5)
-    state = vnni_form(source)
-    x = torch.randn(37, 128, generator=torch.Generator().manual_seed(6))
-    whole = vnni.widened_linear(x, state)
-    monkeypatch.setattr(vnni, "CHUNK_WEIGHTS", 48 * 128)  # 48 rows a chunk, the last 8
-    chunked = vnni.widened_linear(x, state)
-    assert whole.shape == (37, 200) and whole.dtype == torch.float32
-    assert torch.equal(chunked, whole)
-    want = int4_reference(x, source)
-    assert torch.allclose(whole, want, rtol=INT4.tol, atol=INT4.tol * want.abs().max().item())
-
-
 def test_the_tuner_times_each_product_on_its_own_side():
     """Each instruction set's loop for few rows (both where the CPU has both: which is faster
     is measured), the widened form for many."""

@@ -444,12 +444,19 @@ def widened_rows(state: State, first: int, rows: int) -> torch.Tensor:
 
 
 def widened_linear(x: torch.Tensor, state: State) -> torch.Tensor:
-    """x [R, K] @ W.T for many rows: the weight widened to bf16 a chunk of rows at a time, each
-    chunk multiplied by oneDNN's bf16 GEMM (F.linear); y in x's dtype."""
+    """x [R, K] @ W.T for many rows (the int4 form)."""
     form, n, k = state
-    xb = x.to(torch.bfloat16)
-    step = max(1, CHUNK_WEIGHTS // k)
-    parts = [torch.nn.functional.linear(xb, widened_rows(state, first, min(step, n - first)))
+    return _chunked(x, n, k, lambda first, rows: widened_rows(state, first, rows))
+
+
+def _chunked(x: torch.Tensor, n: int, width: int,
+             widened: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """x [R, K] @ W.T for a weight of n rows of `width` (K or more: x is padded with zeros):
+    `widened(first, rows)` gives rows of it in bf16 a chunk at a time, each chunk multiplied by
+    oneDNN's bf16 GEMM (F.linear); y in x's dtype."""
+    xb = torch.nn.functional.pad(x.to(torch.bfloat16), (0, width - x.shape[-1]))
+    step = max(1, CHUNK_WEIGHTS // width)
+    parts = [torch.nn.functional.linear(xb, widened(first, min(step, n - first)))
              for first in range(0, n, step)]
     y = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
     return y.to(x.dtype)
@@ -497,11 +504,6 @@ def int8_widened_rows(state: Int8State, first: int, rows: int) -> torch.Tensor:
 
 
 def int8_widened_linear(x: torch.Tensor, state: Int8State) -> torch.Tensor:
-    """x [R, K] @ W.T for many rows, as widened_linear for the int4 form."""
+    """x [R, K] @ W.T for many rows (the int8 form, its rows padded)."""
     form, scales, n, k = state
-    xb = torch.nn.functional.pad(x.to(torch.bfloat16), (0, form.shape[1] - k))
-    step = max(1, CHUNK_WEIGHTS // form.shape[1])
-    parts = [torch.nn.functional.linear(xb, int8_widened_rows(state, first, min(step, n - first)))
-             for first in range(0, n, step)]
-    y = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
-    return y.to(x.dtype)
+    return _chunked(x, n, form.shape[1], lambda first, rows: int8_widened_rows(state, first, rows))
