@@ -12,8 +12,8 @@ time, widened to float32 in registers (a bf16 is a float32's high half), multipl
 float32 activations into two accumulators, asking the memory for the bytes PREFETCH ahead. Its
 products are F.linear's in float32 over the bf16 weights: the activations are not rounded. An
 earlier bfloat16 loop in plain numba, as fast as fbgemm's product alone, made a decode step
-slower; this one made the 220M model's bf16 step 1.18x faster than oneDNN's products in an A/B
-run (README).
+slower; this one makes the step faster than oneDNN's and fbgemm's products do (README, "The
+products' pace").
 
 Both loops are candidates like any other: linear.py times them against torch's products and
 checks them against F.linear first; where numba is missing, they are none."""
@@ -30,7 +30,7 @@ from .jit import emitter, numba_module, on_torch_threads
 
 PREFETCH = 4096  # bytes ahead of the block being read that the bf16 loop asks the memory for
 UNROLL = 2  # blocks of 32 bf16 weights a loop iteration takes, each into its own accumulator
-BLOCK = 32
+BLOCK = 32  # bf16 weights a block (64 bytes, one vector load)
 _BF16_ROW = None  # the bf16 loop's intrinsic (_bf16_row), a global: numba's cache keys on cells
 
 

@@ -7,8 +7,8 @@ ATen's int4 kernel (`_weight_int4pack_mm_for_cpu`) dequantizes every weight to f
 registers, and it, fbgemm's and ATen's int8 products read a decode step's weights well under the
 memory's pace. This module holds each weight in a row-major form of its own, written for its
 loop: a row is one stream of bytes that the loop reads front to back, asking the memory for the
-bytes PREFETCH ahead as it goes (without that, the int4 loop read 29-34 G weights/s here where
-it reads 52-57). numba compiles the loops with LLVM for the CPU in use (no C++ compiler); the dot
+bytes PREFETCH ahead as it goes (without that, the int4 loop is far slower: README, "The
+products' pace"). numba compiles the loops with LLVM for the CPU in use (no C++ compiler); the dot
 products are LLVM's x86 intrinsics: AVX-512 VNNI's vpdpbusd, or on a CPU with AVX2 only the pair
 llama.cpp's AVX2 path uses (vpmaddubsw, vpmaddwd), and the forms are offered only where the CPU
 has one of them (`usable`). A prompt's many rows widen the same form to bf16 a chunk of rows at a
@@ -64,7 +64,7 @@ def usable() -> bool:
 
 def isas() -> tuple[str, ...]:
     """The instruction sets the loops can be written with here, best first: a CPU with AVX-512
-    VNNI has AVX2 too, and which is faster is measured (on this Zen 5, AVX2's by 6-7%)."""
+    VNNI has AVX2 too, and which is faster is measured (it is not always vpdpbusd's: README)."""
     return {"vnni": ("vnni", "avx2"), "avx2": ("avx2",)}.get(_isa(), ())
 
 
