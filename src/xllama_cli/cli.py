@@ -219,16 +219,18 @@ def eval_(
 ) -> None:
     """Perplexity of a model on a text file (sliding windows that each start with BOS; every
     token scored once)."""
-    from .evaluate import evaluate_text, read_text, window_settings
+    from .evaluate import check_text, evaluate_tokens, read_text, text_tokens, window_settings
     from .generation import context_length
 
     if text is None:
         raise XllamaError("no --text given; pass the text file to score with --text FILE")
-    read_text(text)  # a bad file fails before the model loads
+    read_text(text)  # a bad file fails before the model is opened
     opened = load.open(model)
     window_settings(context_length(opened.config), context, stride)
+    tokens = text_tokens(opened.tokenizer, text)
+    check_text(tokens, opened.tokenizer.bos_id, opened.config)  # before the weights load
     m = opened.load(decode_batch=None).model  # perplexity: no decoding
-    result = evaluate_text(m, opened.tokenizer, text, context, stride)
+    result = evaluate_tokens(m, tokens, opened.tokenizer.bos_id, context, stride)
     if as_json:
         report.write_json({"model": opened.name, "text": str(text),
                            "kv_heads": m.config.n_kv_heads, **result.as_dict()})

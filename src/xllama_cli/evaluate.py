@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import report
+from .config import ModelConfig
 from .errors import XllamaError, read_utf8
 from .generation import check_token_ids, context_length
 from .model import Transformer
@@ -90,11 +91,7 @@ def perplexity(model: Transformer, tokens: list[int], bos_id: int, context: int 
 
     context: default the model's context; stride: default context // 2.
     """
-    if not tokens:
-        raise XllamaError("the text has no tokens to score")
-    if bos_id is None or bos_id < 0:
-        raise XllamaError("the tokenizer has no BOS token, which every window starts with")
-    check_token_ids(tokens, model)
+    check_text(tokens, bos_id, model)
     context, stride = window_settings(context_length(model), context, stride)
     device = model.lm_head.weight.device
     text = torch.tensor(tokens, dtype=torch.long, device=device)
@@ -125,10 +122,32 @@ def read_text(path: str | Path) -> str:
     return text
 
 
+def check_text(tokens: list[int], bos_id: int | None, model: Transformer | ModelConfig) -> None:
+    """Refuse text tokens `perplexity` cannot score: none, no BOS to start a window with, or ids
+    the model has no embedding for (a tokenizer that is not the model's)."""
+    if not tokens:
+        raise XllamaError("the text has no tokens to score")
+    if bos_id is None or bos_id < 0:
+        raise XllamaError("the tokenizer has no BOS token, which every window starts with")
+    check_token_ids(tokens, model)
+
+
+def text_tokens(tokenizer: Tokenizer, text_path: str | Path) -> list[int]:
+    """A text file's tokens, as perplexity scores them (no BOS)."""
+    return tokenizer.encode(read_text(text_path), bos=False)
+
+
+def evaluate_tokens(model: Transformer, tokens: list[int], bos_id: int, context: int | None = None,
+                    stride: int | None = None, progress: bool = True,
+                    label: str = "perplexity") -> PerplexityResult:
+    """Perplexity of `model` on text tokens, with a progress bar on stderr."""
+    with report.progress(len(tokens), label, unit="tokens", enabled=progress) as advance:
+        return perplexity(model, tokens, bos_id, context, stride, on_progress=advance)
+
+
 def evaluate_text(model: Transformer, tokenizer: Tokenizer, text_path: str | Path,
                   context: int | None = None, stride: int | None = None, progress: bool = True,
                   label: str = "perplexity") -> PerplexityResult:
     """Perplexity of `model` on a text file, with a progress bar on stderr."""
-    tokens = tokenizer.encode(read_text(text_path), bos=False)
-    with report.progress(len(tokens), label, unit="tokens", enabled=progress) as advance:
-        return perplexity(model, tokens, tokenizer.bos_id, context, stride, on_progress=advance)
+    return evaluate_tokens(model, text_tokens(tokenizer, text_path), tokenizer.bos_id, context,
+                           stride, progress, label)
