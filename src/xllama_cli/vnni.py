@@ -383,15 +383,13 @@ def _kernels(isa: str | None) -> dict[str, Callable[..., None]] | None:
 
 
 def _compile(loops: dict[str, Callable[..., None]]) -> None:
-    """Each loop called once on a small input, so that numba compiles it now."""
+    """The products called once on a small input, so that numba compiles them now, while the
+    intrinsics' globals are this isa's. (The widening loops use none: compiled at first use.)"""
     x = np.zeros((1, GROUP), np.float32)
     int4 = pack(torch.zeros(1, GROUP, dtype=torch.uint8), torch.zeros(1, 1), torch.zeros(1, 1))
     int8, scales, _, _ = pack_int8(torch.zeros(1, GROUP, dtype=torch.int8), torch.zeros(1))
     loops["int4"](x, int4.numpy(), np.zeros((1, 1), np.float32))
-    loops["int4 widen"](int4.numpy(), int4.view(torch.int16).numpy().view(np.uint16), 0, GROUP,
-                        np.zeros((1, GROUP), np.uint16))
     loops["int8"](x, int8.numpy(), scales.numpy(), np.zeros((1, 1), np.float32))
-    loops["int8 widen"](int8.numpy(), scales.numpy(), 0, np.zeros((1, int8.shape[1]), np.uint16))
 
 
 def _buffer(size: int) -> torch.Tensor:
