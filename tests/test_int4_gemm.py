@@ -13,7 +13,7 @@ from torch import nn
 from xllama_cli import int4_gemm, vnni
 from xllama_cli.linear import measure
 from xllama_cli.quantize import (INT4, INT8, Int4Linear, Int8Linear, int4_reference, int4pack,
-                                 int8_reference, int8_vnni_form, unpack_nibbles, vnni_form)
+                                 int8_reference, int8_vnni_form, unpack_nibbles, int4_vnni_form)
 
 if int4_gemm._loop() is None:
     pytest.skip("numba is not usable here", allow_module_level=True)
@@ -62,7 +62,7 @@ def test_a_product_over_many_chunks_is_the_product_over_one(monkeypatch, form, c
                       Int8Linear(nn.Linear(128, 200, bias=False), torch.bfloat16),
                       int8_reference, INT8.tol),
     }[form]
-    state = {"int4pack": int4pack, "vnni int4": vnni_form, "vnni int8": int8_vnni_form}[form](source)
+    state = {"int4pack": int4pack, "vnni int4": int4_vnni_form, "vnni int8": int8_vnni_form}[form](source)
     x = torch.randn(37, 128, generator=torch.Generator().manual_seed(2))
     whole = product(x, state)
     monkeypatch.setattr(module, "CHUNK_WEIGHTS", chunk)

@@ -19,7 +19,7 @@ from conftest import ROOT
 from xllama_cli import vnni
 from xllama_cli.linear import measure
 from xllama_cli.quantize import (INT4, INT8, Int4Linear, Int8Linear, int4_reference, int8_reference,
-                                 int8_vnni_form, unpack_nibbles, vnni_form)
+                                 int8_vnni_form, unpack_nibbles, int4_vnni_form)
 
 if not vnni.usable():
     pytest.skip("neither AVX-512 VNNI nor AVX2, or no numba, here", allow_module_level=True)
@@ -63,7 +63,7 @@ def test_activations_int8_holds_give_the_exact_product(n, k, rows, isa):
     rounding."""
     source = layer(n, k)
     x = exact_activations(rows, k)
-    got = vnni._int4_linear(isa, x, vnni_form(source))
+    got = vnni._int4_linear(isa, x, int4_vnni_form(source))
     want = x @ held_weights(source).t()
     assert got.shape == (rows, n) and got.dtype == torch.float32
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
@@ -75,16 +75,16 @@ def test_rounding_the_activations_costs_about_a_percent_of_the_largest_output(is
     source = layer(300, 1024, seed=2)
     x = torch.randn(4, 1024, generator=torch.Generator().manual_seed(3))
     want = int4_reference(x, source)
-    got = vnni._int4_linear(isa, x, vnni_form(source))
+    got = vnni._int4_linear(isa, x, int4_vnni_form(source))
     err = ((got - want).abs().max() / want.abs().max()).item()
     assert 0 < err < 0.015
-    assert vnni._int4_linear(isa, x.bfloat16(), vnni_form(source)).dtype == torch.bfloat16
+    assert vnni._int4_linear(isa, x.bfloat16(), int4_vnni_form(source)).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("n,k", [(48, 128), (7, 96)])
 def test_widened_rows_are_the_held_weights_rounded_to_bf16(n, k):
     source = layer(n, k, seed=4)
-    got = vnni.widened_rows(vnni_form(source), 0, n)
+    got = vnni.widened_rows(int4_vnni_form(source), 0, n)
     want = held_weights(source)
     assert got.dtype == torch.bfloat16 and got.shape == (n, k)
     # the loop computes q s + (z - 8 s) in float32: a value can land one bf16 step away
@@ -148,7 +148,7 @@ def test_the_avx2_loops_give_the_vnni_loops_products():
         pytest.skip("no AVX-512 VNNI here to compare with")
     paths = {isa: vnni._kernels(isa) for isa in ("vnni", "avx2")}
     x = torch.randn(3, 2816, generator=torch.Generator().manual_seed(7))
-    int4 = vnni_form(layer(200, 2816, seed=8))[0].numpy()
+    int4 = int4_vnni_form(layer(200, 2816, seed=8))[0].numpy()
     int8, scales, _, _ = int8_vnni_form(int8_layer(200, 2816, seed=9))
     got = {}
     for isa, loops in paths.items():

@@ -86,13 +86,18 @@ def widened_rows(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     form, and float32 scales and zeros [groups, N padded]) as bf16 [K, rows]: a view of this
     thread's buffer, overwritten by its next call."""
     k = packed.shape[1] * 2
-    need = k * rows
-    buffer = getattr(_buffers, "widened", None)
-    if buffer is None or buffer.numel() < need:
-        buffer = _buffers.widened = torch.empty(max(need, CHUNK_WEIGHTS), dtype=torch.uint16)
-    out = buffer[:need].view(k, rows)
+    out = scratch(k * rows).view(k, rows)
     _loop()(packed.view(-1).numpy(), scales.numpy(), zeros.numpy(), first, out.numpy())
     return out.view(torch.bfloat16)
+
+
+def scratch(size: int) -> torch.Tensor:
+    """`size` uint16 of this thread's buffer for widened weights (at least CHUNK_WEIGHTS long,
+    kept for the next chunk), which every widening product here and in vnni.py fills."""
+    buffer = getattr(_buffers, "widened", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = _buffers.widened = torch.empty(max(size, CHUNK_WEIGHTS), dtype=torch.uint16)
+    return buffer[:size]
 
 
 def widened_int4pack_linear(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor, int]

@@ -314,7 +314,7 @@ def int4pack_works(dtype: torch.dtype) -> bool:
     return probed(f"int4pack {dtype}", check)
 
 
-def vnni_form(layer: nn.Module) -> vnni.State:
+def int4_vnni_form(layer: nn.Module) -> vnni.State:
     """The weights in vnni's int4 form, and N and K."""
     q = unpack_nibbles(layer.weight)
     return vnni.pack(q, layer.scales, layer.zeros), q.shape[0], q.shape[1]
@@ -326,7 +326,7 @@ INT4 = Kind("int4", (
         Product("int4pack", int4pack_linear),
         Product("widen-bf16", int4_gemm.widened_int4pack_linear, int4_gemm.fits, few=False),
     ), int4pack_works),
-    Layout("vnni", vnni_form, (
+    Layout("vnni", int4_vnni_form, (
         Product("vnni", vnni.vnni_linear, vnni.serves_vnni, many=False),
         Product("avx2", vnni.avx2_linear, vnni.serves_avx2, many=False),
         Product("widen-bf16", vnni.widened_linear, few=False),

@@ -33,13 +33,13 @@ form (`pack_int8`): each row padded with zero weights to a whole number of UNROL
 
 from __future__ import annotations
 
-import threading
 from functools import cache
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from .int4_gemm import scratch
 from .jit import emitter, numba_module, on_torch_threads
 
 GROUP = 32  # weights (and activations) that share a scale: quantize.GROUP
@@ -51,7 +51,6 @@ SLOTS = (0, 2, 1, 3)  # where a block's group i goes in the order the loop reads
 FEATURES = ("avx512f", "avx512bw", "avx512vnni")  # what vpdpbusd needs (else AVX2's path)
 CHUNK_WEIGHTS = 1 << 21  # weights widened at once for many rows (4 MiB of bf16)
 
-_buffers = threading.local()
 _INT4_ROW: Any = None  # the loops' intrinsics (_intrinsics), made with the loops
 _INT8_ROW: Any = None
 _QUANTIZE: Any = None  # the activations' pass both products share
@@ -392,14 +391,6 @@ def _compile(loops: dict[str, Callable[..., None]]) -> None:
     loops["int8"](x, int8.numpy(), scales.numpy(), np.zeros((1, 1), np.float32))
 
 
-def _buffer(size: int) -> torch.Tensor:
-    """This thread's buffer for widened rows, of at least `size` uint16."""
-    buffer = getattr(_buffers, "widened", None)
-    if buffer is None or buffer.numel() < size:
-        buffer = _buffers.widened = torch.empty(max(size, CHUNK_WEIGHTS), dtype=torch.uint16)
-    return buffer
-
-
 # an Int4Linear's weights in the form: (the form, N, K)
 State = tuple[torch.Tensor, int, int]
 
@@ -435,7 +426,7 @@ def widened_rows(state: State, first: int, rows: int) -> torch.Tensor:
     """Rows first..first+rows-1 of the weight as bf16 [rows, K]: a view of this thread's
     buffer, overwritten by its next call."""
     form, n, k = state
-    out = _buffer(rows * k)[:rows * k].view(rows, k)
+    out = scratch(rows * k).view(rows, k)
     halves = form.view(torch.int16).numpy().view(np.uint16)
     _kernels(_isa())["int4 widen"](form.numpy(), halves, first, k, out.numpy())
     return out.view(torch.bfloat16)
@@ -496,7 +487,7 @@ def int8_widened_rows(state: Int8State, first: int, rows: int) -> torch.Tensor:
     buffer, overwritten by its next call."""
     form, scales, n, k = state
     width = form.shape[1]
-    out = _buffer(rows * width)[:rows * width].view(rows, width)
+    out = scratch(rows * width).view(rows, width)
     _kernels(_isa())["int8 widen"](form.numpy(), scales.numpy(), first, out.numpy())
     return out.view(torch.bfloat16)
 
