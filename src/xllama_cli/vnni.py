@@ -257,7 +257,7 @@ def _intrinsics(isa: str) -> tuple[Any, Any]:
 
 @cache
 def _kernels(isa: str | None) -> dict[str, Callable[..., None]] | None:
-    """The products and widening loops of each form, written with `isa`'s instructions (one of
+    """The products of each form for few rows, written with `isa`'s instructions (one of
     `isas()`) and compiled now, or None where they cannot run here."""
     numba = numba_module()
     if numba is None or isa not in isas():
@@ -317,6 +317,42 @@ def _kernels(isa: str | None) -> dict[str, Callable[..., None]] | None:
                         np.int64(n))
 
     @loop
+    def int8_product(x, w, scales, y):
+        """x float32 [R, K] @ the int8 form w [N, Kp] (scales float32 [N]) -> y float32 [R, N]."""
+        rows, k = x.shape
+        n_rows, width = w.shape
+        xq = np.zeros((rows, width), np.int8)
+        dv = np.zeros((rows, width // 4), np.float32)  # 8 lanes a group
+        c = np.zeros(rows, np.float32)
+        for r in range(rows):
+            for g in range(k // GROUP):
+                at = np.uint64(g * GROUP)
+                d, _, steps = _QUANTIZE(x[r], at, xq[r], at)
+                for j in range(8):
+                    dv[r, g * 8 + j] = d
+                c[r] += d * np.float32(128.0) * steps
+        flat = w.reshape(-1)
+        for n in numba.prange(n_rows):
+            for r in range(rows):
+                _INT8_ROW(flat, np.int64(n * width), xq[r], dv[r], np.int64(width // 64), y[r],
+                          np.int64(n), scales[n], c[r])
+
+    loops = {"int4": product, "int8": int8_product}
+    _compile(loops)
+    return {name: on_torch_threads(loop) for name, loop in loops.items()}
+
+
+@cache
+def _widening() -> dict[str, Callable[..., None]] | None:
+    """The loops that widen each form to bf16 for a prompt's product (plain numba, the same
+    whatever the CPU's instructions), or None where numba is not usable."""
+    numba = numba_module()
+    if numba is None:
+        return None
+    loop = numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
+    slots = np.array(SLOTS, np.int64)
+
+    @loop
     def widen(w, halves, first, k, out):
         """Rows first..first+R-1 of the form w (halves: the same bytes as uint16) as the bf16
         bits of their weights, out uint16 [R, k]: w = (q - 8) s + z rounded to nearest even."""
@@ -342,27 +378,6 @@ def _kernels(isa: str | None) -> dict[str, Callable[..., None]] | None:
                         >> np.uint32(16))
 
     @loop
-    def int8_product(x, w, scales, y):
-        """x float32 [R, K] @ the int8 form w [N, Kp] (scales float32 [N]) -> y float32 [R, N]."""
-        rows, k = x.shape
-        n_rows, width = w.shape
-        xq = np.zeros((rows, width), np.int8)
-        dv = np.zeros((rows, width // 4), np.float32)  # 8 lanes a group
-        c = np.zeros(rows, np.float32)
-        for r in range(rows):
-            for g in range(k // GROUP):
-                at = np.uint64(g * GROUP)
-                d, _, steps = _QUANTIZE(x[r], at, xq[r], at)
-                for j in range(8):
-                    dv[r, g * 8 + j] = d
-                c[r] += d * np.float32(128.0) * steps
-        flat = w.reshape(-1)
-        for n in numba.prange(n_rows):
-            for r in range(rows):
-                _INT8_ROW(flat, np.int64(n * width), xq[r], dv[r], np.int64(width // 64), y[r],
-                          np.int64(n), scales[n], c[r])
-
-    @loop
     def int8_widen(w, scales, first, out):
         """Rows first..first+R-1 of the int8 form as the bf16 bits of their weights, out uint16
         [R, k]: (q' - 128) s rounded to nearest even."""
@@ -376,14 +391,12 @@ def _kernels(isa: str | None) -> dict[str, Callable[..., None]] | None:
                 out[r, j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16))
                                                               & np.uint32(1))) >> np.uint32(16))
 
-    loops = {"int4": product, "int4 widen": widen, "int8": int8_product, "int8 widen": int8_widen}
-    _compile(loops)
-    return {name: on_torch_threads(loop) for name, loop in loops.items()}
+    return {"int4": on_torch_threads(widen), "int8": on_torch_threads(int8_widen)}
 
 
 def _compile(loops: dict[str, Callable[..., None]]) -> None:
     """The products called once on a small input, so that numba compiles them now, while the
-    intrinsics' globals are this isa's. (The widening loops use none: compiled at first use.)"""
+    intrinsics' globals are this isa's."""
     x = np.zeros((1, GROUP), np.float32)
     int4 = pack(torch.zeros(1, GROUP, dtype=torch.uint8), torch.zeros(1, 1), torch.zeros(1, 1))
     int8, scales, _, _ = pack_int8(torch.zeros(1, GROUP, dtype=torch.int8), torch.zeros(1))
@@ -428,7 +441,7 @@ def widened_rows(state: State, first: int, rows: int) -> torch.Tensor:
     form, n, k = state
     out = scratch(rows * k).view(rows, k)
     halves = form.view(torch.int16).numpy().view(np.uint16)
-    _kernels(_isa())["int4 widen"](form.numpy(), halves, first, k, out.numpy())
+    _widening()["int4"](form.numpy(), halves, first, k, out.numpy())
     return out.view(torch.bfloat16)
 
 
@@ -488,7 +501,7 @@ def int8_widened_rows(state: Int8State, first: int, rows: int) -> torch.Tensor:
     form, scales, n, k = state
     width = form.shape[1]
     out = scratch(rows * width).view(rows, width)
-    _kernels(_isa())["int8 widen"](form.numpy(), scales.numpy(), first, out.numpy())
+    _widening()["int8"](form.numpy(), scales.numpy(), first, out.numpy())
     return out.view(torch.bfloat16)
 
 
