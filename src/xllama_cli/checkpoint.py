@@ -217,11 +217,26 @@ def release_pages(t: torch.Tensor) -> None:
         _madvise()(lo, hi - lo, 4)  # MADV_DONTNEED
 
 
+def return_free_heap() -> None:
+    """Hand the pages the C heap holds free back to the system (glibc's malloc_trim). Packing a
+    matrix frees the copy it packed from, and such holes between the packed weights still held
+    stay resident otherwise (how many varies from run to run with where each copy fell)."""
+    if sys.platform == "linux":
+        trim = getattr(_libc(), "malloc_trim", None)  # glibc only (not musl)
+        if trim is not None:
+            trim(0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 @functools.cache
 def _madvise() -> Callable[[int, int, int], int]:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return libc.madvise
+    madvise = _libc().madvise
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return madvise
 
 
 def _file_mapped(lo: int, hi: int) -> bool:

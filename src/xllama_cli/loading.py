@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
-from .checkpoint import Checkpoint, open_checkpoint, release_pages
+from .checkpoint import Checkpoint, open_checkpoint, release_pages, return_free_heap
 from .build import build_model
 from .config import ModelConfig
 from .cpu_attention import use_fused_attention
@@ -228,7 +228,7 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
             if mode == "measure":
                 cache.entries.clear()
             tuner = cpu_tuner(decode_batch, cache)
-            use_cpu_path(model, tuner.choose, release_pages)
+            use_cpu_path(model, tuner.choose, _released)
             use_fused_attention(model, tuner)
             cache.save()
     step = None
@@ -272,6 +272,13 @@ def use_cpu_path(model: Transformer, choose: Chooser,
 
 
 KERNELS_VARIABLE = "XLLAMA_KERNELS"
+
+
+def _released(t: torch.Tensor) -> None:
+    """A source weight copied into its kernel's form: its file's pages, and the heap that the
+    copies before it freed, leave resident memory, so that a load peaks near the weights' size."""
+    release_pages(t)
+    return_free_heap()
 
 
 def kernels_mode() -> str:
