@@ -5,6 +5,7 @@
     PYTHONPATH=src python benchmarks/kernels.py --dtype bfloat16 fbgemm-fp16:fbgemm:fbgemm@weights fbgemm-fp16:fbgemm:fbgemm
     PYTHONPATH=src python benchmarks/kernels.py --dtype bfloat16 fbgemm-fp16:fbgemm:fbgemm@separate fbgemm-fp16:fbgemm:fbgemm
     PYTHONPATH=src python benchmarks/kernels.py --dtype bfloat16 --quantize int4 int4pack:int4pack:int4pack int4pack:int4pack:int4pack@fused
+    PYTHONPATH=src python benchmarks/kernels.py --dtype bfloat16 --quantize int4 vnni:avx2:widen-bf16@fused vnni:avx2:widen-bf16@block
         [--prompt-len 128] [--new-tokens 64] [--repeats 5] [--batch 1] [--model DIR] [--json PATH]
 
 linear.Tuner times each product alone, one after another. In a decode step, though, the products
@@ -17,7 +18,9 @@ the default path builds it (loading.for_inference): float32 activations beside h
 quantized weights (loading.cpu_activations), each block's q, k and v (and gate and up) as one
 product (fuse.py). `@weights` after a choice keeps the activations in the weights' own dtype;
 `@separate` keeps one product per projection. `@fused` gives the copy's blocks cpu_attention.py's
-fused decode step (RoPE, cache write and attention in one loop), unmeasured. Prints the median decode ms a step and prefill tok/s
+fused decode step (RoPE, cache write and attention in one loop), unmeasured; `@block` gives them
+cpu_block.py's block step (a block's norms, products, attention and sums in one numba call) and the
+fused attention step it needs, unmeasured. Prints the median decode ms a step and prefill tok/s
 of each, and its ratio to the first choice's (the median of the per-round ratios: neighbours share
 the drift). The model is decode.py's random bench-220m (or --model).
 """
@@ -41,6 +44,7 @@ import decode as decode_bench  # noqa: E402 - benchmarks/decode.py, beside this 
 from xllama_cli import __version__, report  # noqa: E402
 from xllama_cli.checkpoint import open_checkpoint  # noqa: E402
 from xllama_cli.cpu_attention import give_fused_step  # noqa: E402
+from xllama_cli.cpu_block import give_block_step  # noqa: E402
 from xllama_cli.errors import XllamaError  # noqa: E402
 from xllama_cli.generation import generate_tokens  # noqa: E402
 from xllama_cli.linear import FLOAT_KINDS, Choice, CpuLinear, Tuner, fixed  # noqa: E402
@@ -55,37 +59,42 @@ from xllama_cli.writer import atomic_write  # noqa: E402
 class Variant:
     """One copy of the model: its layers' kernel choice, and where it departs from the default
     path: activations in the weights' own dtype, one product per projection; the fused attention
-    step given whether or not the default path would measure it faster."""
+    step, and the block step (cpu_block.py, with the fused attention step), given whether or not
+    the default path would measure them faster."""
 
     choice: Choice
     own_dtype: bool = False
     separate: bool = False
     fused: bool = False
+    block: bool = False
 
     def __str__(self) -> str:
         tags = (" @weights" if self.own_dtype else "", " @separate" if self.separate else "",
-                " @fused" if self.fused else "")
+                " @fused" if self.fused else "", " @block" if self.block else "")
         return f"{self.choice}{''.join(tags)}"
 
 
-TAGS = ("weights", "separate", "fused")
+TAGS = ("weights", "separate", "fused", "block")
 
 
 def parse_choice(text: str) -> Variant:
     body, *tags = text.split("@")
     parts = body.split(":")
     if len(parts) != 3 or not all(parts) or not set(tags) <= set(TAGS) or len(set(tags)) != len(tags):
-        raise argparse.ArgumentTypeError(f"expected LAYOUT:FEW:MANY, then any of @weights, @separate, @fused, got {text!r}")
-    if {"separate", "fused"} <= set(tags):
-        raise argparse.ArgumentTypeError(f"@fused takes q, k and v from one product, which @separate splits: {text!r}")
-    return Variant(Choice(*parts), "weights" in tags, "separate" in tags, "fused" in tags)
+        raise argparse.ArgumentTypeError(f"expected LAYOUT:FEW:MANY, then any of @weights, @separate, @fused, @block, "
+                                         f"got {text!r}")
+    for step in ("fused", "block"):
+        if {"separate", step} <= set(tags):
+            raise argparse.ArgumentTypeError(f"@{step} takes q, k and v from one product, which @separate splits: {text!r}")
+    return Variant(Choice(*parts), "weights" in tags, "separate" in tags, "fused" in tags, "block" in tags)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("choices", nargs="+", type=parse_choice,
-                    help="LAYOUT:FEW:MANY[@weights][@separate][@fused] (activations in the weights' dtype; a product "
-                         "per projection; the fused attention step); the first is the reference")
+                    help="LAYOUT:FEW:MANY[@weights][@separate][@fused][@block] (activations in the weights' dtype; a "
+                         "product per projection; the fused attention step; the block step and the fused attention "
+                         "step); the first is the reference")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--quantize", choices=("int8", "int4"))
     ap.add_argument("--batch", type=int, default=1)
@@ -100,8 +109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     decode_bench.check_counts(ap, a, ("batch", "prompt_len", "new_tokens", "repeats", "threads"))
     if len(a.choices) < 2:
         ap.error("give at least two choices: a reference and one to compare with it")
-    if a.dtype != "float32" and any(v.fused and v.own_dtype for v in a.choices):
-        ap.error(f"@fused needs float32 activations, which @weights takes away from {a.dtype} weights")
+    if a.dtype != "float32" and any((v.fused or v.block) and v.own_dtype for v in a.choices):
+        ap.error(f"@fused and @block need float32 activations, which @weights takes away from {a.dtype} weights")
     kind = {"int8": INT8, "int4": INT4}.get(a.quantize) or FLOAT_KINDS[getattr(torch, a.dtype)]
     for c in (v.choice for v in a.choices):
         layout = kind.layout(c.layout)
@@ -132,9 +141,12 @@ def build(path: Path, a: argparse.Namespace, variant: Variant) -> torch.nn.Modul
     use_cpu_path(model, choose, fuse=not variant.separate, float32=not variant.own_dtype)
     if not any(isinstance(m, CpuLinear) and m.choice == choice for m in model.modules()):
         raise XllamaError(f"{choice} serves none of the model's layers here (unknown, missing or wrong)")
-    if variant.fused and not give_fused_step(model):
+    if (variant.fused or variant.block) and not give_fused_step(model):
         raise XllamaError(f"the fused attention step serves none of {variant}'s layers here (it needs numba, q, k and "
                           "v stacked and a float32 cache)")
+    if variant.block and not give_block_step(model):
+        raise XllamaError(f"the block step serves none of {variant}'s blocks here (it needs every product of a block "
+                          "to be a numba loop: cpu_block.product_loop)")
     return model
 
 

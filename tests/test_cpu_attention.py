@@ -127,7 +127,7 @@ def test_it_is_given_where_measured_faster_and_its_times_are_kept(monkeypatch):
     def untimed(paths):
         raise AssertionError("timed again, though the store keeps its times")
 
-    monkeypatch.setattr(cpu_attention, "_time", untimed)
+    monkeypatch.setattr(cpu_attention, "time_paths", untimed)
     for fused, plain, given in ((1.0, 2.0, True), (2.0, 1.0, False)):
         store.put(key, {"times": {"attention": {"few": {"plain": plain, "fused": fused}}}})
         model = small_model()

@@ -55,14 +55,23 @@ def test_a_copy_given_the_fused_attention_step_decodes_with_it(kernels, monkeypa
         "plain: aten / aten", "plain: aten / aten @fused"]
 
 
+def test_a_copy_given_the_block_step_decodes_with_it(kernels, monkeypatch, tmp_path):
+    built = []
+    real = kernels.build
+    monkeypatch.setattr(kernels, "build", lambda *a: built.append(real(*a)) or built[-1])
+    assert kernels.main([*TINY, "plain:aten:aten", "plain:numba:aten@block"]) == 0
+    assert [[b.fused_step is not None for b in m.model.layers] for m in built] == [[False] * 2, [True] * 2]
+
+
 @pytest.mark.parametrize("choices,needle", [
     (["plain:aten:aten", "nosuch:aten:aten"], "error: nosuch: aten / aten is no choice for float32 weights; they have plain: aten, split"),
     (["plain:aten:aten", "fbgemm-fp16:fbgemm:fbgemm"], "error: fbgemm-fp16: fbgemm / fbgemm is no choice for float32"),
-    (["plain:aten:aten", "plain:aten"], "error: argument choices: expected LAYOUT:FEW:MANY, then any of @weights, @separate, @fused, got 'plain:aten'"),
+    (["plain:aten:aten", "plain:aten"], "error: argument choices: expected LAYOUT:FEW:MANY, then any of @weights, @separate, @fused, @block, got 'plain:aten'"),
     (["plain:aten:aten", "plain:aten:aten@float16"], "error: argument choices: expected LAYOUT:FEW:MANY, then"),
     (["plain:aten:aten"], "error: give at least two choices"),
     (["plain:aten:aten", "plain:aten:aten@separate@fused"], "error: argument choices: @fused takes q, k and v from one product"),
-    (["--dtype", "bfloat16", "plain:aten:aten", "plain:aten:aten@weights@fused"], "error: @fused needs float32 activations"),
+    (["--dtype", "bfloat16", "plain:aten:aten", "plain:aten:aten@weights@fused"], "error: @fused and @block need float32 activations"),
+    (["plain:aten:aten", "plain:aten:aten@separate@block"], "error: argument choices: @block takes q, k and v from one product"),
 ])
 def test_a_choice_that_cannot_run_is_one_error_line(kernels, capsys, choices, needle):
     try:

@@ -17,6 +17,7 @@ from torch import nn
 
 from conftest import ROOT
 from xllama_cli import vnni
+from xllama_cli.jit import NO_SCALES
 from xllama_cli.linear import measure
 from xllama_cli.quantize import (INT4, INT8, Int4Linear, Int8Linear, int4_reference, int8_reference,
                                  int8_vnni_form, unpack_nibbles, int4_vnni_form)
@@ -153,7 +154,7 @@ def test_the_avx2_loops_give_the_vnni_loops_products():
     got = {}
     for isa, loops in paths.items():
         y4, y8 = torch.zeros(3, 200), torch.zeros(3, 200)
-        loops["int4"](x.numpy(), int4, y4.numpy())
+        loops["int4"](x.numpy(), int4, NO_SCALES, y4.numpy())
         loops["int8"](x.numpy(), int8.numpy(), scales.numpy(), y8.numpy())
         got[isa] = (y4, y8)
     assert torch.equal(got["avx2"][0], got["vnni"][0])

@@ -112,11 +112,7 @@ class FusedStep:
         """qkv [B, 1, (H + 2 Hk) D] -> attention's output [B, 1, H D]; start as
         KVCache.update's (an int, or each row's slot)."""
         B = qkv.shape[0]
-        step = self._step
-        if step is None or step[0] is not cos:  # a new step
-            pos = (np.full(B, start, np.int64) if isinstance(start, int)
-                   else start.to(torch.int64).numpy())
-            step = self._step = (cos, _rows(cos, B), _rows(sin, B), pos)
+        cos_rows, sin_rows, pos = self.step_arrays(cos, sin, start, B)
         k, v = cache.k, cache.v
         width = qkv.shape[-1] - 2 * k.shape[1] * k.shape[3]
         if self._out is None or self._out[0].shape != (B, width):
@@ -124,10 +120,27 @@ class FusedStep:
             self._out = (out, out.numpy())
         out, array = self._out
         if row < 0 or row + B > k.shape[0] or not _loop()(
-                _rows(qkv, B), step[1], step[2], k.numpy(), v.numpy(), row, step[3], array):
-            raise IndexError(f"cache slots {step[3].tolist()} of rows {row}..{row + B - 1} are "
-                             f"not in a cache of {k.shape[0]} rows and {k.shape[2]} slots")
+                _rows(qkv, B), cos_rows, sin_rows, k.numpy(), v.numpy(), row, pos, array):
+            raise slots_error(pos, row, cache)
         return out.view(B, 1, width)
+
+    def step_arrays(self, cos: torch.Tensor, sin: torch.Tensor, start: int | torch.Tensor,
+                    rows: int) -> tuple[Any, Any, Any]:
+        """The loop's arrays of this step: cos and sin float32 [rows, D] and each row's slot
+        (int64 [rows]), converted at the step's first layer and reused by the others."""
+        step = self._step
+        if step is None or step[0] is not cos:  # a new step
+            pos = (np.full(rows, start, np.int64) if isinstance(start, int)
+                   else start.to(torch.int64).numpy())
+            step = self._step = (cos, _rows(cos, rows), _rows(sin, rows), pos)
+        return step[1:]
+
+
+def slots_error(pos: Any, row: int, cache: KVCache) -> IndexError:
+    """The error of a step whose slots (or rows) are not in the cache."""
+    k = cache.k
+    return IndexError(f"cache slots {pos.tolist()} of rows {row}..{row + len(pos) - 1} are not in "
+                      f"a cache of {k.shape[0]} rows and {k.shape[2]} slots")
 
 
 def _rows(t: torch.Tensor, rows: int) -> Any:
@@ -165,7 +178,7 @@ def use_fused_attention(model: Transformer, tuner: Tuner) -> bool:
     kept = tuner.store.get(key)  # as the Tuner keeps a product's: {layout: {side: {name: s}}}
     times = kept["times"].get("attention", {}).get("few", {}) if kept else {}
     if times.keys() != {"plain", "fused"}:
-        times = tuner.timed(key, lambda: {"attention": {"few": _time(
+        times = tuner.timed(key, lambda: {"attention": {"few": time_paths(
             {"plain": plain, "fused": fused})}})["attention"]["few"]
     if times["fused"] >= times["plain"]:
         return False
@@ -220,7 +233,7 @@ def _bench(model: Transformer, step: FusedStep, rows: int, slots: int
     return (lambda: run(False)), (lambda: run(True))
 
 
-def _time(paths: dict[str, Callable[[], torch.Tensor]]) -> dict[str, float]:
+def time_paths(paths: dict[str, Callable[[], torch.Tensor]]) -> dict[str, float]:
     """Median seconds a call of each path, timed in turn, ROUNDS times."""
     times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(ROUNDS):

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .jit import emitter, numba_module, on_torch_threads
+from .jit import NO_SCALES, emitter, numba_module, on_torch_threads
 
 PREFETCH = 4096  # bytes ahead of the block being read that the bf16 loop asks the memory for
 UNROLL = 2  # blocks of 32 bf16 weights a loop iteration takes, each into its own accumulator
@@ -43,7 +43,7 @@ def _kernel() -> Callable[..., None] | None:
         return None
 
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def gemv(w, x, y):  # w float32 [N, K], x float32 [R, K] -> y float32 [R, N]
+    def gemv(x, w, scales, y):  # x float32 [R, K] @ w float32 [N, K] -> y float32 [R, N]
         for n in numba.prange(w.shape[0]):
             for r in range(x.shape[0]):
                 acc = np.float32(0.0)
@@ -62,7 +62,7 @@ def fits(n: int, k: int) -> bool:
 def float32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [R, K] @ weight.T for float32 x and weight [N, K]."""
     y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    _kernel()(weight.detach().numpy(), x.detach().contiguous().numpy(), y.numpy())
+    _kernel()(x.detach().contiguous().numpy(), weight.detach().numpy(), NO_SCALES, y.numpy())
     return y
 
 
@@ -116,7 +116,7 @@ def _bf16_kernel() -> Callable[..., None] | None:
     _BF16_ROW = _bf16_row()
 
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
-    def gemv(w, x, y):  # w uint16 [N, K] (bf16 bits), x float32 [R, K] -> y float32 [R, N]
+    def gemv(x, w, scales, y):  # x float32 [R, K] @ w uint16 [N, K] (bf16 bits) -> y [R, N]
         n_rows, k = w.shape
         flat = w.reshape(-1)
         for n in numba.prange(n_rows):
@@ -137,6 +137,6 @@ def bfloat16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     w = weight.detach()
     w = w if w.is_contiguous() else w.contiguous()
     y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-    _bf16_kernel()(w.view(torch.int16).numpy().view(np.uint16),
-                   x.detach().float().contiguous().numpy(), y.numpy())
+    _bf16_kernel()(x.detach().float().contiguous().numpy(),
+                   w.view(torch.int16).numpy().view(np.uint16), NO_SCALES, y.numpy())
     return y if x.dtype == torch.float32 else y.to(x.dtype)

@@ -14,7 +14,14 @@ import os
 from functools import cache
 from typing import Any, Callable
 
+import numpy as np
 import torch
+
+# Every few-row product loop takes (x, w, scales, y): x float32 [R, K] @ a weight w of its own
+# form (with scales [N] where the form keeps them apart) -> y float32 [R, N]; one signature, so
+# that numba code can call any of them (cpu_block.py). A loop whose form holds its own scales,
+# or has none, takes these.
+NO_SCALES = np.zeros(0, np.float32)
 
 
 @cache
@@ -63,6 +70,7 @@ def on_torch_threads(loop: Callable[..., Any]) -> Callable[..., Any]:
             numba.set_num_threads(threads)
         return loop(*args)
 
+    run.loop = loop  # for numba code that calls it (cpu_block.py)
     return run
 
 

@@ -20,6 +20,7 @@ from .checkpoint import Checkpoint, open_checkpoint, release_pages, return_free_
 from .build import build_model
 from .config import ModelConfig
 from .cpu_attention import use_fused_attention
+from .cpu_block import use_block_step
 from .errors import SettingError, XllamaError
 from .fuse import fuse_projections
 from .kernel_cache import KernelCache
@@ -213,7 +214,9 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
     user's cache folder: kernel_cache.py; XLLAMA_KERNELS: kernels_mode), each block's q, k and v
     (and gate and up) as one product (fuse_projections), with float32 activations beside
     half-precision or quantized weights (cpu_activations), and a decode step's attention as one
-    loop where measured faster (use_fused_attention), or under `compile`
+    loop where measured faster (use_fused_attention), and then, where every product of a block
+    is a numba loop, the block's step as one numba call where measured faster (use_block_step),
+    or under `compile`
     the plain weights, whose one-row products inductor fuses into kernels of its own; then the
     compiled decode step if asked (under tensor parallelism without CUDA graphs: see
     generation.compile_options)."""
@@ -229,7 +232,8 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
                 cache.entries.clear()
             tuner = cpu_tuner(decode_batch, cache)
             use_cpu_path(model, tuner.choose, _released)
-            use_fused_attention(model, tuner)
+            if use_fused_attention(model, tuner):
+                use_block_step(model, tuner)
             cache.save()
     step = None
     if compile:

@@ -5,6 +5,8 @@ generation.compile_decode)."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,8 +56,16 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        # a one-token step in one call (cpu_block.py), where one was given: it takes x, RoPE's
+        # cos and sin and where the token goes in the cache, and gives None where it does not
+        # serve x (more rows than its products' few)
+        self.fused_step: Callable[..., torch.Tensor | None] | None = None
 
     def forward(self, x, cos, sin, mask, start, row=0, span=None):
+        if self.fused_step is not None and start is not None and x.shape[1] == 1:
+            y = self.fused_step(x, cos, sin, start, row)
+            if y is not None:
+                return y
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start, row, span)
         return x + self.mlp(self.post_attention_layernorm(x))
 

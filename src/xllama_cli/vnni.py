@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .int4_gemm import scratch
-from .jit import emitter, numba_module, on_torch_threads
+from .jit import NO_SCALES, emitter, numba_module, on_torch_threads
 
 GROUP = 32  # weights (and activations) that share a scale: quantize.GROUP
 BLOCK_GROUPS = 4  # groups a block holds (64 bytes of nibbles)
@@ -296,8 +296,9 @@ def _kernels(isa: str | None) -> dict[str, Callable[..., None]] | None:
     slots = np.array(SLOTS, np.int64)
 
     @loop
-    def product(x, w, y):
-        """x float32 [R, K] @ the form w [N, blocks * BLOCK_BYTES] -> y float32 [R, N]."""
+    def product(x, w, scales, y):
+        """x float32 [R, K] @ the form w [N, blocks * BLOCK_BYTES] -> y float32 [R, N]. (scales:
+        unused, the form holds its own; every few-row loop takes (x, w, scales, y).)"""
         rows, k = x.shape
         n_rows, width = w.shape
         blocks = width // BLOCK_BYTES
@@ -400,7 +401,7 @@ def _compile(loops: dict[str, Callable[..., None]]) -> None:
     x = np.zeros((1, GROUP), np.float32)
     int4 = pack(torch.zeros(1, GROUP, dtype=torch.uint8), torch.zeros(1, 1), torch.zeros(1, 1))
     int8, scales, _, _ = pack_int8(torch.zeros(1, GROUP, dtype=torch.int8), torch.zeros(1))
-    loops["int4"](x, int4.numpy(), np.zeros((1, 1), np.float32))
+    loops["int4"](x, int4.numpy(), np.zeros(0, np.float32), np.zeros((1, 1), np.float32))
     loops["int8"](x, int8.numpy(), scales.numpy(), np.zeros((1, 1), np.float32))
 
 
@@ -413,7 +414,7 @@ def _int4_linear(isa: str, x: torch.Tensor, state: State) -> torch.Tensor:
     form, n, k = state
     xf = x.float().contiguous()
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    _kernels(isa)["int4"](xf.numpy(), form.numpy(), y.numpy())
+    _kernels(isa)["int4"](xf.numpy(), form.numpy(), NO_SCALES, y.numpy())
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 

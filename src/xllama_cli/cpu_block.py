@@ -1,0 +1,281 @@
+"""A CPU decode step's block as one numba call: its two norms, its four products, its attention
+(cpu_attention.py's loop), SwiGLU and the residual sums, where each of the block's products is one
+of the numba loops (vnni.py's int4 and int8 forms, gemv.py's bf16 and float32 loops).
+
+Through the modules, a block's one-token step is some eighty ATen ops and module calls between
+its products (norms, SiLU, the sums, splits and views, each product's conversions and thread
+setting), each with a fixed cost that one row's arithmetic does not hide; a block's products,
+each already a numba loop, are here called from numba code instead, with the work between them
+as plain loops over buffers shared by the layers. The products and the attention are the same
+compiled loops either way; only the norms, SiLU and the sums are computed anew (in float32, as
+the modules compute them; summation order differs).
+
+Like the fused attention, it is applied to a built model from outside (`use_block_step`): each
+block it serves computes with it (`Block.fused_step`) for one-token steps of few rows, and keeps
+its modules for everything else (prompts, more rows). It is checked against the modules' step on
+the model's own first block and its weights, and given only where measured faster on this
+machine (times kept with the products' in the kernel cache)."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import gemv, vnni
+from .cpu_attention import FusedStep, _loop as _attention_loop, slots_error, time_paths
+from .fuse import Stacked
+from .jit import NO_SCALES, numba_module, on_torch_threads
+from .kv_cache import KVCache
+from .linear import SMALL_ROWS, CpuLinear, Tuner, agrees
+from .model import MLP, Block, RMSNorm, Transformer
+
+TIMED_SLOTS = 512  # filled cache slots a timed step attends over (at most the model's context)
+# How near the modules' output a step must come, relative to its largest: float loops, to float32
+# rounding; int8 and int4 forms' loops round their activations to int8, where a norm summed in
+# another order can move one activation a step (1/127 of its group's largest)
+TOLERANCE = {"float": 1e-4, "int": 1e-2}
+
+# The loops a compiled block calls, set before each call (numba reads globals as it compiles, and a
+# block is compiled for the loops it was first called with; its name says which: _block)
+_P0: Any = None  # q, k and v
+_P1: Any = None  # o
+_P2: Any = None  # gate and up
+_P3: Any = None  # down
+_ATTEND: Any = None
+
+
+def product_loop(layer: nn.Module) -> tuple[str, Any, np.ndarray, np.ndarray] | None:
+    """A layer's few-row product as a numba loop (jit.NO_SCALES's signature): its name, the loop,
+    and the weight form and scales it takes; None where the layer's product is not one."""
+    if not isinstance(layer, CpuLinear) or layer.weight.device.type != "cpu":
+        return None
+    choice, state = layer.choice, layer.state
+    if choice.layout == "vnni" and layer.kind in ("int4", "int8"):
+        kernels = vnni._kernels(choice.few)
+        if kernels is None:
+            return None
+        scales = state[1].numpy() if layer.kind == "int8" else NO_SCALES
+        return f"{layer.kind}-{choice.few}", kernels[layer.kind].loop, state[0].numpy(), scales
+    if choice.layout == "plain" and choice.few == "numba" and state.is_contiguous():
+        if layer.kind == "float32" and gemv._kernel() is not None:
+            return "float32", gemv._kernel().loop, state.numpy(), NO_SCALES
+        if layer.kind == "bfloat16" and gemv._bf16_kernel() is not None:
+            bits = state.view(torch.int16).numpy().view(np.uint16)
+            return "bfloat16", gemv._bf16_kernel().loop, bits, NO_SCALES
+    return None
+
+
+@cache
+def _block(name: str) -> Callable[..., bool] | None:
+    """The block step compiled for the loops `name` names (at its first call, with _P0.._P3 and
+    _ATTEND set to them: BlockStep does), or None where numba is not usable."""
+    numba = numba_module()
+    if numba is None:
+        return None
+
+    @numba.njit(inline="always", fastmath=True, boundscheck=False)
+    def norm(x, weight, eps, out):
+        """out = weight * x / sqrt(mean(x^2) + eps), each row (model.RMSNorm in float32)."""
+        for r in range(x.shape[0]):
+            total = np.float32(0.0)
+            for j in range(x.shape[1]):
+                total += x[r, j] * x[r, j]
+            inv = np.float32(1.0) / np.sqrt(total / np.float32(x.shape[1]) + eps)
+            for j in range(x.shape[1]):
+                out[r, j] = weight[j] * (x[r, j] * inv)
+
+    @numba.njit(inline="always", fastmath=True, boundscheck=False)
+    def add(y, bias):
+        if bias.shape[0]:
+            for r in range(y.shape[0]):
+                for j in range(y.shape[1]):
+                    y[r, j] += bias[j]
+
+    def step(x, out, norms, eps, w0, s0, b0, w1, s1, b1, w2, s2, b2, w3, s3, b3,
+             cos, sin, kc, vc, row, pos, h, qkv, att, o, gu, act):
+        """x float32 [B, dim] -> out [B, dim], a Block's step of one token a row (its weights:
+        norms [2, dim]; for q/k/v, o, gate/up and down, the loop's w and s and a bias, [0] for
+        none). cos, sin, kc, vc, row, pos: as cpu_attention's loop. h..act: buffers of the
+        products' outputs. False, and nothing written, where a slot is not in the cache."""
+        rows, dim = x.shape
+        norm(x, norms[0], eps, h)
+        _P0(h, w0, s0, qkv)
+        add(qkv, b0)
+        if not _ATTEND(qkv, cos, sin, kc, vc, row, pos, att):
+            return False
+        _P1(att, w1, s1, o)
+        add(o, b1)
+        for r in range(rows):
+            for j in range(dim):
+                out[r, j] = x[r, j] + o[r, j]
+        norm(out, norms[1], eps, h)
+        _P2(h, w2, s2, gu)
+        add(gu, b2)
+        hidden = act.shape[1]
+        for r in range(rows):  # SwiGLU: silu(gate) * up
+            for j in range(hidden):
+                g = gu[r, j]
+                act[r, j] = g / (np.float32(1.0) + np.exp(-g)) * gu[r, hidden + j]
+        _P3(act, w3, s3, o)
+        add(o, b3)
+        for r in range(rows):
+            for j in range(dim):
+                out[r, j] += o[r, j]
+        return True
+
+    # numba's cache names its files after the function: one name per set of loops
+    step.__qualname__ = f"step.{name}"
+    return on_torch_threads(numba.njit(fastmath=True, cache=True, nogil=True,
+                                       boundscheck=False)(step))
+
+
+class _Buffers:
+    """The products' outputs of a step, shared by a model's blocks (one block computes at a
+    time), for the rows of the last step."""
+
+    def __init__(self) -> None:
+        self.rows = -1
+        self.arrays: tuple[np.ndarray, ...] = ()
+
+    def get(self, rows: int, widths: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+        if rows != self.rows or tuple(a.shape[1] for a in self.arrays) != widths:
+            self.rows, self.arrays = rows, tuple(np.empty((rows, w), np.float32) for w in widths)
+        return self.arrays
+
+
+class BlockStep:
+    """A Block's one-token step through its compiled loop (`Block.fused_step`). Built for a block
+    that `serves` accepts; `attention` is the block's fused attention step (whose per-step arrays
+    it shares), `buffers` the model's."""
+
+    def __init__(self, block: Block, buffers: _Buffers) -> None:
+        attn, mlp = block.self_attn, block.mlp
+        layers = (attn.qkv.layer, attn.o_proj, mlp.gate_up.layer, mlp.down_proj)
+        loops = [product_loop(layer) for layer in layers]
+        assert all(loops), "a block whose products are not all loops (serves)"
+        self.name = ".".join(loop[0] for loop in loops)
+        self.loops = tuple(loop[1] for loop in loops)
+        self.attention: FusedStep = attn.fused_step
+        self.cache_of = attn
+        self.buffers = buffers
+        norms = torch.stack([block.input_layernorm.weight.detach(),
+                             block.post_attention_layernorm.weight.detach()])
+        self.eps = np.float32(block.input_layernorm.eps)
+        weights: list[Any] = [norms.numpy(), self.eps]
+        for layer, loop in zip(layers, loops):
+            bias = layer.bias.detach().float().contiguous() if layer.bias is not None else None
+            weights += [loop[2], loop[3], bias.numpy() if bias is not None else NO_SCALES]
+        self.weights = tuple(weights)  # (numpy's arrays keep their tensors alive)
+        heads = attn.n_heads * attn.head_dim
+        self.widths = (norms.shape[1], attn.qkv.layer.out_features, heads, norms.shape[1],
+                       mlp.gate_up.layer.out_features, mlp.down_proj.in_features)
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 start: int | torch.Tensor, row: int) -> torch.Tensor | None:
+        """x float32 [B, 1, dim] -> the block's output, or None for more rows than few."""
+        B = x.shape[0]
+        if B > SMALL_ROWS or x.dtype != torch.float32:
+            return None
+        cache_ = self.cache_of.kv_cache
+        assert cache_ is not None, "call model.setup_cache() before using start="
+        cos_rows, sin_rows, pos = self.attention.step_arrays(cos, sin, start, B)
+        x2 = x.reshape(B, -1)
+        x2 = x2 if x2.is_contiguous() else x2.contiguous()
+        out = torch.empty_like(x2)
+        h, qkv, att, o, gu, act = self.buffers.get(B, self.widths)
+        global _P0, _P1, _P2, _P3, _ATTEND
+        _P0, _P1, _P2, _P3 = self.loops
+        _ATTEND = _attention_loop().loop
+        k, v = cache_.k, cache_.v
+        if row < 0 or row + B > k.shape[0] or not _block(self.name)(
+                x2.numpy(), out.numpy(), *self.weights, cos_rows, sin_rows, k.numpy(), v.numpy(),
+                row, pos, h, qkv, att, o, gu, act):
+            raise slots_error(pos, row, cache_)
+        return out.view(B, 1, -1)
+
+
+def serves(block: nn.Module) -> bool:
+    """Whether a block's step can be one call: it has the fused attention step (cpu_attention),
+    q/k/v and gate/up stacked, every product a numba loop, float32 norms, and no hooks (tensor
+    parallelism's all-reduce is one, which a call would skip)."""
+    if not isinstance(block, Block) or not isinstance(block.self_attn.fused_step, FusedStep):
+        return False
+    attn, mlp = block.self_attn, block.mlp
+    if (not isinstance(attn.qkv, Stacked) or type(mlp) is not MLP
+            or not isinstance(mlp.gate_up, Stacked)):
+        return False
+    if any(m._forward_hooks or m._forward_pre_hooks for m in block.modules()):
+        return False
+    norms = (block.input_layernorm, block.post_attention_layernorm)
+    if any(type(n) is not RMSNorm or n.weight.dtype != torch.float32 for n in norms):
+        return False
+    layers = (attn.qkv.layer, attn.o_proj, mlp.gate_up.layer, mlp.down_proj)
+    return numba_module() is not None and all(product_loop(layer) for layer in layers)
+
+
+def give_block_step(model: Transformer) -> int:
+    """Give every block that `serves` its one-call step, unmeasured; how many."""
+    buffers = _Buffers()
+    blocks = [b for b in model.model.layers if serves(b)]
+    for block in blocks:
+        block.fused_step = BlockStep(block, buffers)
+    return len(blocks)
+
+
+def use_block_step(model: Transformer, tuner: Tuner) -> bool:
+    """Give every block that `serves` its one-call step, where it agrees with the modules' step on
+    the model's first such block (its weights, a cache of TIMED_SLOTS random slots) and is the
+    faster for the tuner's decode rows: as kept in its store, else measured now (and kept as the
+    tuner keeps a product's times). Whether it was given."""
+    blocks = [b for b in model.model.layers if serves(b)]
+    if not blocks or tuner.decode_rows is None:
+        return False
+    block, cfg, rows = blocks[0], model.config, tuner.decode_rows
+    if rows > SMALL_ROWS:
+        return False
+    step = BlockStep(block, _Buffers())
+    slots = min(TIMED_SLOTS, cfg.max_seq_len)
+    key = (f"block {step.name} {cfg.dim}x{cfg.hidden_dim} heads {cfg.n_heads}x{cfg.head_dim} "
+           f"kv {cfg.n_kv_heads} rows {rows} threads {torch.get_num_threads()} slots {slots}")
+    plain, fused = _bench(model, block, step, rows, slots)
+    if not agrees(fused(), plain(), TOLERANCE["int" if "int" in step.name else "float"]):
+        return False
+    kept = tuner.store.get(key)  # as the Tuner keeps a product's: {layout: {side: {name: s}}}
+    times = kept["times"].get("block", {}).get("few", {}) if kept else {}
+    if times.keys() != {"plain", "fused"}:
+        times = tuner.timed(key, lambda: {"block": {"few": time_paths(
+            {"plain": plain, "fused": fused})}})["block"]["few"]
+    if times["fused"] >= times["plain"]:
+        return False
+    give_block_step(model)
+    return True
+
+
+def _bench(model: Transformer, block: Block, step: BlockStep, rows: int, slots: int
+           ) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+    """A step of `block` over `slots` filled slots of a random cache of its own: through its
+    modules, and through `step` (each writing the same new slot)."""
+    cfg = model.config
+    gen = torch.Generator().manual_seed(0)
+    cache_ = KVCache(rows, cfg.n_kv_heads, slots, cfg.head_dim, torch.float32, "cpu")
+    cache_.k.normal_(generator=gen)
+    cache_.v.normal_(generator=gen)
+    x = torch.randn(rows, 1, cfg.dim, generator=gen)
+    start = slots - 1
+    cos, sin = model.model.rotary(torch.full((rows, 1), start), torch.float32)
+
+    def run(fused: bool) -> torch.Tensor:
+        attn = block.self_attn
+        kept, attn.kv_cache = attn.kv_cache, cache_
+        kept_step, block.fused_step = block.fused_step, step if fused else None
+        try:
+            with torch.inference_mode():
+                return block(x, cos, sin, None, start)
+        finally:
+            attn.kv_cache, block.fused_step = kept, kept_step
+
+    return (lambda: run(False)), (lambda: run(True))

@@ -1,0 +1,176 @@
+"""cpu_block.py: a decode step's block as one numba call. For each numba product loop (float32,
+bf16, int8's and int4's forms on every instruction set the CPU has) it gives the modules' logits
+and cache (rows at one slot, rows each at their own slot, with biases), leaves more rows than few
+to the modules, refuses a slot the cache lacks before writing anything, serves only blocks whose
+every product is a loop and that carry no hooks, and is given only where it agrees with the
+modules and was measured faster, its times kept."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from xllama_cli import cpu_block, vnni
+from xllama_cli.config import ModelConfig
+from xllama_cli.cpu_attention import give_fused_step
+from xllama_cli.cpu_block import give_block_step, serves, use_block_step
+from xllama_cli.jit import numba_module
+from xllama_cli.linear import SMALL_ROWS, Choice, MemoryStore, Tuner, fixed
+from xllama_cli.loading import use_cpu_path
+from xllama_cli.model import Transformer
+from xllama_cli.quantize import quantize_model
+
+if numba_module() is None:
+    pytest.skip("numba is not usable here", allow_module_level=True)
+
+# (kind, the loop's choice): every numba loop a block's products can be here
+LOOPS = [("float32", Choice("plain", "numba", "aten")), ("bfloat16", Choice("plain", "numba", "aten"))]
+LOOPS += [(kind, Choice("vnni", isa, "widen-bf16")) for kind in ("int8", "int4") for isa in vnni.isas()]
+# how near the modules' logits: the quantized loops round the activations to int8, and a norm
+# summed in another order can move one activation a step (cpu_block.TOLERANCE)
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-5, "int8": 1e-2, "int4": 1e-2}
+QWEN2 = dict(family="qwen2", qkv_bias=True)  # q, k and v with biases
+
+
+def loop_model(kind: str, choice: Choice, **changes) -> Transformer:
+    """A random GQA model (4 query heads over 2 K/V heads) in `kind`, every block's product on
+    `choice` (the head on the tuner's), computing in float32 with the fused attention step."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96,
+                                hidden_dim=128, max_seq_len=64), **changes})
+    model = Transformer(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    model.init_rope("cpu")
+    model = model.eval().to(torch.float32 if kind == "float32" else torch.bfloat16)
+    if kind in ("int8", "int4"):
+        quantize_model(model, kind)
+    tuner, given = Tuner(), fixed(choice)
+
+    def choose(spec, kind_, layers):
+        picked = given(spec, kind_, layers) if spec.n != cfg.vocab_size else (None, None)
+        return picked if picked[0] is not None else tuner.choose(spec, kind_, layers)
+
+    use_cpu_path(model, choose)
+    assert give_fused_step(model) == cfg.n_layers
+    return model
+
+
+def twins(kind: str, choice: Choice, **changes) -> tuple[Transformer, Transformer]:
+    """The same model twice: through its modules, and with the block step."""
+    plain = loop_model(kind, choice, **changes)
+    fused = copy.deepcopy(plain)
+    assert give_block_step(fused) == fused.config.n_layers
+    return plain, fused
+
+
+def close(got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
+    return torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kind,choice", LOOPS, ids=[f"{k}-{c.few}" for k, c in LOOPS])
+@pytest.mark.parametrize("rows,family", [(1, {}), (3, QWEN2)], ids=["one-row", "three-rows-biases"])
+def test_the_block_step_gives_the_modules_logits_and_cache(kind, choice, rows, family):
+    plain, fused = twins(kind, choice, **family)
+    tokens = torch.randint(0, 96, (rows, 12), generator=torch.Generator().manual_seed(1))
+    for model in (plain, fused):
+        model.setup_cache(rows, 32)
+        model(tokens[:, :5], 0)  # the prompt: the modules in both
+    for t in range(5, 12):
+        want, got = plain(tokens[:, t:t + 1], t), fused(tokens[:, t:t + 1], t)
+        assert close(got, want, TOLERANCE[kind]), (t, (got - want).abs().max())
+    for a, b in zip(plain.model.layers, fused.model.layers):
+        assert close(b.self_attn.kv_cache.k, a.self_attn.kv_cache.k, TOLERANCE[kind])
+        assert close(b.self_attn.kv_cache.v, a.self_attn.kv_cache.v, TOLERANCE[kind])
+
+
+@torch.inference_mode()
+def test_rows_each_at_their_own_slot_decode_as_the_modules_masked_step():
+    """The engine's step: rows of a bigger cache (from `row`), each at its own slot (a tensor
+    start) over `span` slots, each attending only to the slots it filled."""
+    plain, fused = twins(*LOOPS[0])
+    gen = torch.Generator().manual_seed(2)
+    lengths = [7, 3, 5]
+    for model in (plain, fused):
+        model.setup_cache(4, 16)
+        for r, n in enumerate(lengths):  # rows 1..3 of the cache; row 0 stays unused
+            model(torch.randint(0, 96, (1, n), generator=torch.Generator().manual_seed(r)), 0, row=1 + r)
+    start = torch.tensor(lengths)
+    for _ in range(3):
+        token = torch.randint(0, 96, (3, 1), generator=gen)
+        want = plain(token, start, row=1, span=int(start.max()) + 1)
+        got = fused(token, start, row=1, span=int(start.max()) + 1)
+        assert close(got, want, 1e-5), (got - want).abs().max()
+        start = start + 1
+
+
+@torch.inference_mode()
+def test_more_rows_than_few_take_the_modules(monkeypatch):
+    plain, fused = twins(*LOOPS[0])
+    rows = SMALL_ROWS + 1
+    tokens = torch.randint(0, 96, (rows, 4), generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(cpu_block, "_block", lambda name: pytest.fail("the block step ran"))
+    for model in (plain, fused):
+        model.setup_cache(rows, 8)
+        model(tokens[:, :3], 0)
+    assert close(fused(tokens[:, 3:], 3), plain(tokens[:, 3:], 3), 1e-6)
+
+
+@torch.inference_mode()
+def test_a_slot_outside_the_cache_is_refused_before_anything_is_written():
+    _, fused = twins(*LOOPS[0])
+    fused.setup_cache(1, 8)
+    fused(torch.tensor([[1, 2, 3]]), 0)
+    before = [layer.self_attn.kv_cache.k.clone() for layer in fused.model.layers]
+    with pytest.raises(IndexError, match="not in a cache of 1 rows and 8 slots"):
+        fused(torch.tensor([[4]]), 8)
+    assert all(torch.equal(layer.self_attn.kv_cache.k, k) for layer, k in zip(fused.model.layers, before))
+
+
+def test_only_blocks_of_loops_without_hooks_are_served():
+    model = loop_model(*LOOPS[0])
+    assert all(serves(block) for block in model.model.layers)
+    onednn = loop_model("float32", Choice("plain", "aten", "aten"))  # a product that is not a loop
+    assert not any(serves(block) for block in onednn.model.layers)
+    model.model.layers[0].mlp.register_forward_hook(lambda module, args, out: out)  # as tensor parallelism's
+    assert [serves(block) for block in model.model.layers] == [False, True]
+    model.model.layers[1].self_attn.fused_step = None  # no fused attention
+    assert give_block_step(model) == 0
+
+
+@torch.inference_mode()
+def test_it_is_given_where_measured_faster_and_its_times_are_kept(monkeypatch):
+    store = MemoryStore()
+    model = loop_model(*LOOPS[0])
+    use_block_step(model, Tuner(store, 1))
+    (key, entry), = store.entries.items()
+    assert key.startswith("block float32.float32.float32.float32 64x128 heads 4x16 kv 2 rows 1 ")
+    times = entry["times"]["block"]["few"]
+    assert set(times) == {"plain", "fused"} and all(t > 0 for t in times.values())
+
+    def untimed(paths):
+        raise AssertionError("timed again, though the store keeps its times")
+
+    monkeypatch.setattr(cpu_block, "time_paths", untimed)
+    for fused, plain, given in ((1.0, 2.0, True), (2.0, 1.0, False)):
+        store.put(key, {"times": {"block": {"few": {"plain": plain, "fused": fused}}}})
+        model = loop_model(*LOOPS[0])
+        assert use_block_step(model, Tuner(store, 1)) is given
+        assert all((layer.fused_step is not None) is given for layer in model.model.layers)
+
+
+@torch.inference_mode()
+def test_a_step_that_disagrees_with_the_modules_is_not_given(monkeypatch):
+    def wrong(name):
+        def step(x, out, *rest):
+            out[:] = x  # the block's input: as if it computed nothing
+            return True
+        return step
+
+    monkeypatch.setattr(cpu_block, "_block", wrong)
+    model = loop_model(*LOOPS[0])
+    assert not use_block_step(model, Tuner(MemoryStore(), 1))
+    assert all(layer.fused_step is None for layer in model.model.layers)
