@@ -174,3 +174,52 @@ def test_a_step_that_disagrees_with_the_modules_is_not_given(monkeypatch):
     model = loop_model(*LOOPS[0])
     assert not use_block_step(model, Tuner(MemoryStore(), 1))
     assert all(layer.fused_step is None for layer in model.model.layers)
+
+
+def random_model(**changes) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96,
+                                hidden_dim=128, max_seq_len=64), **changes})
+    model = Transformer(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    model.init_rope("cpu")
+    return model.eval()
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("loops_faster", [True, False])
+def test_the_blocks_take_the_loops_where_the_block_step_over_them_was_measured_faster(monkeypatch, loops_faster):
+    """The tuner times each shape's product alone: where it chose another product for a block's
+    shape, the first blocks are timed both ways (the modules over its choices, the block step over
+    the loops), and the faster way chosen; the verdict is kept, and reused. The head here has
+    q/k/v's shape (one spec, whose first layer is the head), and the logits stay F.linear's."""
+    store = MemoryStore()
+    tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
+    want = random_model(vocab_size=128)(tokens)
+    use_cpu_path(random_model(vocab_size=128), Tuner(store, 1))  # every shape's times kept
+    shapes = ("128x64", "64x64", "256x64", "64x128")  # q/k/v (and the head), o, gate/up, down
+    block_keys = [k for k in store.entries if k.split()[1] in shapes]
+    assert len(block_keys) == 4
+    for key in block_keys:  # the loop slower alone than ATen's product, for each block shape
+        store.put(key, {"times": {"plain": {"few": {"numba": 2.0, "aten": 1.0}, "many": {"aten": 1.0}}}})
+    for key in [k for k in store.entries if k.startswith("block loops ")]:  # that first load's verdict
+        del store.entries[key]
+    timed = []
+
+    def fake(paths):
+        for path in paths.values():
+            path()
+        timed.append(1)
+        return {"chosen": 2.0, "loops": 1.0} if loops_faster else {"chosen": 1.0, "loops": 2.0}
+
+    monkeypatch.setattr(cpu_block, "time_paths", fake)
+    for _ in range(2):
+        model = random_model(vocab_size=128)
+        use_cpu_path(model, Tuner(store, 1))
+        assert close(model(tokens), want, 1e-5)
+        fews = {layer.choice.few for b in model.model.layers for layer in cpu_block._block_layers(b)}
+        assert fews == ({"numba"} if loops_faster else {"aten"}) == {model.lm_head.choice.few}
+    assert timed == [1]  # measured once, then kept
+    (key,) = [k for k in store.entries if k.startswith("block loops ")]
+    assert "plain: aten / aten or plain: numba / aten" in key

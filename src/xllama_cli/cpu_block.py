@@ -30,7 +30,8 @@ from .cpu_attention import FusedStep, _loop as _attention_loop, slots_error, tim
 from .fuse import Stacked
 from .jit import NO_SCALES, numba_module, on_torch_threads
 from .kv_cache import KVCache
-from .linear import SMALL_ROWS, CpuLinear, Tuner, agrees
+from .linear import (SMALL_ROWS, Choice, Chooser, CpuLinear, Kind, Spec, Tuner, agrees, kind_of,
+                     prepared_if_right, spec_of)
 from .model import MLP, Block, RMSNorm, Transformer
 
 TIMED_SLOTS = 512  # filled cache slots a timed step attends over (at most the model's context)
@@ -48,19 +49,27 @@ _P3: Any = None  # down
 _ATTEND: Any = None
 
 
+# the few-row products that are numba loops (which a block step can call): (kind, layout) ->
+# their names
+LOOPS = {("float32", "plain"): ("numba",), ("bfloat16", "plain"): ("numba",),
+         ("int8", "vnni"): ("vnni", "avx2"), ("int4", "vnni"): ("vnni", "avx2")}
+
+
 def product_loop(layer: nn.Module) -> tuple[str, Any, np.ndarray, np.ndarray] | None:
     """A layer's few-row product as a numba loop (jit.NO_SCALES's signature): its name, the loop,
     and the weight form and scales it takes; None where the layer's product is not one."""
     if not isinstance(layer, CpuLinear) or layer.weight.device.type != "cpu":
         return None
     choice, state = layer.choice, layer.state
-    if choice.layout == "vnni" and layer.kind in ("int4", "int8"):
+    if choice.few not in LOOPS.get((layer.kind, choice.layout), ()):
+        return None
+    if choice.layout == "vnni":
         kernels = vnni._kernels(choice.few)
         if kernels is None:
             return None
         scales = state[1].numpy() if layer.kind == "int8" else NO_SCALES
         return f"{layer.kind}-{choice.few}", kernels[layer.kind].loop, state[0].numpy(), scales
-    if choice.layout == "plain" and choice.few == "numba" and state.is_contiguous():
+    if state.is_contiguous():
         if layer.kind == "float32" and gemv._kernel() is not None:
             return "float32", gemv._kernel().loop, state.numpy(), NO_SCALES
         if layer.kind == "bfloat16" and gemv._bf16_kernel() is not None:
@@ -279,3 +288,188 @@ def _bench(model: Transformer, block: Block, step: BlockStep, rows: int, slots: 
             attn.kv_cache, block.fused_step = kept, kept_step
 
     return (lambda: run(False)), (lambda: run(True))
+
+
+# ---- choosing the products for the block step ----
+def prefer_loops(model: Transformer, tuner: Tuner, activations: torch.dtype | None) -> Chooser:
+    """tuner.choose for use_cpu_kernels, except that each block product's shape gets its fastest
+    numba loop where the tuner chose another product and the block step over loops was measured
+    faster than the modules over the tuner's choices. The tuner times each shape's product
+    alone, which leaves out what the block step saves between products; so the first blocks
+    (as many as hold tuner.stream_bytes, as a timed product's layers) are built both ways and
+    timed (kept in the store). Call after fuse.fuse_projections, before use_cpu_kernels."""
+    chosen: dict[Spec, tuple[Choice | None, Any]] = {}  # each with block 0's layer's state
+    first: dict[Spec, nn.Module] = {}
+
+    def choose(spec: Spec, kind: Kind, layers: list[nn.Module]) -> tuple[Choice | None, Any]:
+        if spec not in chosen:
+            return tuner.choose(spec, kind, layers)
+        choice, state = chosen.pop(spec)
+        if choice is not None and layers[0] is not first[spec]:  # (a head of the same shape
+            state = prepared_if_right(kind, layers[0], choice, spec.activations)  # comes first)
+        return (choice, state) if state is not None else (None, None)
+
+    groups = _block_groups(model, activations)
+    if groups is None or numba_module() is None or not 0 < (tuner.decode_rows or 0) <= SMALL_ROWS:
+        return choose
+    loops: dict[Spec, Choice] = {}
+    for spec, (kind, layers) in groups.items():
+        chosen[spec], first[spec] = tuner.choose(spec, kind, layers), layers[0]
+        kept = tuner.store.get(tuner.key(spec, layers))
+        loop = _fastest_loop(kind.name, kept["times"]) if kept else None
+        if chosen[spec][0] is None or loop is None:
+            return choose  # (the tuner's choices, made once)
+        loops[spec] = loop
+    if all(loops[spec] == chosen[spec][0] for spec in groups):
+        return choose
+    faster = _loops_faster(model, tuner, groups, {s: c for s, (c, _) in chosen.items()}, loops)
+    if faster:
+        for spec, (kind, layers) in groups.items():
+            state = (prepared_if_right(kind, layers[0], loops[spec], spec.activations)
+                     if loops[spec] != chosen[spec][0] else None)
+            if state is not None:  # (else the loop failed its check: the tuner's choice stays)
+                chosen[spec] = (loops[spec], state)
+    return choose
+
+
+def _block_layers(block: Block) -> tuple[nn.Module, ...]:
+    attn, mlp = block.self_attn, block.mlp
+    return attn.qkv.layer, attn.o_proj, mlp.gate_up.layer, mlp.down_proj
+
+
+def _block_groups(model: Transformer, activations: torch.dtype | None
+                  ) -> dict[Spec, tuple[Kind, list[nn.Module]]] | None:
+    """The block products' specs and layers (block by block), where every block could take the
+    block step once its products are loops; else None."""
+    groups: dict[Spec, tuple[Kind, list[nn.Module]]] = {}
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        if (not isinstance(attn.qkv, Stacked) or type(mlp) is not MLP
+                or not isinstance(mlp.gate_up, Stacked) or block.window is not None
+                or attn.head_dim % 2 or any(m._forward_hooks or m._forward_pre_hooks
+                                            for m in block.modules())):
+            return None
+        for layer in _block_layers(block):
+            kind = kind_of(layer)
+            if kind is None or torch.float32 not in (activations, getattr(torch, kind.name, None)):
+                return None  # the block step computes in float32
+            spec = spec_of(layer, kind, activations)
+            groups.setdefault(spec, (kind, []))[1].append(layer)
+    return groups or None
+
+
+def _fastest_loop(kind: str, times: dict) -> Choice | None:
+    """The layout with a loop among a spec's times ({layout: {side: {name: s}}}), with its
+    fastest loop for few rows and its fastest product for many; None where none has one."""
+    found = []
+    for layout, sides in times.items():
+        few = {name: t for name, t in (sides.get("few") or {}).items()
+               if name in LOOPS.get((kind, layout), ())}
+        many = sides.get("many") or {}
+        if few and many:
+            f = min(few, key=few.get)
+            found.append((few[f], Choice(layout, f, min(many, key=many.get))))
+    return min(found, key=lambda c: c[0])[1] if found else None
+
+
+def _loops_faster(model: Transformer, tuner: Tuner,
+                  groups: dict[Spec, tuple[Kind, list[nn.Module]]], chosen: dict[Spec, Choice],
+                  loops: dict[Spec, Choice]) -> bool:
+    """Whether the first blocks' step is faster over `loops` by the block step than over the
+    tuner's `chosen` products by the modules (both with the fused attention step): as kept in
+    the tuner's store, else measured now where the two agree (and kept as a product's times)."""
+    cfg, rows = model.config, tuner.decode_rows
+    blocks, held = [], 0
+    for block in model.model.layers:  # as many as hold stream_bytes, as a product is timed
+        if blocks and held >= tuner.stream_bytes:
+            break
+        blocks.append(block)
+        held += sum(t.numel() * t.element_size() for layer in _block_layers(block)
+                    for t in layer.parameters())
+    names = ",".join(f"{spec.n}x{spec.k} {chosen[spec]} or {loops[spec]}" for spec in groups)
+    key = (f"block loops {names} heads {cfg.n_heads}x{cfg.head_dim} kv {cfg.n_kv_heads} rows "
+           f"{rows} threads {torch.get_num_threads()} blocks {len(blocks)}")
+    kept = tuner.store.get(key)
+    times = kept["times"].get("block", {}).get("few", {}) if kept else {}
+    if times.keys() != {"chosen", "loops"}:
+        paths = _bench_blocks(model, blocks, groups, chosen, loops, rows)
+        if paths is None:
+            return False
+        float32 = all(spec.kind == "float32" for spec in groups)
+        if not agrees(paths["loops"](), paths["chosen"](), 1e-4 if float32 else 2e-2):
+            return False
+        times = tuner.timed(key, lambda: {"block": {"few": time_paths(paths)}})["block"]["few"]
+    return times["loops"] < times["chosen"]
+
+
+def _bench_blocks(model: Transformer, blocks: list[Block],
+                  groups: dict[Spec, tuple[Kind, list[nn.Module]]], chosen: dict[Spec, Choice],
+                  loops: dict[Spec, Choice], rows: int
+                  ) -> dict[str, Callable[[], torch.Tensor]] | None:
+    """A one-token step of `blocks` (each over TIMED_SLOTS filled slots of a random cache of its
+    own, its norms in float32): through the modules over the `chosen` products ("chosen"), and
+    through the block step over the `loops` ("loops"); None where a layer takes either badly."""
+    cfg = model.config
+    spec_of_layer = {id(layer): (spec, kind) for spec, (kind, layers) in groups.items()
+                     for layer in layers}
+    built: dict[str, list[tuple[nn.Module, ...]]] = {"chosen": [], "loops": []}
+    for name, choices in (("chosen", chosen), ("loops", loops)):
+        for block in blocks:
+            swapped = []
+            for layer in _block_layers(block):
+                spec, kind = spec_of_layer[id(layer)]
+                state = prepared_if_right(kind, layer, choices[spec], spec.activations)
+                if state is None:
+                    return None
+                swapped.append(CpuLinear(layer, kind, choices[spec], state))
+            built[name].append(tuple(swapped))
+    gen = torch.Generator().manual_seed(0)
+    slots = min(TIMED_SLOTS, cfg.max_seq_len)
+    caches = []
+    for _ in blocks:
+        cache_ = KVCache(rows, cfg.n_kv_heads, slots, cfg.head_dim, torch.float32, "cpu")
+        cache_.k.normal_(generator=gen)
+        cache_.v.normal_(generator=gen)
+        caches.append(cache_)
+    norms = [(_float32(b.input_layernorm), _float32(b.post_attention_layernorm)) for b in blocks]
+    x = torch.randn(rows, 1, cfg.dim, generator=gen)
+    start = slots - 1
+    cos, sin = model.model.rotary(torch.full((rows, 1), start), torch.float32)
+    attention, buffers = FusedStep(), _Buffers()
+    steps: list[BlockStep] = []  # built at the first run over the loops
+
+    def run(name: str) -> torch.Tensor:
+        kept = [(_block_layers(b), b.input_layernorm, b.post_attention_layernorm,
+                 b.self_attn.kv_cache) for b in blocks]
+        try:
+            y = x
+            for block, layers, norm, cache_ in zip(blocks, built[name], norms, caches):
+                _install(block, layers)
+                block.input_layernorm, block.post_attention_layernorm = norm
+                block.self_attn.kv_cache, block.self_attn.fused_step = cache_, attention
+                if name == "loops" and len(steps) < len(blocks):
+                    steps.append(BlockStep(block, buffers))
+                block.fused_step = steps[blocks.index(block)] if name == "loops" else None
+                with torch.inference_mode():
+                    y = block(y, cos, sin, None, start)
+            return y
+        finally:
+            for block, (layers, first, second, cache_) in zip(blocks, kept):
+                _install(block, layers)
+                block.input_layernorm, block.post_attention_layernorm = first, second
+                block.self_attn.kv_cache, block.self_attn.fused_step = cache_, None
+                block.fused_step = None
+
+    return {"chosen": lambda: run("chosen"), "loops": lambda: run("loops")}
+
+
+def _install(block: Block, layers: tuple[nn.Module, ...]) -> None:
+    """Give a block's four products the layers `layers` (as _block_layers orders them)."""
+    attn, mlp = block.self_attn, block.mlp
+    attn.qkv.layer, attn.o_proj, mlp.gate_up.layer, mlp.down_proj = layers
+
+
+def _float32(norm: nn.Module) -> nn.Module:
+    out = RMSNorm(norm.weight.shape[0], norm.eps)
+    out.weight = nn.Parameter(norm.weight.detach().float(), requires_grad=False)
+    return out

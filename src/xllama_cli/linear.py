@@ -607,9 +607,7 @@ def use_cpu_kernels(model: nn.Module, tuner: Tuner | None = None,
         for name, child in parent.named_children():
             kind = kind_of(child)
             if kind is not None:
-                given = activations if activations != _compute_dtype(child) else None
-                spec = Spec(kind.name, child.out_features, child.in_features,
-                            id(child.weight) in tied, given)
+                spec = spec_of(child, kind, activations, id(child.weight) in tied)
                 groups.setdefault(spec, []).append((parent, name, child))
     for spec in sorted(groups, key=lambda s: -s.n * s.k):
         members = groups.pop(spec)
@@ -632,6 +630,14 @@ def use_cpu_kernels(model: nn.Module, tuner: Tuner | None = None,
                     release(t)
             del layer, state
     return model
+
+
+def spec_of(layer: nn.Module, kind: Kind, activations: torch.dtype | None = None,
+            tied: bool = False) -> Spec:
+    """The Spec a layer of `kind` is chosen under, for inputs in `activations` (as
+    use_cpu_kernels's)."""
+    given = activations if activations != _compute_dtype(layer) else None
+    return Spec(kind.name, layer.out_features, layer.in_features, tied, given)
 
 
 def _tensors(layer: nn.Module) -> Iterable[torch.Tensor]:

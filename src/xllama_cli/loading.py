@@ -20,7 +20,7 @@ from .checkpoint import Checkpoint, open_checkpoint, release_pages, return_free_
 from .build import build_model
 from .config import ModelConfig
 from .cpu_attention import use_fused_attention
-from .cpu_block import use_block_step
+from .cpu_block import prefer_loops, use_block_step
 from .errors import SettingError, XllamaError
 from .fuse import fuse_projections
 from .kernel_cache import KernelCache
@@ -231,7 +231,7 @@ def for_inference(model: Transformer, quantize: str | None = None, compile: bool
             if mode == "measure":
                 cache.entries.clear()
             tuner = cpu_tuner(decode_batch, cache)
-            use_cpu_path(model, tuner.choose, _released)
+            use_cpu_path(model, tuner, _released)
             if use_fused_attention(model, tuner):
                 use_block_step(model, tuner)
             cache.save()
@@ -257,19 +257,22 @@ def cpu_activations(device: torch.device, dtype: torch.dtype) -> torch.dtype | N
     return None
 
 
-def use_cpu_path(model: Transformer, choose: Chooser,
+def use_cpu_path(model: Transformer, choose: Chooser | Tuner,
                  release: Callable[[torch.Tensor], None] | None = None, *, fuse: bool = True,
                  float32: bool = True) -> None:
-    """for_inference's CPU kernels, each layer's chosen by `choose` (a Tuner's, or
-    linear.fixed): unless `fuse` is False, each block's q, k and v (and gate and up) as one
-    product; the kernels chosen for float32 inputs beside half-precision weights
-    (cpu_activations) unless `float32` is False, and the model then computing in float32 if
-    every linear layer took a kernel (a layer left as it is computes in its own dtype only, so
-    the model then stays in it). `release`: as use_cpu_kernels's."""
+    """for_inference's CPU kernels, each layer's chosen by `choose`: a Tuner (whose choices give
+    the blocks' products the numba loops where the block step over them was measured faster:
+    cpu_block.prefer_loops), or a Chooser (linear.fixed); unless `fuse` is False, each block's
+    q, k and v (and gate and up) as one product; the kernels chosen for float32 inputs beside
+    half-precision weights (cpu_activations) unless `float32` is False, and the model then
+    computing in float32 if every linear layer took a kernel (a layer left as it is computes in
+    its own dtype only, so the model then stays in it). `release`: as use_cpu_kernels's."""
     weight = model.model.embed_tokens.weight  # quantized models keep it in their compute dtype
     activations = cpu_activations(weight.device, weight.dtype) if float32 else None
     if fuse and weight.device.type == "cpu":
         fuse_projections(model, release=release)
+    if isinstance(choose, Tuner):
+        choose = prefer_loops(model, choose, activations)
     use_cpu_kernels(model, choose=choose, release=release, activations=activations)
     if activations is not None and not any(kind_of(m) for m in model.modules()):
         model.compute_in(activations)
