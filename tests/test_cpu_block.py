@@ -223,3 +223,28 @@ def test_the_blocks_take_the_loops_where_the_block_step_over_them_was_measured_f
     assert timed == [1]  # measured once, then kept
     (key,) = [k for k in store.entries if k.startswith("block loops ")]
     assert "plain: aten / aten or plain: numba / aten" in key
+
+
+def test_a_compiled_block_step_is_loaded_from_numbas_cache_by_the_next_process():
+    """Compiling a block step takes about a second: the next process loads it from numba's cache
+    (with its helpers in closure cells, it compiled again in every process)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, torch\n"
+            f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            "from test_cpu_block import LOOPS, twins\n"
+            "from xllama_cli import cpu_block\n"
+            "_, fused = twins(*LOOPS[0])\n"
+            "fused.setup_cache(1, 8)\n"
+            "with torch.inference_mode():\n"
+            "    fused(torch.tensor([[1, 2]]), 0)\n"
+            "    fused(torch.tensor([[3]]), 2)\n"
+            "stats = cpu_block._block(fused.model.layers[0].fused_step.name).loop.stats\n"
+            "print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))")
+    for _ in range(2):  # the first may compile (and keep) it
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+    hits, misses = run.stdout.split()[-2:]
+    assert hits != "0" and misses == "0", run.stdout

@@ -47,6 +47,8 @@ _P1: Any = None  # o
 _P2: Any = None  # gate and up
 _P3: Any = None  # down
 _ATTEND: Any = None
+_NORM: Any = None  # the norm and the bias sum (_helpers)
+_ADD: Any = None
 
 
 # the few-row products that are numba loops (which a block step can call): (kind, layout) ->
@@ -85,6 +87,53 @@ def _block(name: str) -> Callable[..., bool] | None:
     numba = numba_module()
     if numba is None:
         return None
+    global _NORM, _ADD
+    # globals, not a closure's cells: numba's on-disk cache keys on cells, and with them the
+    # block compiled again in every process
+    _NORM, _ADD = _helpers()
+
+    def step(x, out, norms, eps, w0, s0, b0, w1, s1, b1, w2, s2, b2, w3, s3, b3,
+             cos, sin, kc, vc, row, pos, h, qkv, att, o, gu, act):
+        """x float32 [B, dim] -> out [B, dim], a Block's step of one token a row (its weights:
+        norms [2, dim]; for q/k/v, o, gate/up and down, the loop's w and s and a bias, [0] for
+        none). cos, sin, kc, vc, row, pos: as cpu_attention's loop. h..act: buffers of the
+        products' outputs. False, and nothing written, where a slot is not in the cache."""
+        rows, dim = x.shape
+        _NORM(x, norms[0], eps, h)
+        _P0(h, w0, s0, qkv)
+        _ADD(qkv, b0)
+        if not _ATTEND(qkv, cos, sin, kc, vc, row, pos, att):
+            return False
+        _P1(att, w1, s1, o)
+        _ADD(o, b1)
+        for r in range(rows):
+            for j in range(dim):
+                out[r, j] = x[r, j] + o[r, j]
+        _NORM(out, norms[1], eps, h)
+        _P2(h, w2, s2, gu)
+        _ADD(gu, b2)
+        hidden = act.shape[1]
+        for r in range(rows):  # SwiGLU: silu(gate) * up
+            for j in range(hidden):
+                g = gu[r, j]
+                act[r, j] = g / (np.float32(1.0) + np.exp(-g)) * gu[r, hidden + j]
+        _P3(act, w3, s3, o)
+        _ADD(o, b3)
+        for r in range(rows):
+            for j in range(dim):
+                out[r, j] += o[r, j]
+        return True
+
+    # numba's cache names its files after the function: one name per set of loops
+    step.__qualname__ = f"step.{name}"
+    return on_torch_threads(numba.njit(fastmath=True, cache=True, nogil=True,
+                                       boundscheck=False)(step))
+
+
+@cache
+def _helpers() -> tuple[Any, Any]:
+    """The block step's norm and bias sum, inlined into it."""
+    numba = numba_module()
 
     @numba.njit(inline="always", fastmath=True, boundscheck=False)
     def norm(x, weight, eps, out):
@@ -104,42 +153,7 @@ def _block(name: str) -> Callable[..., bool] | None:
                 for j in range(y.shape[1]):
                     y[r, j] += bias[j]
 
-    def step(x, out, norms, eps, w0, s0, b0, w1, s1, b1, w2, s2, b2, w3, s3, b3,
-             cos, sin, kc, vc, row, pos, h, qkv, att, o, gu, act):
-        """x float32 [B, dim] -> out [B, dim], a Block's step of one token a row (its weights:
-        norms [2, dim]; for q/k/v, o, gate/up and down, the loop's w and s and a bias, [0] for
-        none). cos, sin, kc, vc, row, pos: as cpu_attention's loop. h..act: buffers of the
-        products' outputs. False, and nothing written, where a slot is not in the cache."""
-        rows, dim = x.shape
-        norm(x, norms[0], eps, h)
-        _P0(h, w0, s0, qkv)
-        add(qkv, b0)
-        if not _ATTEND(qkv, cos, sin, kc, vc, row, pos, att):
-            return False
-        _P1(att, w1, s1, o)
-        add(o, b1)
-        for r in range(rows):
-            for j in range(dim):
-                out[r, j] = x[r, j] + o[r, j]
-        norm(out, norms[1], eps, h)
-        _P2(h, w2, s2, gu)
-        add(gu, b2)
-        hidden = act.shape[1]
-        for r in range(rows):  # SwiGLU: silu(gate) * up
-            for j in range(hidden):
-                g = gu[r, j]
-                act[r, j] = g / (np.float32(1.0) + np.exp(-g)) * gu[r, hidden + j]
-        _P3(act, w3, s3, o)
-        add(o, b3)
-        for r in range(rows):
-            for j in range(dim):
-                out[r, j] += o[r, j]
-        return True
-
-    # numba's cache names its files after the function: one name per set of loops
-    step.__qualname__ = f"step.{name}"
-    return on_torch_threads(numba.njit(fastmath=True, cache=True, nogil=True,
-                                       boundscheck=False)(step))
+    return norm, add
 
 
 class _Buffers:
