@@ -42,6 +42,44 @@ def computing_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if hasattr(m, "in_features") and not isinstance(m, Part)]
 
 
+def random_llama(**changes):
+    """A random float32 GQA model (4 query heads over 2 K/V heads, dim 64, 2 layers), its weights
+    drawn at std 0.2 so that its logits spread; RoPE on the CPU."""
+    from xllama_cli.config import ModelConfig
+    from xllama_cli.model import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96,
+                                hidden_dim=128, max_seq_len=64), **changes})
+    model = Transformer(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    model.init_rope("cpu")
+    return model.eval()
+
+
+def rows_at_their_own_slots(plain: torch.nn.Module, fused: torch.nn.Module, vocab: int
+                            ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The engine's step on two copies of a model: rows of a bigger cache (from `row`), each at
+    its own slot (a tensor start) over `span` slots, each attending only to the slots it filled;
+    each of three steps' logits from `fused` and from `plain`."""
+    gen = torch.Generator().manual_seed(2)
+    lengths = [7, 3, 5]
+    for model in (plain, fused):
+        model.setup_cache(4, 16)
+        for r, n in enumerate(lengths):  # rows 1..3 of the cache; row 0 stays unused
+            prompt = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(r))
+            model(prompt, 0, row=1 + r)
+    start, steps = torch.tensor(lengths), []
+    with torch.inference_mode():
+        for _ in range(3):
+            token = torch.randint(0, vocab, (3, 1), generator=gen)
+            span = int(start.max()) + 1
+            steps.append((fused(token, start, row=1, span=span), plain(token, start, row=1, span=span)))
+            start = start + 1
+    return steps
+
+
 def fixture(name: str) -> Path:
     """A path under ../shared/fixtures, or skip the test when the folder is absent (a user's clone)."""
     path = FIXTURES / name

@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 
+from conftest import random_llama, rows_at_their_own_slots
 from xllama_cli import cpu_attention
 from xllama_cli.config import ModelConfig
 from xllama_cli.cpu_attention import give_fused_step, use_fused_attention
@@ -23,14 +24,7 @@ if cpu_attention._loop() is None:
 
 def small_model(**changes) -> Transformer:
     """A random float32 GQA model (4 query heads over 2 K/V heads) with q, k and v stacked."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(**{**dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96,
-                                hidden_dim=96, max_seq_len=64), **changes})
-    model = Transformer(cfg)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    model.init_rope("cpu")
-    return fuse_projections(model.eval())
+    return fuse_projections(random_llama(**{"hidden_dim": 96, **changes}))
 
 
 def twins(**changes) -> tuple[Transformer, Transformer]:
@@ -69,19 +63,8 @@ def test_rows_each_at_their_own_slot_decode_as_the_plain_paths_masked_step():
     """The engine's step: rows of a bigger cache (from `row`), each at its own slot (a tensor
     start) over `span` slots, each attending only to the slots it filled."""
     plain, fused = twins()
-    gen = torch.Generator().manual_seed(2)
-    lengths = [7, 3, 5]
-    for model in (plain, fused):
-        model.setup_cache(4, 16)
-        for r, n in enumerate(lengths):  # rows 1..3 of the cache; row 0 stays unused
-            model(torch.randint(0, 96, (1, n), generator=torch.Generator().manual_seed(r)), 0, row=1 + r)
-    start = torch.tensor(lengths)
-    for _ in range(3):
-        token = torch.randint(0, 96, (3, 1), generator=gen)
-        want = plain(token, start, row=1, span=int(start.max()) + 1)
-        got = fused(token, start, row=1, span=int(start.max()) + 1)
+    for got, want in rows_at_their_own_slots(plain, fused, vocab=96):
         assert close(got, want), (got - want).abs().max()
-        start = start + 1
     for a, b in zip(plain.model.layers, fused.model.layers):
         assert close(b.self_attn.kv_cache.k, a.self_attn.kv_cache.k, 1e-6)
 

@@ -175,12 +175,8 @@ def use_fused_attention(model: Transformer, tuner: Tuner) -> bool:
     plain, fused = _bench(model, step, rows, slots)
     if not agrees(fused(), plain()):
         return False
-    kept = tuner.store.get(key)  # as the Tuner keeps a product's: {layout: {side: {name: s}}}
-    times = kept["times"].get("attention", {}).get("few", {}) if kept else {}
-    if times.keys() != {"plain", "fused"}:
-        times = tuner.timed(key, lambda: {"attention": {"few": time_paths(
-            {"plain": plain, "fused": fused})}})["attention"]["few"]
-    if times["fused"] >= times["plain"]:
+    times = kept_or_timed(tuner, key, "attention", lambda: {"plain": plain, "fused": fused})
+    if times is None or times["fused"] >= times["plain"]:
         return False
     give_fused_step(model, step)
     return True
@@ -231,6 +227,22 @@ def _bench(model: Transformer, step: FusedStep, rows: int, slots: int
             return attn(qkv, cos, sin, None, start)
 
     return (lambda: run(False)), (lambda: run(True))
+
+
+def kept_or_timed(tuner: Tuner, key: str, name: str,
+                  paths: Callable[[], dict[str, Callable[[], torch.Tensor]] | None],
+                  names: tuple[str, ...] = ("plain", "fused")) -> dict[str, float] | None:
+    """Median seconds a call of each of `names`' paths, kept under `key` as the Tuner keeps a
+    product's ({name: {"few": {path: s}}}): from the tuner's store, else paths() timed now
+    (time_paths) and kept; None where paths() gives None (they could not be built, say)."""
+    kept = tuner.store.get(key)
+    times = kept["times"].get(name, {}).get("few", {}) if kept else {}
+    if times.keys() == set(names):
+        return times
+    built = paths()
+    if built is None:
+        return None
+    return tuner.timed(key, lambda: {name: {"few": time_paths(built)}})[name]["few"]
 
 
 def time_paths(paths: dict[str, Callable[[], torch.Tensor]]) -> dict[str, float]:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import gemv, vnni
-from .cpu_attention import FusedStep, _loop as _attention_loop, slots_error, time_paths
+from .cpu_attention import FusedStep, _loop as _attention_loop, kept_or_timed, slots_error
 from .fuse import Stacked
 from .jit import NO_SCALES, numba_module, on_torch_threads
 from .kv_cache import KVCache
@@ -267,12 +267,8 @@ def use_block_step(model: Transformer, tuner: Tuner) -> bool:
     plain, fused = _bench(model, block, step, rows, slots)
     if not agrees(fused(), plain(), TOLERANCE["int" if "int" in step.name else "float"]):
         return False
-    kept = tuner.store.get(key)  # as the Tuner keeps a product's: {layout: {side: {name: s}}}
-    times = kept["times"].get("block", {}).get("few", {}) if kept else {}
-    if times.keys() != {"plain", "fused"}:
-        times = tuner.timed(key, lambda: {"block": {"few": time_paths(
-            {"plain": plain, "fused": fused})}})["block"]["few"]
-    if times["fused"] >= times["plain"]:
+    times = kept_or_timed(tuner, key, "block", lambda: {"plain": plain, "fused": fused})
+    if times is None or times["fused"] >= times["plain"]:
         return False
     give_block_step(model)
     return True
@@ -403,17 +399,16 @@ def _loops_faster(model: Transformer, tuner: Tuner,
     names = ",".join(f"{spec.n}x{spec.k} {chosen[spec]} or {loops[spec]}" for spec in groups)
     key = (f"block loops {names} heads {cfg.n_heads}x{cfg.head_dim} kv {cfg.n_kv_heads} rows "
            f"{rows} threads {torch.get_num_threads()} blocks {len(blocks)}")
-    kept = tuner.store.get(key)
-    times = kept["times"].get("block", {}).get("few", {}) if kept else {}
-    if times.keys() != {"chosen", "loops"}:
-        paths = _bench_blocks(model, blocks, groups, chosen, loops, rows)
-        if paths is None:
-            return False
+    def paths() -> dict[str, Callable[[], torch.Tensor]] | None:
+        built = _bench_blocks(model, blocks, groups, chosen, loops, rows)
         float32 = all(spec.kind == "float32" for spec in groups)
-        if not agrees(paths["loops"](), paths["chosen"](), 1e-4 if float32 else 2e-2):
-            return False
-        times = tuner.timed(key, lambda: {"block": {"few": time_paths(paths)}})["block"]["few"]
-    return times["loops"] < times["chosen"]
+        if built is None or not agrees(built["loops"](), built["chosen"](),
+                                       1e-4 if float32 else 2e-2):
+            return None
+        return built
+
+    times = kept_or_timed(tuner, key, "block", paths, ("chosen", "loops"))
+    return times is not None and times["loops"] < times["chosen"]
 
 
 def _bench_blocks(model: Transformer, blocks: list[Block],
