@@ -171,19 +171,19 @@ class _Buffers:
 
 
 class BlockStep:
-    """A Block's one-token step through its compiled loop (`Block.fused_step`). Built for a block
-    that `serves` accepts; `attention` is the block's fused attention step (whose per-step arrays
-    it shares), `buffers` the model's."""
+    """A Block's one-token step through its compiled loop (`Block.fused_step`), for a block that
+    `serves` accepts; it shares the per-step arrays of the block's fused attention step, and
+    `buffers` with the model's other blocks."""
 
     def __init__(self, block: Block, buffers: _Buffers) -> None:
         attn, mlp = block.self_attn, block.mlp
-        layers = (attn.qkv.layer, attn.o_proj, mlp.gate_up.layer, mlp.down_proj)
+        layers = _block_layers(block)
         loops = [product_loop(layer) for layer in layers]
         assert all(loops), "a block whose products are not all loops (serves)"
         self.name = ".".join(loop[0] for loop in loops)
         self.loops = tuple(loop[1] for loop in loops)
         self.attention: FusedStep = attn.fused_step
-        self.cache_of = attn
+        self.attn = attn  # whose kv_cache the step reads and writes (setup_cache replaces it)
         self.buffers = buffers
         norms = torch.stack([block.input_layernorm.weight.detach(),
                              block.post_attention_layernorm.weight.detach()])
@@ -203,7 +203,7 @@ class BlockStep:
         B = x.shape[0]
         if B > SMALL_ROWS or x.dtype != torch.float32:
             return None
-        cache_ = self.cache_of.kv_cache
+        cache_ = self.attn.kv_cache
         assert cache_ is not None, "call model.setup_cache() before using start="
         cos_rows, sin_rows, pos = self.attention.step_arrays(cos, sin, start, B)
         x2 = x.reshape(B, -1)
@@ -225,19 +225,22 @@ def serves(block: nn.Module) -> bool:
     """Whether a block's step can be one call: it has the fused attention step (cpu_attention),
     q/k/v and gate/up stacked, every product a numba loop, float32 norms, and no hooks (tensor
     parallelism's all-reduce is one, which a call would skip)."""
-    if not isinstance(block, Block) or not isinstance(block.self_attn.fused_step, FusedStep):
-        return False
-    attn, mlp = block.self_attn, block.mlp
-    if (not isinstance(attn.qkv, Stacked) or type(mlp) is not MLP
-            or not isinstance(mlp.gate_up, Stacked)):
-        return False
-    if any(m._forward_hooks or m._forward_pre_hooks for m in block.modules()):
+    if (not isinstance(block, Block) or not isinstance(block.self_attn.fused_step, FusedStep)
+            or not _stacked_without_hooks(block)):
         return False
     norms = (block.input_layernorm, block.post_attention_layernorm)
     if any(type(n) is not RMSNorm or n.weight.dtype != torch.float32 for n in norms):
         return False
-    layers = (attn.qkv.layer, attn.o_proj, mlp.gate_up.layer, mlp.down_proj)
-    return numba_module() is not None and all(product_loop(layer) for layer in layers)
+    return numba_module() is not None and all(product_loop(lay) for lay in _block_layers(block))
+
+
+def _stacked_without_hooks(block: Block) -> bool:
+    """A block with q/k/v and gate/up stacked (fuse.py), a plain MLP, and no forward hooks
+    (tensor parallelism adds its all-reduce as hooks, before the CPU kernels: a block step would
+    skip them)."""
+    attn, mlp = block.self_attn, block.mlp
+    return (isinstance(attn.qkv, Stacked) and type(mlp) is MLP and isinstance(mlp.gate_up, Stacked)
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in block.modules()))
 
 
 def give_block_step(model: Transformer) -> int:
@@ -353,11 +356,8 @@ def _block_groups(model: Transformer, activations: torch.dtype | None
     block step once its products are loops; else None."""
     groups: dict[Spec, tuple[Kind, list[nn.Module]]] = {}
     for block in model.model.layers:
-        attn, mlp = block.self_attn, block.mlp
-        if (not isinstance(attn.qkv, Stacked) or type(mlp) is not MLP
-                or not isinstance(mlp.gate_up, Stacked) or block.window is not None
-                or attn.head_dim % 2 or any(m._forward_hooks or m._forward_pre_hooks
-                                            for m in block.modules())):
+        if (not _stacked_without_hooks(block) or block.window is not None
+                or block.self_attn.head_dim % 2):  # (as the fused attention step needs)
             return None
         for layer in _block_layers(block):
             kind = kind_of(layer)
