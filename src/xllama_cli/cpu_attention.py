@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .attention import Attention
+from .config import ModelConfig
 from .fuse import Stacked
 from .jit import numba_module, on_torch_threads
 from .kv_cache import KVCache
@@ -155,9 +156,23 @@ def served(model: Transformer) -> list[nn.Module]:
     every slot (no sliding window) and an even head_dim."""
     if model.activation_dtype != torch.float32 or _loop() is None:
         return []
-    return [b for b in model.model.layers
-            if isinstance(b.self_attn.qkv, Stacked) and b.window is None
-            and b.self_attn.head_dim % 2 == 0 and b.self_attn.qkv.layer.weight.device.type == "cpu"]
+    return [b for b in model.model.layers if serves_block(b)]
+
+
+def serves_block(block: nn.Module) -> bool:
+    """Whether the loop can serve a block of a model computing in float32 (served)."""
+    attn = block.self_attn
+    return (isinstance(attn.qkv, Stacked) and block.window is None and attn.head_dim % 2 == 0
+            and attn.qkv.layer.weight.device.type == "cpu")
+
+
+def random_cache(cfg: ModelConfig, rows: int, slots: int, gen: torch.Generator) -> KVCache:
+    """A float32 cache of `rows` rows and `slots` slots of the model's K/V heads, every slot
+    filled at random (a timed step's)."""
+    cache = KVCache(rows, cfg.n_kv_heads, slots, cfg.head_dim, torch.float32, "cpu")
+    cache.k.normal_(generator=gen)
+    cache.v.normal_(generator=gen)
+    return cache
 
 
 def use_fused_attention(model: Transformer, tuner: Tuner) -> bool:
@@ -215,9 +230,7 @@ def _bench(model: Transformer, step: FusedStep, rows: int, slots: int
     qkv = torch.randn(rows, 1, (H + 2 * Hk) * D, generator=gen)
     attn.qkv = Stacked(_Given(qkv), [(H + Hk) * D, Hk * D])
     attn.o_proj = nn.Identity()
-    attn.kv_cache = KVCache(rows, Hk, slots, D, torch.float32, "cpu")
-    attn.kv_cache.k.normal_(generator=gen)
-    attn.kv_cache.v.normal_(generator=gen)
+    attn.kv_cache = random_cache(cfg, rows, slots, gen)
     start = slots - 1
     cos, sin = model.model.rotary(torch.full((rows, 1), start), torch.float32)
 

@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from . import gemv, vnni
-from .cpu_attention import FusedStep, _loop as _attention_loop, kept_or_timed, slots_error
+from .cpu_attention import (FusedStep, _loop as _attention_loop, kept_or_timed, random_cache,
+                            serves_block, slots_error)
 from .fuse import Stacked
 from .jit import NO_SCALES, numba_module, on_torch_threads
-from .kv_cache import KVCache
 from .linear import (SMALL_ROWS, Choice, Chooser, CpuLinear, Kind, Spec, Tuner, agrees, kind_of,
                      prepared_if_right, spec_of)
 from .model import MLP, Block, RMSNorm, Transformer
@@ -161,12 +161,11 @@ class _Buffers:
     time), for the rows of the last step."""
 
     def __init__(self) -> None:
-        self.rows = -1
         self.arrays: tuple[np.ndarray, ...] = ()
 
     def get(self, rows: int, widths: tuple[int, ...]) -> tuple[np.ndarray, ...]:
-        if rows != self.rows or tuple(a.shape[1] for a in self.arrays) != widths:
-            self.rows, self.arrays = rows, tuple(np.empty((rows, w), np.float32) for w in widths)
+        if tuple(a.shape for a in self.arrays) != tuple((rows, w) for w in widths):
+            self.arrays = tuple(np.empty((rows, w), np.float32) for w in widths)
         return self.arrays
 
 
@@ -182,8 +181,8 @@ class BlockStep:
         assert all(loops), "a block whose products are not all loops (serves)"
         self.name = ".".join(loop[0] for loop in loops)
         self.loops = tuple(loop[1] for loop in loops)
-        self.attention: FusedStep = attn.fused_step
-        self.attn = attn  # whose kv_cache the step reads and writes (setup_cache replaces it)
+        self.attn = attn  # its fused attention step's per-step arrays, and its kv_cache (which
+        # setup_cache replaces), are read at each call
         self.buffers = buffers
         norms = torch.stack([block.input_layernorm.weight.detach(),
                              block.post_attention_layernorm.weight.detach()])
@@ -205,7 +204,7 @@ class BlockStep:
             return None
         cache_ = self.attn.kv_cache
         assert cache_ is not None, "call model.setup_cache() before using start="
-        cos_rows, sin_rows, pos = self.attention.step_arrays(cos, sin, start, B)
+        cos_rows, sin_rows, pos = self.attn.fused_step.step_arrays(cos, sin, start, B)
         x2 = x.reshape(B, -1)
         x2 = x2 if x2.is_contiguous() else x2.contiguous()
         out = torch.empty_like(x2)
@@ -283,9 +282,7 @@ def _bench(model: Transformer, block: Block, step: BlockStep, rows: int, slots: 
     modules, and through `step` (each writing the same new slot)."""
     cfg = model.config
     gen = torch.Generator().manual_seed(0)
-    cache_ = KVCache(rows, cfg.n_kv_heads, slots, cfg.head_dim, torch.float32, "cpu")
-    cache_.k.normal_(generator=gen)
-    cache_.v.normal_(generator=gen)
+    cache_ = random_cache(cfg, rows, slots, gen)
     x = torch.randn(rows, 1, cfg.dim, generator=gen)
     start = slots - 1
     cos, sin = model.model.rotary(torch.full((rows, 1), start), torch.float32)
@@ -356,8 +353,7 @@ def _block_groups(model: Transformer, activations: torch.dtype | None
     block step once its products are loops; else None."""
     groups: dict[Spec, tuple[Kind, list[nn.Module]]] = {}
     for block in model.model.layers:
-        if (not _stacked_without_hooks(block) or block.window is not None
-                or block.self_attn.head_dim % 2):  # (as the fused attention step needs)
+        if not _stacked_without_hooks(block) or not serves_block(block):
             return None
         for layer in _block_layers(block):
             kind = kind_of(layer)
@@ -434,12 +430,7 @@ def _bench_blocks(model: Transformer, blocks: list[Block],
             built[name].append(tuple(swapped))
     gen = torch.Generator().manual_seed(0)
     slots = min(TIMED_SLOTS, cfg.max_seq_len)
-    caches = []
-    for _ in blocks:
-        cache_ = KVCache(rows, cfg.n_kv_heads, slots, cfg.head_dim, torch.float32, "cpu")
-        cache_.k.normal_(generator=gen)
-        cache_.v.normal_(generator=gen)
-        caches.append(cache_)
+    caches = [random_cache(cfg, rows, slots, gen) for _ in blocks]
     norms = [(_float32(b.input_layernorm), _float32(b.post_attention_layernorm)) for b in blocks]
     x = torch.randn(rows, 1, cfg.dim, generator=gen)
     start = slots - 1
