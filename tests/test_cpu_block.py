@@ -7,7 +7,6 @@ modules and was measured faster, its times kept."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -34,14 +33,14 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-5, "int8": 1e-2, "int4": 1e-2}
 QWEN2 = dict(family="qwen2", qkv_bias=True)  # q, k and v with biases
 
 
-def loop_model(kind: str, choice: Choice, **changes) -> Transformer:
-    """random_model in `kind`, every block's product on `choice` (the head on the tuner's),
+def loop_model(kind: str, choice: Choice, tuner: Tuner | None = None, **changes) -> Transformer:
+    """random_model in `kind`, every block's product on `choice` (the head on `tuner`'s choice),
     computing in float32 with the fused attention step."""
     model = random_llama(**changes).to(torch.float32 if kind == "float32" else torch.bfloat16)
     cfg = model.config
     if kind in ("int8", "int4"):
         quantize_model(model, kind)
-    tuner, given = Tuner(), fixed(choice)
+    tuner, given = tuner or Tuner(), fixed(choice)
 
     def choose(spec, kind_, layers):
         picked = given(spec, kind_, layers) if spec.n != cfg.vocab_size else (None, None)
@@ -53,9 +52,12 @@ def loop_model(kind: str, choice: Choice, **changes) -> Transformer:
 
 
 def twins(kind: str, choice: Choice, **changes) -> tuple[Transformer, Transformer]:
-    """The same model twice: through its modules, and with the block step."""
-    plain = loop_model(kind, choice, **changes)
-    fused = copy.deepcopy(plain)
+    """The same model twice: through its modules, and with the block step. Built twice over one
+    tuner (so the head's choice is the same), not copied: a head on oneDNN's packed weight
+    cannot be deep-copied."""
+    tuner = Tuner()
+    plain = loop_model(kind, choice, tuner, **changes)
+    fused = loop_model(kind, choice, tuner, **changes)
     assert give_block_step(fused) == fused.config.n_layers
     return plain, fused
 
