@@ -20,7 +20,8 @@ from xllama_cli import vnni
 from xllama_cli.jit import NO_SCALES
 from xllama_cli.linear import measure
 from xllama_cli.quantize import (INT4, INT8, Int4Linear, Int8Linear, int4_reference, int8_reference,
-                                 int8_vnni_form, unpack_nibbles, int4_vnni_form)
+                                 int8_form_int_mm_linear, int8_vnni_form, int_mm_linear, unpack_nibbles,
+                                 int4_vnni_form)
 
 if not vnni.usable():
     pytest.skip("neither AVX-512 VNNI nor AVX2, or no numba, here", allow_module_level=True)
@@ -128,9 +129,23 @@ def test_int8_rounding_the_activations_costs_under_a_percent_and_widening_is_exa
 
 def test_the_tuner_times_the_int8_form_on_each_side_and_only_for_whole_groups():
     times = measure(INT8, [int8_layer(128, 64)], tied=False, few_rows=1)["vnni"]
-    assert set(times["few"]) == set(vnni.isas()) and set(times["many"]) == {"widen-bf16"}
+    assert set(times["few"]) == set(vnni.isas()) and set(times["many"]) == {"widen-bf16", "int_mm"}
     odd = measure(INT8, [int8_layer(128, 40)], tied=False, few_rows=1)  # no whole group in a row
     assert not odd.get("vnni", {}).get("few")  # so the form is never chosen (linear.best)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("n,k", [(300, 1024), (37, 96), (5000, 160)])  # padded K; several chunks
+def test_int_mm_over_the_int8_form_gives_the_plain_int8_weights_int_mm_product(n, k, monkeypatch):
+    """The form's bytes (q + 128) with the top bit flipped are q: the product is the plain
+    layout's, to the bit, chunk by chunk."""
+    monkeypatch.setattr(vnni, "CHUNK_WEIGHTS", 1 << 16)
+    source = int8_layer(n, k, seed=5)
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(6))
+    got = int8_form_int_mm_linear(x, int8_vnni_form(source))
+    assert torch.equal(got, int_mm_linear(x, (source.weight, source.scales)))
+    want = int8_reference(x, source)
+    assert torch.allclose(got, want, rtol=INT8.tol, atol=INT8.tol * want.abs().max().item())
 
 
 def test_no_form_where_the_cpu_lacks_the_instructions(monkeypatch):

@@ -136,14 +136,33 @@ def widened_linear(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) ->
     return F.linear(x, state[0].to(x.dtype)) * state[1]
 
 
-def int_mm_linear(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """int8 x int8 -> int32 (`torch._int_mm`: VNNI/AMX where the CPU has them), each row of x
-    quantized on the fly with a scale of its own, as llama.cpp quantizes activations for Q8_0."""
-    q, scales = state
+def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of x as int8 with a scale of its own (xq, step: x ~ xq * step), as llama.cpp
+    quantizes activations for Q8_0."""
     xf = x.float()
     step = xf.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 127
-    xq = torch.round(xf / step).to(torch.int8)
+    return torch.round(xf / step).to(torch.int8), step
+
+
+def int_mm_linear(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """int8 x int8 -> int32 (`torch._int_mm`: VNNI/AMX where the CPU has them), each row of x
+    quantized on the fly (int8_rows)."""
+    q, scales = state
+    xq, step = int8_rows(x)
     return (torch._int_mm(xq, q.t()) * (step * scales.float())).to(x.dtype)
+
+
+def int8_form_int_mm_linear(x: torch.Tensor, state: vnni.Int8State) -> torch.Tensor:
+    """int_mm_linear over vnni's int8 form, for a prompt's rows: the form holds q + 128 as uint8,
+    whose top bit flipped is q's int8 bits; flipped a chunk of rows at a time, so that a prompt
+    costs no second copy of the weights (the form's padding flips to zero weights)."""
+    form, scales, n, k = state
+    xq, step = int8_rows(F.pad(x, (0, form.shape[1] - k)))
+    rows = max(1, vnni.CHUNK_WEIGHTS // form.shape[1])
+    parts = [torch._int_mm(xq, torch.bitwise_xor(form[first:first + rows], 128).view(torch.int8).t())
+             for first in range(0, n, rows)]
+    y = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+    return (y * (step * scales)).to(x.dtype)
 
 
 def fbgemm_int8_pack(layer: nn.Module) -> Any:
@@ -202,6 +221,7 @@ INT8 = Kind("int8", (
         Product("avx2", vnni.int8_avx2_linear,
                 lambda n, k: k % GROUP == 0 and vnni.serves_avx2(n, k), many=False),
         Product("widen-bf16", vnni.int8_widened_linear, few=False),
+        Product("int_mm", int8_form_int_mm_linear, few=False),
     ), lambda dtype: vnni.usable()),
 ), int8_reference, TOL)
 
