@@ -159,8 +159,9 @@ def int8_form_int_mm_linear(x: torch.Tensor, state: vnni.Int8State) -> torch.Ten
     form, scales, n, k = state
     xq, step = int8_rows(F.pad(x, (0, form.shape[1] - k)))
     rows = max(1, vnni.CHUNK_WEIGHTS // form.shape[1])
-    parts = [torch._int_mm(xq, torch.bitwise_xor(form[first:first + rows], 128).view(torch.int8).t())
-             for first in range(0, n, rows)]
+    flipped = (torch.bitwise_xor(form[first:first + rows], 128).view(torch.int8)
+               for first in range(0, n, rows))
+    parts = [torch._int_mm(xq, q.t()) for q in flipped]
     y = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
     return (y * (step * scales)).to(x.dtype)
 
