@@ -154,15 +154,18 @@ def int_mm_linear(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> 
 
 def int8_form_int_mm_linear(x: torch.Tensor, state: vnni.Int8State) -> torch.Tensor:
     """int_mm_linear over vnni's int8 form, for a prompt's rows: the form holds q + 128 as uint8,
-    whose top bit flipped is q's int8 bits; flipped a chunk of rows at a time, so that a prompt
-    costs no second copy of the weights (the form's padding flips to zero weights)."""
+    whose top bit flipped is q's int8 bits; flipped a chunk of rows at a time into one buffer, so
+    that a prompt costs no second copy of the weights (the form's padding flips to zero weights)."""
     form, scales, n, k = state
-    xq, step = int8_rows(F.pad(x, (0, form.shape[1] - k)))
-    rows = max(1, vnni.CHUNK_WEIGHTS // form.shape[1])
-    flipped = (torch.bitwise_xor(form[first:first + rows], 128).view(torch.int8)
-               for first in range(0, n, rows))
-    parts = [torch._int_mm(xq, q.t()) for q in flipped]
-    y = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+    width = form.shape[1]
+    xq, step = int8_rows(F.pad(x, (0, width - k)))
+    rows = min(n, max(1, 4 * vnni.CHUNK_WEIGHTS // width))  # int8: 8 MiB (4 MiB chunks ran slower)
+    flipped = torch.empty(rows, width, dtype=torch.uint8)
+    y = torch.empty(x.shape[0], n, dtype=torch.int32)
+    for first in range(0, n, rows):
+        part = flipped[:min(rows, n - first)]
+        torch.bitwise_xor(form[first:first + part.shape[0]], 128, out=part)
+        y[:, first:first + part.shape[0]] = torch._int_mm(xq, part.view(torch.int8).t())
     return (y * (step * scales)).to(x.dtype)
 
 
