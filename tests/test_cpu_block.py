@@ -7,7 +7,6 @@ modules and was measured faster, its times kept."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
