@@ -159,7 +159,7 @@ def int8_form_int_mm_linear(x: torch.Tensor, state: vnni.Int8State) -> torch.Ten
     form, scales, n, k = state
     width = form.shape[1]
     xq, step = int8_rows(F.pad(x, (0, width - k)))
-    rows = min(n, max(1, 4 * vnni.CHUNK_WEIGHTS // width))  # 8 MiB of int8 (2 MiB chunks ran slower)
+    rows = min(n, max(1, 4 * vnni.CHUNK_WEIGHTS // width))  # 8 MiB (2 MiB ran slower)
     flipped = torch.empty(rows, width, dtype=torch.uint8)
     y = torch.empty(x.shape[0], n, dtype=torch.int32)
     for first in range(0, n, rows):
